@@ -1,0 +1,18 @@
+"""peft-glider: GLIDER routing over a library of LoRA experts, as a PEFT method.
+
+Importing this package registers the PEFT method `GLIDER`, so that `get_peft_model`, `save_pretrained`,
+`PeftConfig.from_pretrained`, `PeftModel.from_pretrained` and `AutoPeftModel*` handle Glider adapters.
+"""
+
+from ._registration import register as _register
+
+_register()
+
+from .config import GliderConfig  # noqa: E402
+from .layer import GliderLayer, GliderLinear  # noqa: E402
+from .model import GliderModel  # noqa: E402
+from .state import RoutingTrace  # noqa: E402
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["GliderConfig", "GliderLayer", "GliderLinear", "GliderModel", "RoutingTrace", "__version__"]

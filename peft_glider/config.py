@@ -1,0 +1,132 @@
+"""`GliderConfig`: the PEFT config of a Glider adapter (a routed library of LoRA experts)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+from ._registration import GLIDER_NAME
+
+#: Bumped when the saved layout changes incompatibly; additive changes keep it.
+FORMAT_VERSION = 1
+
+LOCAL_ROUTERS = ("phatgoose", "arrow")
+
+#: Keys a user may give in an expert entry.
+USER_EXPERT_KEYS = ("source", "name", "revision", "subfolder")
+#: Keys the loader adds when it resolves an expert (saved with the adapter, pinning the expert).
+RESOLVED_EXPERT_KEYS = ("commit", "sha256", "layout")
+
+ExpertEntry = Union[str, dict[str, Any]]
+
+
+def default_expert_name(source: str, subfolder: Optional[str] = None) -> str:
+    """Name an expert after the last component of its source (and subfolder), e.g. `owner/math-lora` -> `math-lora`."""
+    path = source.rstrip("/\\")
+    if subfolder:
+        path = f"{path}/{subfolder.strip('/')}"
+    return os.path.basename(path) or path
+
+
+def normalize_expert_entry(entry: ExpertEntry, position: int) -> dict[str, Any]:
+    """Turn a user's expert entry (a string or a dict) into the canonical dict form, validating it."""
+    if isinstance(entry, (str, os.PathLike)):
+        entry = {"source": os.fspath(entry)}
+    if not isinstance(entry, dict):
+        raise TypeError(
+            f"experts[{position}] must be a Hub id, a local folder or a dict with a 'source' key, "
+            f"got {type(entry).__name__}."
+        )
+    unknown = set(entry) - set(USER_EXPERT_KEYS) - set(RESOLVED_EXPERT_KEYS)
+    if unknown:
+        raise ValueError(
+            f"experts[{position}] has unknown key(s) {sorted(unknown)}; allowed: {list(USER_EXPERT_KEYS)}."
+        )
+    source = entry.get("source")
+    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
+        raise ValueError(f"experts[{position}] needs a non-empty 'source' (a Hub id or a local folder).")
+    normalized = dict(entry)
+    normalized["source"] = os.fspath(source)
+    if os.path.isdir(normalized["source"]):
+        normalized["source"] = os.path.abspath(normalized["source"])
+    name = normalized.get("name") or default_expert_name(os.fspath(source), normalized.get("subfolder"))
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"experts[{position}] has an empty name.")
+    normalized["name"] = name
+    return normalized
+
+
+@dataclass
+class GliderConfig(PeftConfig):
+    """Configuration of a Glider adapter: which LoRA experts to route among, and how.
+
+    Routing at every adapted module and token (see `docs/algorithm.md`):
+    `logit_e = LN(u) . LN(gate_e) / sqrt(d) + alpha * cos(q, g_e)`, the `top_k` largest logits are kept and
+    their softmax weights the selected experts' LoRA deltas. Global scores `cos(q, g_e)` only exist inside
+    `GliderModel.global_scores(...)`; without them routing is local only and `alpha` has no effect.
+
+    Args:
+        experts: The LoRA experts. Each is a Hub id, a local adapter folder, or a dict with `source` and
+            optional `name`, `revision` and `subfolder`. The order fixes the routing index. When the model is
+            built, each entry is completed with its resolved `commit`, a `sha256` of its tensors and its
+            `layout` (adapted modules, ranks and scalings), which pins the expert in a saved adapter.
+        top_k: Experts added per token and module (where fewer experts adapt a module, all of them are used).
+        alpha: Weight of the global (instruction) score against the local (gate) score. The paper used 100 when
+            the query's task is among the experts' tasks and 3 otherwise.
+        local_router: `"phatgoose"` (learned gate vectors). `"arrow"` (training-free prototypes) is reserved.
+        save_expert_weights: Save the experts' LoRA weights inside the Glider adapter (self-contained). When
+            False, only the router is saved and the experts are fetched again from their sources on load.
+        target_modules: Filled in from the experts (union of the modules they adapt); not set by hand.
+        instruction_embedding_dim: Dimension of the per-expert instruction embeddings, once they are set.
+        format_version: Version of the saved layout.
+    """
+
+    experts: list[ExpertEntry] = field(default_factory=list, metadata={"help": "The LoRA experts to route among."})
+    top_k: int = field(default=2, metadata={"help": "Experts selected per token and module."})
+    alpha: float = field(default=3.0, metadata={"help": "Weight of the global score."})
+    local_router: Literal["phatgoose", "arrow"] = field(default="phatgoose", metadata={"help": "Local router."})
+    save_expert_weights: bool = field(default=True, metadata={"help": "Save expert weights with the adapter."})
+    target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Filled in from the experts."})
+    instruction_embedding_dim: Optional[int] = field(default=None, metadata={"help": "Set with the embeddings."})
+    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Version of the saved layout."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType(GLIDER_NAME)
+        if not isinstance(self.experts, (list, tuple)) or not self.experts:
+            raise ValueError("GliderConfig.experts is empty: give at least one LoRA expert.")
+        self.experts = [normalize_expert_entry(entry, i) for i, entry in enumerate(self.experts)]
+        names = [entry["name"] for entry in self.experts]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(
+                f"Duplicate expert name(s) {duplicates}: give each expert a unique 'name' in its entry."
+            )
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= len(names):
+            raise ValueError(f"top_k must be an integer in [1, {len(names)}] (the number of experts), got {self.top_k!r}.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise ValueError(f"alpha must be a number, got {self.alpha!r}.")
+        self.alpha = float(self.alpha)
+        if self.local_router not in LOCAL_ROUTERS:
+            raise ValueError(f"local_router must be one of {LOCAL_ROUTERS}, got {self.local_router!r}.")
+        if self.target_modules is not None:
+            self.target_modules = sorted(self.target_modules)
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"This Glider adapter has format version {self.format_version}, newer than this peft-glider "
+                f"understands ({FORMAT_VERSION}); upgrade peft-glider."
+            )
+
+    @property
+    def expert_names(self) -> list[str]:
+        """Expert names in routing order."""
+        return [entry["name"] for entry in self.experts]
+
+    @property
+    def is_resolved(self) -> bool:
+        """True once every expert entry carries its layout (the config of a built or saved Glider adapter)."""
+        return all("layout" in entry for entry in self.experts)

@@ -1,0 +1,184 @@
+"""The Glider layer: wraps a linear layer, holds the experts adapting it and their gates, calls the router."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from torch import nn
+
+from . import routing
+from .experts import LoraFactors
+from .state import RoutingState
+
+MERGE_ERROR = (
+    "Glider adapters cannot be merged: each token picks its own experts at every layer, so there is no single "
+    "weight delta to merge. Use `unload()` to get the base model back, or keep the Glider model unmerged."
+)
+
+
+def execution_device(module: nn.Module) -> Optional[torch.device]:
+    """The device a module computes on: accelerate's hook execution device if it has one, else its weight's."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, torch.device) else device
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.device.type == "meta":
+        return None
+    return weight.device
+
+
+class GliderLayer(BaseTunerLayer):
+    """Routing state of one adapted module for every Glider adapter (keyed by adapter name)."""
+
+    adapter_layer_names = ("glider_gates",)
+    other_param_names = (
+        "glider_A",
+        "glider_B",
+        "glider_rank_expert",
+        "glider_rank_scaling",
+        "glider_present",
+        "glider_spans",
+        "glider_k",
+        "glider_routing",
+    )
+
+    def __init__(self, base_layer: nn.Module, module_name: str, save_expert_weights: bool) -> None:
+        self.base_layer = base_layer
+        self.module_name = module_name  # as in base_model.named_modules(), e.g. "model.layers.0.self_attn.q_proj"
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None or not isinstance(self.get_base_layer(), nn.Linear):
+            raise TypeError(
+                f"Module '{module_name}' is a {type(self.get_base_layer()).__name__}; Glider adapts nn.Linear layers."
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.glider_gates = nn.ParameterDict({})  # (E, in) trainable gate vectors
+        self.glider_A = BufferDict({}, persistent=save_expert_weights)  # (R, in) concatenated A factors
+        self.glider_B = BufferDict({}, persistent=save_expert_weights)  # (out, R) concatenated B factors
+        self.glider_rank_expert = BufferDict({}, persistent=False)  # (R,) expert of each rank row
+        self.glider_rank_scaling = BufferDict({}, persistent=False)  # (R,) scaling of each rank row
+        self.glider_present = BufferDict({}, persistent=False)  # (E,) experts adapting this module
+        self.glider_spans: dict[str, list[tuple[int, int] | None]] = {}
+        self.glider_k: dict[str, int] = {}  # top_k capped by the number of present experts
+        self.glider_routing: dict[str, RoutingState] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        experts: Sequence[Optional[LoraFactors]],
+        routing_state: RoutingState,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        """Install one Glider adapter: `experts[e]` is expert e's factors here, or None where it does not adapt."""
+        spans, a_rows, b_cols, rank_expert, rank_scaling = [], [], [], [], []
+        offset = 0
+        for index, factors in enumerate(experts):
+            if factors is None:
+                spans.append(None)
+                continue
+            spans.append((offset, offset + factors.rank))
+            offset += factors.rank
+            a_rows.append(factors.A)
+            b_cols.append(factors.B)
+            rank_expert += [index] * factors.rank
+            rank_scaling += [factors.scaling] * factors.rank
+        dtype = a_rows[0].dtype
+        self.glider_A[adapter_name] = torch.cat(a_rows, dim=0).to(dtype)
+        self.glider_B[adapter_name] = torch.cat(b_cols, dim=1).to(dtype)
+        self.glider_rank_expert[adapter_name] = torch.tensor(rank_expert, dtype=torch.long)
+        self.glider_rank_scaling[adapter_name] = torch.tensor(rank_scaling, dtype=dtype)
+        self.glider_present[adapter_name] = torch.tensor([span is not None for span in spans])
+        self.glider_spans[adapter_name] = spans
+        self.glider_k[adapter_name] = min(routing_state.top_k, sum(span is not None for span in spans))
+        self.glider_routing[adapter_name] = routing_state
+        self.glider_gates[adapter_name] = nn.Parameter(torch.zeros(len(experts), self.in_features))
+        self._move_adapter_to_device_of_base_layer(adapter_name, device)
+        self.set_adapter(self.active_adapters)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Put this adapter's tensors where the base layer computes (accelerate's execution device when
+        offloaded, never `meta`); expert factors take the base dtype, gates stay float32."""
+        base_layer = self.get_base_layer()
+        device = device or execution_device(base_layer)
+        if device is None:
+            return
+        weight = getattr(base_layer, "weight", None)
+        dtype = weight.dtype if weight is not None and weight.dtype.is_floating_point else None
+        for name in ("glider_A", "glider_B", "glider_rank_scaling"):
+            container = getattr(self, name)
+            if adapter_name in container:
+                container[adapter_name] = container[adapter_name].to(device, dtype=dtype)
+        for name in ("glider_rank_expert", "glider_present"):
+            container = getattr(self, name)
+            if adapter_name in container:
+                container[adapter_name] = container[adapter_name].to(device)
+        if adapter_name in self.glider_gates:
+            gates = self.glider_gates[adapter_name]
+            self.glider_gates[adapter_name] = nn.Parameter(gates.data.to(device), requires_grad=gates.requires_grad)
+
+    def expert_bank(self, adapter_name: str) -> routing.ExpertBank:
+        return routing.ExpertBank(
+            A=self.glider_A[adapter_name],
+            B=self.glider_B[adapter_name],
+            rank_expert=self.glider_rank_expert[adapter_name],
+            rank_scaling=self.glider_rank_scaling[adapter_name],
+            spans=self.glider_spans[adapter_name],
+        )
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def unmerge(self) -> None:
+        """Nothing is ever merged."""
+
+
+class GliderLinear(nn.Module, GliderLayer):
+    """A linear layer plus the routed sum of its selected experts' LoRA deltas."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        module_name: str,
+        experts: Sequence[Optional[LoraFactors]],
+        routing_state: RoutingState,
+        save_expert_weights: bool = True,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        GliderLayer.__init__(self, base_layer, module_name, save_expert_weights)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, experts, routing_state, device)
+
+    def routed_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The adapter's contribution for input x (..., in) -> (..., out)."""
+        bank = self.expert_bank(adapter_name)
+        gates = self.glider_gates[adapter_name]
+        state = self.glider_routing[adapter_name]
+        rows = x.shape[0] if x.dim() > 1 else 1
+        u = x.to(bank.A.device, bank.A.dtype).reshape(-1, self.in_features)  # (N, in)
+        tokens_per_row = u.shape[0] // rows
+        local = routing.local_scores(u.to(gates.dtype), gates)  # (N, E)
+        logits = routing.combine_logits(local, state.global_bias(rows, local.device), tokens_per_row)
+        selection = routing.select_top_k(logits, self.glider_present[adapter_name], self.glider_k[adapter_name])
+        if state.trace is not None:
+            state.trace.record(self.module_name, selection.indices.view(rows, tokens_per_row, -1))
+        delta = routing.apply_experts(u, bank, selection, state.kernel)  # (N, out)
+        return delta.view(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for adapter_name in self.active_adapters:
+            if adapter_name in self.glider_gates:
+                result = result + self.routed_delta(x, adapter_name).to(result.device, result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "glider." + super().__repr__()

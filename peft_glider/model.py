@@ -1,0 +1,330 @@
+"""`GliderModel`: injects Glider layers into a base model and exposes the routing API."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Mapping, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTuner, _get_in_out_features
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import GliderConfig
+from .experts import LoadedExpert, LoraFactors, load_expert
+from .layer import MERGE_ERROR, GliderLayer, GliderLinear, execution_device
+from .state import RoutingState, RoutingTrace
+
+
+def _check_adapter_name(adapter_name: str) -> None:
+    # PEFT's state-dict filter drops keys containing ".{other_adapter}.", and "." or "/" break key parsing.
+    if not adapter_name or adapter_name.isdigit() or any(ch in adapter_name for ch in "./\\"):
+        raise ValueError(
+            f"Invalid Glider adapter name {adapter_name!r}: use a non-numeric name without '.', '/' or '\\'."
+        )
+
+
+class GliderModel(BaseTuner):
+    """Routes every token, at every adapted linear layer, among a library of LoRA experts (GLIDER).
+
+    Build it with `peft.get_peft_model(model, GliderConfig(experts=[...]))` after `import peft_glider`.
+    All experts live inside one PEFT adapter; `expert_names` gives their routing order.
+
+    Routing is local (gate vectors, see `set_gates`) plus `alpha` times the global scores set with
+    `global_scores(...)`; outside that context routing is local only and `alpha` has no effect.
+    """
+
+    prefix: str = "glider_"
+    tuner_layer_cls = GliderLayer
+    target_module_mapping: dict[str, list[str]] = {}
+    uses_shared_state: bool = True
+
+    def __init__(self, model: nn.Module, config, adapter_name: str, low_cpu_mem_usage: bool = False, state_dict=None):
+        # Model-level state, keyed by adapter name; must exist before BaseTuner.__init__ injects the first adapter.
+        self._routing_states: dict[str, RoutingState] = {}
+        self._pending_experts: dict[str, dict[str, list[Optional[LoraFactors]]]] = {}
+        nn.Module.__init__(self)
+        self.glider_instruction_embeddings = BufferDict({}, persistent=True)  # per adapter: (E, e)
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    # ------------------------------------------------------------------ injection
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        """Load (or lay out) the adapter's experts, then let PEFT replace the targeted modules."""
+        _check_adapter_name(adapter_name)
+        config: GliderConfig = self.peft_config[adapter_name]
+        self._pending_experts[adapter_name] = self._prepare_experts(model, config, adapter_name)
+        self._routing_states[adapter_name] = RoutingState(top_k=config.top_k, alpha=config.alpha)
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+        finally:
+            del self._pending_experts[adapter_name]
+        if config.instruction_embedding_dim is not None:
+            self.glider_instruction_embeddings[adapter_name] = torch.zeros(
+                len(config.experts), config.instruction_embedding_dim
+            )
+
+    def _prepare_experts(
+        self, model: nn.Module, config: GliderConfig, adapter_name: str
+    ) -> dict[str, list[Optional[LoraFactors]]]:
+        """Per module, each expert's factors (None where it does not adapt the module).
+
+        A config that is already resolved (a saved adapter) with `save_expert_weights` gets zero placeholders
+        of the saved layout, filled by the checkpoint; otherwise the experts are loaded from their sources.
+        """
+        if config.local_router != "phatgoose":
+            raise NotImplementedError(f"local_router={config.local_router!r} is not available yet; use 'phatgoose'.")
+        modules = dict(model.named_modules())
+        if config.is_resolved and config.save_expert_weights:
+            loaded = [self._placeholder_expert(entry, modules) for entry in config.experts]
+        else:
+            loaded = [
+                load_expert(entry)
+                for entry in tqdm(config.experts, desc="Loading LoRA experts", disable=len(config.experts) < 4)
+            ]
+            for entry, expert in zip(config.experts, loaded):
+                if "sha256" in entry and entry["sha256"] != expert.sha256:
+                    raise ValueError(
+                        f"Expert '{expert.name}' changed since this Glider adapter was saved: its tensors hash to "
+                        f"{expert.sha256[:12]}..., the adapter pins {entry['sha256'][:12]}... Pin a 'revision'."
+                    )
+                entry.update(commit=expert.commit, sha256=expert.sha256, layout=expert.layout)
+        per_module: dict[str, list[Optional[LoraFactors]]] = {}
+        for index, expert in enumerate(loaded):
+            for module_name, factors in expert.factors.items():
+                self._check_fits(expert.name, module_name, factors, modules)
+                per_module.setdefault(module_name, [None] * len(loaded))[index] = factors
+        config.target_modules = sorted(per_module)
+        return per_module
+
+    @staticmethod
+    def _placeholder_expert(entry: dict, modules: Mapping[str, nn.Module]) -> LoadedExpert:
+        factors = {}
+        for module_name, (rank, scaling) in entry["layout"].items():
+            in_features, out_features = _get_in_out_features(modules[module_name]) if module_name in modules else (0, 0)
+            factors[module_name] = LoraFactors(
+                A=torch.zeros(rank, in_features), B=torch.zeros(out_features, rank), scaling=scaling
+            )
+        return LoadedExpert(name=entry["name"], factors=factors, commit=entry.get("commit"), sha256=entry["sha256"])
+
+    @staticmethod
+    def _check_fits(name: str, module_name: str, factors: LoraFactors, modules: Mapping[str, nn.Module]) -> None:
+        module = modules.get(module_name)
+        if module is None:
+            raise ValueError(f"Expert '{name}' adapts module '{module_name}', which the base model does not have.")
+        if isinstance(module, GliderLayer):
+            module = module.get_base_layer()
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"Expert '{name}' adapts module '{module_name}', a {type(module).__name__}; Glider adapts nn.Linear."
+            )
+        if factors.A.shape[1] != module.in_features or factors.B.shape[0] != module.out_features:
+            raise ValueError(
+                f"Expert '{name}' does not fit module '{module_name}': its LoRA maps {factors.A.shape[1]} -> "
+                f"{factors.B.shape[0]} features, the module {module.in_features} -> {module.out_features}."
+            )
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: GliderConfig, key: str) -> bool:
+        return key in set(peft_config.target_modules or ())
+
+    def _prepare_adapter_config(self, peft_config: GliderConfig, model_config: dict) -> GliderConfig:
+        return peft_config  # target modules come from the experts (see _prepare_experts)
+
+    def _check_new_adapter_config(self, config: GliderConfig) -> None:
+        super()._check_new_adapter_config(config)
+        if len({c.save_expert_weights for c in self.peft_config.values()}) > 1:
+            raise ValueError("All Glider adapters of a model must share the same save_expert_weights setting.")
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        experts = self._pending_experts[adapter_name][current_key]
+        state = self._routing_states[adapter_name]
+        if isinstance(target, GliderLayer):
+            target.update_layer(adapter_name, experts, state)
+            return
+        new_module = GliderLinear(
+            target,
+            adapter_name,
+            module_name=current_key,
+            experts=experts,
+            routing_state=state,
+            save_expert_weights=config.save_expert_weights,
+            device=execution_device(target),
+        )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # PEFT's default moves adapter tensors to the base weight's device, which is `meta` for offloaded layers;
+        # GliderLinear already placed them on the execution device.
+        setattr(parent, child_name, new_module)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # Only the gates are upcast to float32 (they already are); expert factors keep the base model's dtype.
+        for module in self.model.modules():
+            if isinstance(module, GliderLayer) and adapter_name in module.glider_gates:
+                gates = module.glider_gates[adapter_name]
+                if autocast_adapter_dtype and gates.dtype != torch.float32:
+                    module.glider_gates[adapter_name] = nn.Parameter(gates.data.float(), gates.requires_grad)
+
+    # ------------------------------------------------------------------ merging, deleting
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._routing_states.pop(adapter_name, None)
+        if adapter_name in self.glider_instruction_embeddings:
+            del self.glider_instruction_embeddings[adapter_name]
+
+    # ------------------------------------------------------------------ public API
+
+    def _adapter(self, adapter_name: Optional[str]) -> str:
+        if adapter_name is None:
+            active = self.active_adapters
+            if len(active) != 1:
+                raise ValueError(f"Several adapters are active ({active}); pass adapter_name.")
+            adapter_name = active[0]
+        if adapter_name not in self._routing_states:
+            raise ValueError(f"No Glider adapter named {adapter_name!r}; have {sorted(self._routing_states)}.")
+        return adapter_name
+
+    def glider_layers(self, adapter_name: Optional[str] = None) -> dict[str, GliderLayer]:
+        """Module name -> Glider layer holding the adapter (all Glider layers without an adapter name)."""
+        return {
+            module.module_name: module
+            for module in self.model.modules()
+            if isinstance(module, GliderLayer) and (adapter_name is None or adapter_name in module.glider_gates)
+        }
+
+    @property
+    def expert_names(self) -> list[str]:
+        """Expert names of the active Glider adapter; the list index is the routing index."""
+        return self.peft_config[self._adapter(None)].expert_names
+
+    def set_gates(
+        self, gates: Mapping[str, Mapping[str, torch.Tensor]], adapter_name: Optional[str] = None
+    ) -> None:
+        """Set learned gate vectors: `{expert_name: {module_name: tensor(in_features)}}`.
+
+        Module names are as in `base_model.named_modules()` (e.g. `"model.layers.0.self_attn.q_proj"`).
+        Gates not given keep their values. Raises on unknown experts or modules, modules the expert does not
+        adapt, wrong shapes and non-finite values, before changing anything.
+        """
+        adapter_name = self._adapter(adapter_name)
+        names = self.peft_config[adapter_name].expert_names
+        layers = self.glider_layers(adapter_name)
+        updates = []
+        for expert, per_module in gates.items():
+            if expert not in names:
+                raise KeyError(f"set_gates: unknown expert {expert!r}; experts are {names}.")
+            index = names.index(expert)
+            for module_name, vector in per_module.items():
+                layer = layers.get(module_name)
+                if layer is None:
+                    raise KeyError(f"set_gates: expert {expert!r}: no Glider layer at module {module_name!r}.")
+                if layer.glider_spans[adapter_name][index] is None:
+                    raise ValueError(f"set_gates: expert {expert!r} does not adapt module {module_name!r}.")
+                vector = torch.as_tensor(vector)
+                if vector.shape != (layer.in_features,):
+                    raise ValueError(
+                        f"set_gates: gate of expert {expert!r} at {module_name!r} has shape {tuple(vector.shape)}, "
+                        f"expected ({layer.in_features},)."
+                    )
+                if not torch.isfinite(vector).all():
+                    raise ValueError(f"set_gates: gate of expert {expert!r} at {module_name!r} is not finite.")
+                updates.append((layer, index, vector))
+        with torch.no_grad():
+            for layer, index, vector in updates:
+                gate_rows = layer.glider_gates[adapter_name]
+                gate_rows[index] = vector.to(gate_rows.device, gate_rows.dtype)
+
+    def get_gates(self, adapter_name: Optional[str] = None) -> dict[str, dict[str, torch.Tensor]]:
+        """The gate vectors, in the form `set_gates` takes (only modules each expert adapts)."""
+        adapter_name = self._adapter(adapter_name)
+        names = self.peft_config[adapter_name].expert_names
+        gates: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+        for module_name, layer in self.glider_layers(adapter_name).items():
+            for index, span in enumerate(layer.glider_spans[adapter_name]):
+                if span is not None:
+                    gates[names[index]][module_name] = layer.glider_gates[adapter_name][index].detach().clone()
+        return gates
+
+    def set_instruction_embeddings(self, embeddings: torch.Tensor, adapter_name: Optional[str] = None) -> None:
+        """Set the per-expert instruction embeddings `g_e`, a tensor (E, e) in `expert_names` order."""
+        adapter_name = self._adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        embeddings = torch.as_tensor(embeddings)
+        if embeddings.dim() != 2 or embeddings.shape[0] != len(config.experts):
+            raise ValueError(
+                f"Instruction embeddings must have shape (num_experts={len(config.experts)}, dim), "
+                f"got {tuple(embeddings.shape)}."
+            )
+        if not torch.isfinite(embeddings).all():
+            raise ValueError("Instruction embeddings contain non-finite values.")
+        self.glider_instruction_embeddings[adapter_name] = embeddings.detach().float().clone()
+        config.instruction_embedding_dim = embeddings.shape[1]
+
+    def get_instruction_embeddings(self, adapter_name: Optional[str] = None) -> Optional[torch.Tensor]:
+        """The per-expert instruction embeddings (E, e), or None if none were set."""
+        adapter_name = self._adapter(adapter_name)
+        if adapter_name not in self.glider_instruction_embeddings:
+            return None
+        return self.glider_instruction_embeddings[adapter_name]
+
+    @contextlib.contextmanager
+    def global_scores(self, scores: torch.Tensor, adapter_name: Optional[str] = None) -> Iterator[None]:
+        """Route the calls inside with per-row global scores `scores` (B, E), e.g. cosines `cos(q_b, g_e)`.
+
+        Row b of every batch inside belongs to query b; rows expanded by `generate` (beams, return sequences)
+        inherit their query's scores. The logit of expert e becomes `local + alpha * scores[b, e]`.
+        """
+        adapter_name = self._adapter(adapter_name)
+        state = self._routing_states[adapter_name]
+        num_experts = len(self.peft_config[adapter_name].experts)
+        scores = torch.as_tensor(scores)
+        if scores.dim() == 1:
+            scores = scores[None]
+        if scores.dim() != 2 or scores.shape[1] != num_experts or scores.shape[0] == 0:
+            raise ValueError(
+                f"Global scores must have shape (batch, num_experts={num_experts}), got {tuple(scores.shape)}."
+            )
+        if not torch.isfinite(scores).all():
+            raise ValueError("Global scores contain non-finite values.")
+        previous = state.global_scores
+        state.global_scores = scores.detach().float()
+        try:
+            yield
+        finally:
+            state.global_scores = previous
+
+    @contextlib.contextmanager
+    def routing_trace(self, adapter_name: Optional[str] = None) -> Iterator[RoutingTrace]:
+        """Record which experts each token picks at each module during the calls inside (off otherwise)."""
+        adapter_name = self._adapter(adapter_name)
+        state = self._routing_states[adapter_name]
+        previous = state.trace
+        state.trace = RoutingTrace(expert_names=self.peft_config[adapter_name].expert_names)
+        try:
+            yield state.trace
+        finally:
+            state.trace = previous
+
+    def set_kernel(self, kernel: str, adapter_name: Optional[str] = None) -> None:
+        """Force a sparse kernel ("grouped" or "concat") or let shapes decide ("auto", the default)."""
+        from .routing import KERNELS
+
+        if kernel not in KERNELS:
+            raise ValueError(f"Unknown kernel {kernel!r}; expected one of {KERNELS}.")
+        self._routing_states[self._adapter(adapter_name)].kernel = kernel
+
+    def routing_state(self, adapter_name: Optional[str] = None) -> RoutingState:
+        """The shared routing state (top_k, alpha, kernel) of an adapter."""
+        return self._routing_states[self._adapter(adapter_name)]
+
