@@ -117,8 +117,8 @@ class GliderLayer(BaseTunerLayer):
             container = getattr(self, name)
             if adapter_name in container:
                 container[adapter_name] = container[adapter_name].to(device)
-        if adapter_name in self.glider_gates:
-            gates = self.glider_gates[adapter_name]
+        if adapter_name in self.glider_gates and self.glider_gates[adapter_name].device.type != "meta":
+            gates = self.glider_gates[adapter_name]  # meta under low_cpu_mem_usage: the checkpoint fills it
             self.glider_gates[adapter_name] = nn.Parameter(gates.data.to(device), requires_grad=gates.requires_grad)
 
     def expert_bank(self, adapter_name: str) -> routing.ExpertBank:

@@ -41,14 +41,16 @@ class GliderModel(BaseTuner):
     uses_shared_state: bool = True
 
     def __init__(self, model: nn.Module, config, adapter_name: str, low_cpu_mem_usage: bool = False, state_dict=None):
-        # Model-level state, keyed by adapter name; must exist before BaseTuner.__init__ injects the first adapter.
+        # Plain per-adapter state (kept by nn.Module re-initialisation in BaseTuner.__init__).
         self._routing_states: dict[str, RoutingState] = {}
         self._pending_experts: dict[str, dict[str, list[Optional[LoraFactors]]]] = {}
-        nn.Module.__init__(self)
-        self.glider_instruction_embeddings = BufferDict({}, persistent=True)  # per adapter: (E, e)
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ------------------------------------------------------------------ injection
+
+    def _pre_injection_hook(self, model: nn.Module, config: GliderConfig, adapter_name: str) -> None:
+        # Model-level container (keyed by adapter name); saved as "base_model.glider_instruction_embeddings".
+        self.glider_instruction_embeddings = BufferDict({}, persistent=True)  # per adapter: (E, e)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         """Load (or lay out) the adapter's experts, then let PEFT replace the targeted modules."""
@@ -124,10 +126,6 @@ class GliderModel(BaseTuner):
                 f"Expert '{name}' does not fit module '{module_name}': its LoRA maps {factors.A.shape[1]} -> "
                 f"{factors.B.shape[0]} features, the module {module.in_features} -> {module.out_features}."
             )
-
-    @staticmethod
-    def _check_target_module_exists(peft_config: GliderConfig, key: str) -> bool:
-        return key in set(peft_config.target_modules or ())
 
     def _prepare_adapter_config(self, peft_config: GliderConfig, model_config: dict) -> GliderConfig:
         return peft_config  # target modules come from the experts (see _prepare_experts)
