@@ -10,9 +10,10 @@ _register()
 
 from .config import GliderConfig  # noqa: E402
 from .layer import GliderLayer, GliderLinear  # noqa: E402
+from .loading import load_glider  # noqa: E402
 from .model import GliderModel  # noqa: E402
 from .state import RoutingTrace  # noqa: E402
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["GliderConfig", "GliderLayer", "GliderLinear", "GliderModel", "RoutingTrace", "__version__"]
+__all__ = ["GliderConfig", "GliderLayer", "GliderLinear", "GliderModel", "RoutingTrace", "__version__", "load_glider"]

@@ -50,7 +50,8 @@ class LoadedExpert:
 
 def _resolve_folder(entry: dict[str, Any]) -> tuple[str, Optional[str]]:
     """Return (local folder holding the adapter files, resolved commit or None for local sources)."""
-    source, revision, subfolder = entry["source"], entry.get("revision"), entry.get("subfolder")
+    source, subfolder = entry["source"], entry.get("subfolder")
+    revision = entry.get("commit") or entry.get("revision")  # a saved adapter pins the commit it resolved
     if os.path.isdir(source):
         folder = os.path.join(source, subfolder) if subfolder else source
         return folder, None

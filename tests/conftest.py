@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import: the Hub is never contacted by the tests
+
 from pathlib import Path
 from typing import Callable, Sequence
 

@@ -1,0 +1,55 @@
+"""Glider on models dispatched by accelerate, with layers offloaded to disk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import LLAMA_MODULES, input_ids, make_expert, random_gates, tiny_llama
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from peft_glider import GliderConfig, load_glider
+
+DEVICE_MAP = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
+
+
+def test_disk_offloaded_model_matches_plain_model(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    experts = [make_expert(tiny_llama, tmp_path / f"e{i}", seed=i, r=2 + i, target_modules=LLAMA_MODULES) for i in range(3)]
+    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), GliderConfig(experts=experts))
+    gates = random_gates(reference.base_model)
+    reference.base_model.set_gates(gates)
+    ids = input_ids()
+    with torch.no_grad():
+        expected = reference(ids).logits
+
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", device_map=DEVICE_MAP, offload_folder=str(tmp_path / "offload")
+    )
+    assert offloaded.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
+    model = get_peft_model(offloaded, GliderConfig(experts=experts))
+    model.base_model.set_gates(gates)
+    layer = model.base_model.glider_layers()["model.layers.1.self_attn.q_proj"]
+    assert layer.glider_A["default"].device.type == "cpu"
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-6, rtol=0)
+
+    # a saved adapter loads onto another offloaded model and gives the same logits
+    reference.save_pretrained(tmp_path / "glider")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=DEVICE_MAP, offload_folder=str(tmp_path / "o2"))
+    loaded = load_glider(again, tmp_path / "glider")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_load_glider_rejects_other_adapters(tmp_path):
+    get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path / "lora")
+    with pytest.raises(ValueError, match="not a Glider adapter"):
+        load_glider(tiny_llama(), tmp_path / "lora")
