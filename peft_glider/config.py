@@ -77,7 +77,9 @@ class GliderConfig(PeftConfig):
         top_k: Experts added per token and module (where fewer experts adapt a module, all of them are used).
         alpha: Weight of the global (instruction) score against the local (gate) score. The paper used 100 when
             the query's task is among the experts' tasks and 3 otherwise.
-        local_router: `"phatgoose"` (learned gate vectors). `"arrow"` (training-free prototypes) is reserved.
+        local_router: `"phatgoose"`: learned gate vectors, scored `LN(u) . LN(gate) / sqrt(d)`. `"arrow"`:
+            training-free prototypes (top right singular vector of each expert's `B A`), scored `|u . v| / T`.
+        arrow_temperature: T of the Arrow scores.
         save_expert_weights: Save the experts' LoRA weights inside the Glider adapter (self-contained). When
             False, only the router is saved and the experts are fetched again from their sources on load.
         target_modules: Filled in from the experts (union of the modules they adapt); not set by hand.
@@ -89,6 +91,7 @@ class GliderConfig(PeftConfig):
     top_k: int = field(default=2, metadata={"help": "Experts selected per token and module."})
     alpha: float = field(default=3.0, metadata={"help": "Weight of the global score."})
     local_router: Literal["phatgoose", "arrow"] = field(default="phatgoose", metadata={"help": "Local router."})
+    arrow_temperature: float = field(default=1.0, metadata={"help": "Temperature T of Arrow scores |u.v|/T."})
     save_expert_weights: bool = field(default=True, metadata={"help": "Save expert weights with the adapter."})
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Filled in from the experts."})
     instruction_embedding_dim: Optional[int] = field(default=None, metadata={"help": "Set with the embeddings."})
@@ -113,6 +116,8 @@ class GliderConfig(PeftConfig):
         self.alpha = float(self.alpha)
         if self.local_router not in LOCAL_ROUTERS:
             raise ValueError(f"local_router must be one of {LOCAL_ROUTERS}, got {self.local_router!r}.")
+        if not isinstance(self.arrow_temperature, (int, float)) or not self.arrow_temperature > 0:
+            raise ValueError(f"arrow_temperature must be a positive number, got {self.arrow_temperature!r}.")
         if self.target_modules is not None:
             self.target_modules = sorted(self.target_modules)
         if self.format_version > FORMAT_VERSION:

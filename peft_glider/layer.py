@@ -96,7 +96,12 @@ class GliderLayer(BaseTunerLayer):
         self.glider_spans[adapter_name] = spans
         self.glider_k[adapter_name] = min(routing_state.top_k, sum(span is not None for span in spans))
         self.glider_routing[adapter_name] = routing_state
-        self.glider_gates[adapter_name] = nn.Parameter(torch.zeros(len(experts), self.in_features))
+        gates = torch.zeros(len(experts), self.in_features)
+        if routing_state.local_router == "arrow":  # training-free prototypes take the gates' place
+            for index, factors in enumerate(experts):
+                if factors is not None:
+                    gates[index] = routing.top_right_singular_vector(factors.A.float(), factors.B.float())
+        self.glider_gates[adapter_name] = nn.Parameter(gates)
         self._move_adapter_to_device_of_base_layer(adapter_name, device)
         self.set_adapter(self.active_adapters)
 
@@ -162,8 +167,14 @@ class GliderLinear(nn.Module, GliderLayer):
         state = self.glider_routing[adapter_name]
         rows = x.shape[0] if x.dim() > 1 else 1
         u = x.to(bank.A.device, bank.A.dtype).reshape(-1, self.in_features)  # (N, in)
+        if state.train_expert is not None:
+            delta = routing.delta_gated_single(u, bank, state.train_expert, gates[state.train_expert])
+            return delta.view(*x.shape[:-1], self.out_features)
         tokens_per_row = u.shape[0] // rows
-        local = routing.local_scores(u.to(gates.dtype), gates)  # (N, E)
+        if state.local_router == "arrow":
+            local = routing.arrow_scores(u.to(gates.dtype), gates, state.arrow_temperature)  # (N, E)
+        else:
+            local = routing.local_scores(u.to(gates.dtype), gates)  # (N, E)
         logits = routing.combine_logits(local, state.global_bias(rows, local.device), tokens_per_row)
         selection = routing.select_top_k(logits, self.glider_present[adapter_name], self.glider_k[adapter_name])
         if state.trace is not None:

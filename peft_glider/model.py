@@ -57,7 +57,12 @@ class GliderModel(BaseTuner):
         _check_adapter_name(adapter_name)
         config: GliderConfig = self.peft_config[adapter_name]
         self._pending_experts[adapter_name] = self._prepare_experts(model, config, adapter_name)
-        self._routing_states[adapter_name] = RoutingState(top_k=config.top_k, alpha=config.alpha)
+        self._routing_states[adapter_name] = RoutingState(
+            top_k=config.top_k,
+            alpha=config.alpha,
+            local_router=config.local_router,
+            arrow_temperature=config.arrow_temperature,
+        )
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
         finally:
@@ -75,8 +80,6 @@ class GliderModel(BaseTuner):
         A config that is already resolved (a saved adapter) with `save_expert_weights` gets zero placeholders
         of the saved layout, filled by the checkpoint; otherwise the experts are loaded from their sources.
         """
-        if config.local_router != "phatgoose":
-            raise NotImplementedError(f"local_router={config.local_router!r} is not available yet; use 'phatgoose'.")
         modules = dict(model.named_modules())
         if config.is_resolved and config.save_expert_weights:
             loaded = [self._placeholder_expert(entry, modules) for entry in config.experts]

@@ -39,6 +39,22 @@ def local_scores(u: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     return (u @ standardize(gates).T) / (torch.sqrt(var + LN_EPS) * math.sqrt(d))
 
 
+def arrow_scores(u: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Arrow scores `|u . v_e| / T`: u (N, d), prototypes (E, d) unit vectors -> (N, E)."""
+    return (u @ prototypes.T).abs() / temperature
+
+
+def top_right_singular_vector(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Top right singular vector of `B @ A` (d,), from the factors only: A (r, d), B (o, r).
+
+    With `A.T = Q R` (Q: d x r orthonormal), `B @ A = (B @ R.T) @ Q.T`; if `B @ R.T = U S V.T` then the right
+    singular vectors of `B @ A` are `Q @ V`. Only r x r and o x r decompositions are needed. The sign is arbitrary.
+    """
+    Q, R = torch.linalg.qr(A.T.to(torch.float64))  # (d, r), (r, r)
+    _, _, Vh = torch.linalg.svd(B.to(torch.float64) @ R.T, full_matrices=False)
+    return (Q @ Vh[0]).to(A.dtype)
+
+
 @dataclass
 class Selection:
     """The experts chosen for each token and their mixing weights."""
@@ -113,6 +129,17 @@ def delta_grouped(x: torch.Tensor, bank: ExpertBank, selection: Selection) -> to
         out.index_add_(0, tokens, hidden @ bank.B[:, row_start:row_end].T)
         start += count
     return out
+
+
+def delta_gated_single(x: torch.Tensor, bank: ExpertBank, expert: int, gate: torch.Tensor) -> torch.Tensor:
+    """Phatgoose gate training form, one expert: `sigmoid(gate . x) * s_e * B_e A_e x` on the raw x. (N, d) -> (N, o)."""
+    span = bank.spans[expert]
+    if span is None:
+        return x.new_zeros(x.shape[0], bank.B.shape[0])
+    start, end = span
+    probability = torch.sigmoid(x @ gate.to(x.dtype))  # (N,)
+    hidden = (x @ bank.A[start:end].T) * (probability * bank.rank_scaling[start])[:, None]
+    return hidden @ bank.B[:, start:end].T
 
 
 def choose_kernel(num_tokens: int, bank: ExpertBank, k: int) -> str:

@@ -55,7 +55,10 @@ class RoutingState:
 
     top_k: int
     alpha: float
+    local_router: str = "phatgoose"
+    arrow_temperature: float = 1.0
     kernel: str = "auto"
+    train_expert: Optional[int] = None  # set during Phatgoose gate training: only this expert, sigmoid-gated
     global_scores: Optional[torch.Tensor] = None  # (B, E) cosines, set by GliderModel.global_scores(...)
     trace: Optional[RoutingTrace] = None
 

@@ -66,8 +66,12 @@ def make_expert(
     lora_alpha: int = 8,
     use_rslora: bool = False,
     scale: float = 1.0,
+    dominant: float = 1.0,
 ) -> str:
-    """Save a LoRA adapter with random, non-zero A and B (scaled by `scale`) to `path`; return the path."""
+    """Save a LoRA adapter with random, non-zero A and B (scaled by `scale`) to `path`; return the path.
+
+    `dominant` > 1 multiplies the first rank component, which gives `B A` a clear top singular value.
+    """
     model = factory()
     lora = LoraConfig(
         r=r, lora_alpha=lora_alpha, target_modules=list(target_modules), use_rslora=use_rslora,
@@ -79,6 +83,10 @@ def make_expert(
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn_like(param) * scale / (param.shape[-1] ** 0.5))
+                if "lora_A" in name:
+                    param[0] *= dominant
+                elif "lora_B" in name:
+                    param[:, 0] *= dominant
     peft_model.save_pretrained(str(path))
     return str(path)
 

@@ -129,7 +129,6 @@ def test_instruction_embeddings_of_wrong_shape(llama_experts):
         glider.set_instruction_embeddings(torch.zeros(3, 8))
 
 
-def test_arrow_router_is_reserved(llama_experts):
-    with pytest.raises(NotImplementedError, match="local_router='arrow' is not available yet"):
-        get_peft_model(tiny_llama(), GliderConfig(experts=llama_experts, local_router="arrow"))
-
+def test_arrow_temperature_must_be_positive(llama_experts):
+    with pytest.raises(ValueError, match="arrow_temperature must be a positive number"):
+        GliderConfig(experts=llama_experts, local_router="arrow", arrow_temperature=0)
