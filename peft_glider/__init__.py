@@ -9,11 +9,33 @@ from ._registration import register as _register
 _register()
 
 from .config import GliderConfig  # noqa: E402
+from .experts import save_gates  # noqa: E402
 from .layer import GliderLayer, GliderLinear  # noqa: E402
 from .loading import load_glider  # noqa: E402
+from .local_router import (  # noqa: E402
+    GateTrainingArguments,
+    train_expert_gates,
+    train_gates,
+    train_missing_gates,
+    untrained_experts,
+)
 from .model import GliderModel  # noqa: E402
 from .state import RoutingTrace  # noqa: E402
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["GliderConfig", "GliderLayer", "GliderLinear", "GliderModel", "RoutingTrace", "__version__", "load_glider"]
+__all__ = [
+    "GateTrainingArguments",
+    "GliderConfig",
+    "GliderLayer",
+    "GliderLinear",
+    "GliderModel",
+    "RoutingTrace",
+    "__version__",
+    "load_glider",
+    "save_gates",
+    "train_expert_gates",
+    "train_gates",
+    "train_missing_gates",
+    "untrained_experts",
+]

@@ -16,6 +16,8 @@ from peft import PeftConfig
 from peft.utils import PeftType, load_peft_weights
 from peft.utils.other import get_pattern_key
 
+GATES_FILE = "glider_gates.safetensors"
+_GATES_FORMAT = {"format": "glider-gates", "version": "1"}
 _PEFT_PREFIX = "base_model.model."
 _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
 
@@ -41,6 +43,7 @@ class LoadedExpert:
     factors: dict[str, LoraFactors]  # module name (as in base_model.named_modules()) -> factors
     commit: Optional[str]
     sha256: str
+    gates: Optional[dict[str, torch.Tensor]] = None  # module name -> trained gate (in_features,), if shipped
 
     @property
     def layout(self) -> dict[str, list]:
@@ -145,4 +148,42 @@ def load_expert(entry: dict[str, Any]) -> LoadedExpert:
     _check_lora_config(name, config)
     state = load_peft_weights(folder, device="cpu")
     factors = _split_factors(name, config, state)
-    return LoadedExpert(name=name, factors=factors, commit=commit, sha256=tensor_sha256(factors))
+    gates = load_gates(folder, name, factors)
+    return LoadedExpert(name=name, factors=factors, commit=commit, sha256=tensor_sha256(factors), gates=gates)
+
+
+def save_gates(gates: dict[str, torch.Tensor], folder: str | os.PathLike) -> str:
+    """Write an expert's trained gates as `glider_gates.safetensors` in `folder` (atomically); return the path."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, GATES_FILE)
+    partial = path + ".partial"
+    save_file({module: gate.detach().float().contiguous().cpu() for module, gate in gates.items()}, partial, _GATES_FORMAT)
+    os.replace(partial, path)
+    return path
+
+
+def load_gates(folder: str, name: str, factors: dict[str, LoraFactors]) -> Optional[dict[str, torch.Tensor]]:
+    """Read the gates an expert carries beside its adapter files, or None; checked against its modules."""
+    path = os.path.join(folder, GATES_FILE)
+    if not os.path.exists(path):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        if (handle.metadata() or {}).get("format") != _GATES_FORMAT["format"]:
+            raise ValueError(f"Expert '{name}': {path} is not a Glider gates file.")
+        gates = {key: handle.get_tensor(key) for key in handle.keys()}
+    for module, gate in gates.items():
+        if module not in factors:
+            raise ValueError(f"Expert '{name}': {GATES_FILE} has a gate for module '{module}', which it does not adapt.")
+        if gate.shape != (factors[module].A.shape[1],):
+            raise ValueError(
+                f"Expert '{name}': gate for '{module}' has shape {tuple(gate.shape)}, "
+                f"expected ({factors[module].A.shape[1]},)."
+            )
+    missing = sorted(set(factors) - set(gates))
+    if missing:
+        raise ValueError(f"Expert '{name}': {GATES_FILE} lacks gates for module(s) {missing[:3]}...")
+    return gates

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator, Mapping, Optional
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import GliderConfig
-from .experts import LoadedExpert, LoraFactors, load_expert
+from .experts import GATES_FILE, LoadedExpert, LoraFactors, load_expert
 from .layer import MERGE_ERROR, GliderLayer, GliderLinear, execution_device
 from .state import RoutingState, RoutingTrace
 
@@ -56,7 +57,10 @@ class GliderModel(BaseTuner):
         """Load (or lay out) the adapter's experts, then let PEFT replace the targeted modules."""
         _check_adapter_name(adapter_name)
         config: GliderConfig = self.peft_config[adapter_name]
-        self._pending_experts[adapter_name] = self._prepare_experts(model, config, adapter_name)
+        fresh = not config.is_resolved  # built from sources now, not restored from a saved adapter
+        loaded = self._load_experts(model, config)
+        self._pending_experts[adapter_name] = self._factors_per_module(loaded, model)
+        config.target_modules = sorted(self._pending_experts[adapter_name])
         self._routing_states[adapter_name] = RoutingState(
             top_k=config.top_k,
             alpha=config.alpha,
@@ -71,36 +75,53 @@ class GliderModel(BaseTuner):
             self.glider_instruction_embeddings[adapter_name] = torch.zeros(
                 len(config.experts), config.instruction_embedding_dim
             )
+        if fresh and config.local_router == "phatgoose":
+            self._install_shipped_gates(loaded, adapter_name)
 
-    def _prepare_experts(
-        self, model: nn.Module, config: GliderConfig, adapter_name: str
-    ) -> dict[str, list[Optional[LoraFactors]]]:
-        """Per module, each expert's factors (None where it does not adapt the module).
+    def _install_shipped_gates(self, loaded: list[LoadedExpert], adapter_name: str) -> None:
+        """Set the gates experts carry (glider_gates.safetensors); warn, naming them, about experts without."""
+        self.set_gates({e.name: e.gates for e in loaded if e.gates is not None}, adapter_name)
+        ungated = [e.name for e in loaded if e.gates is None]
+        if ungated:
+            warnings.warn(
+                f"Experts {ungated} carry no trained gates ({GATES_FILE}): their local routing is uninformed "
+                "until gates are trained (peft_glider.train_missing_gates) or set (GliderModel.set_gates).",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def _load_experts(self, model: nn.Module, config: GliderConfig) -> list[LoadedExpert]:
+        """The config's experts, in routing order, with their entries completed (commit, sha256, layout).
 
         A config that is already resolved (a saved adapter) with `save_expert_weights` gets zero placeholders
         of the saved layout, filled by the checkpoint; otherwise the experts are loaded from their sources.
         """
-        modules = dict(model.named_modules())
         if config.is_resolved and config.save_expert_weights:
-            loaded = [self._placeholder_expert(entry, modules) for entry in config.experts]
-        else:
-            loaded = [
-                load_expert(entry)
-                for entry in tqdm(config.experts, desc="Loading LoRA experts", disable=len(config.experts) < 4)
-            ]
-            for entry, expert in zip(config.experts, loaded):
-                if "sha256" in entry and entry["sha256"] != expert.sha256:
-                    raise ValueError(
-                        f"Expert '{expert.name}' changed since this Glider adapter was saved: its tensors hash to "
-                        f"{expert.sha256[:12]}..., the adapter pins {entry['sha256'][:12]}... Pin a 'revision'."
-                    )
-                entry.update(commit=expert.commit, sha256=expert.sha256, layout=expert.layout)
+            modules = dict(model.named_modules())
+            return [self._placeholder_expert(entry, modules) for entry in config.experts]
+        loaded = [
+            load_expert(entry)
+            for entry in tqdm(config.experts, desc="Loading LoRA experts", disable=len(config.experts) < 4)
+        ]
+        for entry, expert in zip(config.experts, loaded):
+            if "sha256" in entry and entry["sha256"] != expert.sha256:
+                raise ValueError(
+                    f"Expert '{expert.name}' changed since this Glider adapter was saved: its tensors hash to "
+                    f"{expert.sha256[:12]}..., the adapter pins {entry['sha256'][:12]}... Pin a 'revision'."
+                )
+            entry.update(commit=expert.commit, sha256=expert.sha256, layout=expert.layout)
+        return loaded
+
+    def _factors_per_module(
+        self, loaded: list[LoadedExpert], model: nn.Module
+    ) -> dict[str, list[Optional[LoraFactors]]]:
+        """Per module, each expert's factors (None where it does not adapt the module), checked to fit."""
+        modules = dict(model.named_modules())
         per_module: dict[str, list[Optional[LoraFactors]]] = {}
         for index, expert in enumerate(loaded):
             for module_name, factors in expert.factors.items():
                 self._check_fits(expert.name, module_name, factors, modules)
                 per_module.setdefault(module_name, [None] * len(loaded))[index] = factors
-        config.target_modules = sorted(per_module)
         return per_module
 
     @staticmethod
