@@ -135,6 +135,20 @@ class GliderLayer(BaseTunerLayer):
             spans=self.glider_spans[adapter_name],
         )
 
+    def expert_factors(self, adapter_name: str) -> list[Optional[LoraFactors]]:
+        """Each expert's factors at this module (None where it does not adapt it), read back from the bank."""
+        bank = self.expert_bank(adapter_name)
+        return [
+            None
+            if span is None
+            else LoraFactors(
+                A=bank.A[span[0] : span[1]].clone(),
+                B=bank.B[:, span[0] : span[1]].clone(),
+                scaling=float(bank.rank_scaling[span[0]]),
+            )
+            for span in bank.spans
+        ]
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise ValueError(MERGE_ERROR)
 

@@ -9,10 +9,11 @@ from typing import Iterator, Mapping, Optional
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, _get_in_out_features
+from peft.utils import _get_submodules
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import GliderConfig
+from .config import ExpertEntry, GliderConfig, normalize_expert_entry
 from .experts import GATES_FILE, LoadedExpert, LoraFactors, load_expert
 from .layer import MERGE_ERROR, GliderLayer, GliderLinear, execution_device
 from .state import RoutingState, RoutingTrace
@@ -204,6 +205,108 @@ class GliderModel(BaseTuner):
         self._routing_states.pop(adapter_name, None)
         if adapter_name in self.glider_instruction_embeddings:
             del self.glider_instruction_embeddings[adapter_name]
+
+    # ------------------------------------------------------------------ incremental library
+
+    def add_expert(
+        self,
+        expert: ExpertEntry,
+        instruction_embedding: Optional[torch.Tensor] = None,
+        adapter_name: Optional[str] = None,
+    ) -> str:
+        """Append one expert (Hub id, folder or entry dict) to the library without touching the others.
+
+        Its shipped gates (glider_gates.safetensors) are installed; pass its instruction embedding when the
+        adapter has embeddings. The result equals a model built from scratch with the same experts. Returns
+        the new expert's name.
+        """
+        adapter_name = self._adapter(adapter_name)
+        config: GliderConfig = self.peft_config[adapter_name]
+        entry = normalize_expert_entry(expert, len(config.experts))
+        if entry["name"] in config.expert_names:
+            raise ValueError(f"add_expert: an expert named {entry['name']!r} exists already; give another 'name'.")
+        embeddings = self.get_instruction_embeddings(adapter_name)
+        if (embeddings is None) != (instruction_embedding is None):
+            raise ValueError(
+                "add_expert: pass an instruction_embedding exactly when the adapter has instruction embeddings."
+            )
+        if embeddings is not None:
+            instruction_embedding = torch.as_tensor(instruction_embedding).reshape(1, -1)
+            if instruction_embedding.shape[1] != embeddings.shape[1] or not torch.isfinite(instruction_embedding).all():
+                raise ValueError(f"add_expert: the instruction embedding must be {embeddings.shape[1]} finite values.")
+        loaded = load_expert(entry)
+        modules = dict(self.model.named_modules())
+        for module_name, factors in loaded.factors.items():
+            self._check_fits(loaded.name, module_name, factors, modules)
+        entry.update(commit=loaded.commit, sha256=loaded.sha256, layout=loaded.layout)
+
+        new_index = len(config.experts)
+        self._relayout(adapter_name, keep=list(range(new_index)), added=loaded)
+        config.experts.append(entry)
+        if embeddings is not None:
+            self.glider_instruction_embeddings[adapter_name] = torch.cat(
+                [embeddings, instruction_embedding.to(embeddings)], dim=0
+            )
+        if config.local_router == "phatgoose":
+            self._install_shipped_gates([loaded], adapter_name)
+        return loaded.name
+
+    def remove_expert(self, name: str, adapter_name: Optional[str] = None) -> None:
+        """Remove one expert from the library without touching the others (equal to a rebuild without it)."""
+        adapter_name = self._adapter(adapter_name)
+        config: GliderConfig = self.peft_config[adapter_name]
+        names = config.expert_names
+        if name not in names:
+            raise KeyError(f"remove_expert: unknown expert {name!r}; experts are {names}.")
+        if len(names) == 1:
+            raise ValueError("remove_expert: a Glider adapter needs at least one expert.")
+        if config.top_k > len(names) - 1:
+            raise ValueError(f"remove_expert: top_k={config.top_k} would exceed the {len(names) - 1} experts left.")
+        index = names.index(name)
+        keep = [i for i in range(len(names)) if i != index]
+        self._relayout(adapter_name, keep=keep, added=None)
+        del config.experts[index]
+        embeddings = self.get_instruction_embeddings(adapter_name)
+        if embeddings is not None:
+            self.glider_instruction_embeddings[adapter_name] = embeddings[keep].clone()
+
+    def _relayout(self, adapter_name: str, keep: list[int], added: Optional[LoadedExpert]) -> None:
+        """Rebuild every layer with experts `keep` (old indices, in order) plus `added`, keeping their gates."""
+        config: GliderConfig = self.peft_config[adapter_name]
+        state = self._routing_states[adapter_name]
+        layers = self.glider_layers(adapter_name)
+        new_modules = sorted(set(added.factors) - set(layers)) if added else []
+        for module_name, layer in layers.items():
+            old_factors = layer.expert_factors(adapter_name)
+            old_gates = layer.glider_gates[adapter_name].detach().clone()
+            factors = [old_factors[i] for i in keep]
+            gates = [old_gates[i] for i in keep]
+            if added is not None:
+                factors.append(added.factors.get(module_name))
+                gates.append(torch.zeros_like(old_gates[0]))
+            if all(f is None for f in factors):
+                self._drop_layer(module_name, layer, adapter_name)
+                continue
+            layer.update_layer(adapter_name, factors, state)
+            if state.local_router == "phatgoose":  # arrow prototypes are recomputed from the factors
+                with torch.no_grad():
+                    layer.glider_gates[adapter_name].copy_(torch.stack(gates))
+        for module_name in new_modules:
+            parent, target, target_name = _get_submodules(self.model, module_name)
+            self._pending_experts[adapter_name] = {module_name: [None] * len(keep) + [added.factors[module_name]]}
+            try:
+                self._create_and_replace(config, adapter_name, target, target_name, parent, module_name)
+            finally:
+                del self._pending_experts[adapter_name]
+        config.target_modules = sorted(self.glider_layers(adapter_name))
+
+    def _drop_layer(self, module_name: str, layer: GliderLayer, adapter_name: str) -> None:
+        """No expert adapts this module any more: remove the adapter here, unwrapping the layer if it was the last."""
+        if set(layer.glider_gates) == {adapter_name}:
+            parent, _, target_name = _get_submodules(self.model, module_name)
+            setattr(parent, target_name, layer.get_base_layer())
+        else:
+            layer.delete_adapter(adapter_name)
 
     # ------------------------------------------------------------------ public API
 
