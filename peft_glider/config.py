@@ -76,7 +76,12 @@ class GliderConfig(PeftConfig):
             `layout` (adapted modules, ranks and scalings), which pins the expert in a saved adapter.
         top_k: Experts added per token and module (where fewer experts adapt a module, all of them are used).
         alpha: Weight of the global (instruction) score against the local (gate) score. The paper used 100 when
-            the query's task is among the experts' tasks and 3 otherwise.
+            the query's task is among the experts' tasks and 3 otherwise. `"auto"` decides per row: a row whose
+            best global score reaches `auto_alpha_threshold` gets `alpha_held_in`, the others `alpha_held_out`.
+        alpha_held_in, alpha_held_out: The two weights `alpha="auto"` chooses between.
+        auto_alpha_threshold: Calibrated by `GlobalRouter.describe_experts` on the experts' own samples.
+        embedder: Id of the sentence embedder of the instruction embeddings (set with them); a router with
+            another embedder is refused.
         local_router: `"phatgoose"`: learned gate vectors, scored `LN(u) . LN(gate) / sqrt(d)`. `"arrow"`:
             training-free prototypes (top right singular vector of each expert's `B A`), scored `|u . v| / T`.
         arrow_temperature: T of the Arrow scores.
@@ -89,7 +94,11 @@ class GliderConfig(PeftConfig):
 
     experts: list[ExpertEntry] = field(default_factory=list, metadata={"help": "The LoRA experts to route among."})
     top_k: int = field(default=2, metadata={"help": "Experts selected per token and module."})
-    alpha: float = field(default=3.0, metadata={"help": "Weight of the global score."})
+    alpha: Union[float, str] = field(default=3.0, metadata={"help": "Weight of the global score, or 'auto'."})
+    alpha_held_in: float = field(default=100.0, metadata={"help": "alpha='auto': weight for held-in queries."})
+    alpha_held_out: float = field(default=3.0, metadata={"help": "alpha='auto': weight for held-out queries."})
+    auto_alpha_threshold: Optional[float] = field(default=None, metadata={"help": "alpha='auto': calibrated."})
+    embedder: Optional[str] = field(default=None, metadata={"help": "Embedding model of the instructions."})
     local_router: Literal["phatgoose", "arrow"] = field(default="phatgoose", metadata={"help": "Local router."})
     arrow_temperature: float = field(default=1.0, metadata={"help": "Temperature T of Arrow scores |u.v|/T."})
     save_expert_weights: bool = field(default=True, metadata={"help": "Save expert weights with the adapter."})
@@ -111,9 +120,10 @@ class GliderConfig(PeftConfig):
             )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= len(names):
             raise ValueError(f"top_k must be an integer in [1, {len(names)}] (the number of experts), got {self.top_k!r}.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
-            raise ValueError(f"alpha must be a number, got {self.alpha!r}.")
-        self.alpha = float(self.alpha)
+        if self.alpha != "auto":
+            if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+                raise ValueError(f"alpha must be a number or 'auto', got {self.alpha!r}.")
+            self.alpha = float(self.alpha)
         if self.local_router not in LOCAL_ROUTERS:
             raise ValueError(f"local_router must be one of {LOCAL_ROUTERS}, got {self.local_router!r}.")
         if not isinstance(self.arrow_temperature, (int, float)) or not self.arrow_temperature > 0:

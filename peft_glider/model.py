@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional, Union
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .config import ExpertEntry, GliderConfig, normalize_expert_entry
 from .experts import GATES_FILE, LoadedExpert, LoraFactors, load_expert
 from .layer import MERGE_ERROR, GliderLayer, GliderLinear, execution_device
+from .routing import auto_alpha
 from .state import RoutingState, RoutingTrace
 
 
@@ -64,7 +65,6 @@ class GliderModel(BaseTuner):
         config.target_modules = sorted(self._pending_experts[adapter_name])
         self._routing_states[adapter_name] = RoutingState(
             top_k=config.top_k,
-            alpha=config.alpha,
             local_router=config.local_router,
             arrow_temperature=config.arrow_temperature,
         )
@@ -404,15 +404,23 @@ class GliderModel(BaseTuner):
         return self.glider_instruction_embeddings[adapter_name]
 
     @contextlib.contextmanager
-    def global_scores(self, scores: torch.Tensor, adapter_name: Optional[str] = None) -> Iterator[None]:
+    def global_scores(
+        self,
+        scores: torch.Tensor,
+        alpha: Optional[Union[float, torch.Tensor]] = None,
+        adapter_name: Optional[str] = None,
+    ) -> Iterator[torch.Tensor]:
         """Route the calls inside with per-row global scores `scores` (B, E), e.g. cosines `cos(q_b, g_e)`.
 
         Row b of every batch inside belongs to query b; rows expanded by `generate` (beams, return sequences)
-        inherit their query's scores. The logit of expert e becomes `local + alpha * scores[b, e]`.
+        inherit their query's scores. The logit of expert e becomes `local + alpha_b * scores[b, e]`, with
+        `alpha_b` from `alpha` (a number or a (B,) tensor) or else from the config (for `alpha="auto"`, by the
+        calibrated threshold rule). Yields the per-row alpha used.
         """
         adapter_name = self._adapter(adapter_name)
+        config: GliderConfig = self.peft_config[adapter_name]
         state = self._routing_states[adapter_name]
-        num_experts = len(self.peft_config[adapter_name].experts)
+        num_experts = len(config.experts)
         scores = torch.as_tensor(scores)
         if scores.dim() == 1:
             scores = scores[None]
@@ -422,12 +430,33 @@ class GliderModel(BaseTuner):
             )
         if not torch.isfinite(scores).all():
             raise ValueError("Global scores contain non-finite values.")
-        previous = state.global_scores
-        state.global_scores = scores.detach().float()
+        scores = scores.detach().float()
+        row_alpha = self._row_alpha(config, scores, alpha)
+        previous = state.row_bias
+        state.row_bias = row_alpha[:, None] * scores
         try:
-            yield
+            yield row_alpha
         finally:
-            state.global_scores = previous
+            state.row_bias = previous
+
+    @staticmethod
+    def _row_alpha(
+        config: GliderConfig, scores: torch.Tensor, alpha: Optional[Union[float, torch.Tensor]]
+    ) -> torch.Tensor:
+        rows = scores.shape[0]
+        if alpha is not None:
+            row_alpha = torch.as_tensor(alpha, dtype=torch.float32).reshape(-1).expand(rows).clone()
+            if not torch.isfinite(row_alpha).all():
+                raise ValueError("alpha must be finite.")
+            return row_alpha
+        if config.alpha != "auto":
+            return torch.full((rows,), config.alpha)
+        if config.auto_alpha_threshold is None:
+            raise ValueError(
+                "alpha='auto' needs a calibrated threshold: run GlobalRouter.describe_experts(...) or set "
+                "config.auto_alpha_threshold."
+            )
+        return auto_alpha(scores, config.auto_alpha_threshold, config.alpha_held_in, config.alpha_held_out)
 
     @contextlib.contextmanager
     def routing_trace(self, adapter_name: Optional[str] = None) -> Iterator[RoutingTrace]:

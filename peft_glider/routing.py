@@ -80,6 +80,13 @@ def combine_logits(local: torch.Tensor, global_bias: torch.Tensor | None, tokens
     return local + global_bias.to(local.dtype).repeat_interleave(tokens_per_row, dim=0)
 
 
+def auto_alpha(scores: torch.Tensor, threshold: float, held_in: float, held_out: float) -> torch.Tensor:
+    """Per-row alpha (B,): `held_in` where the row's best global score reaches `threshold` (the query looks like
+    one of the experts' tasks, so the global router should decide), else `held_out` (a mild prior)."""
+    best = scores.max(dim=-1).values
+    return torch.where(best >= threshold, torch.tensor(held_in), torch.tensor(held_out)).to(scores.dtype)
+
+
 @dataclass
 class ExpertBank:
     """The experts at one module, concatenated along the rank axis."""

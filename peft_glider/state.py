@@ -54,29 +54,28 @@ class RoutingState:
     """Router settings and the per-call routing inputs of one Glider adapter, shared by its layers."""
 
     top_k: int
-    alpha: float
     local_router: str = "phatgoose"
     arrow_temperature: float = 1.0
     kernel: str = "auto"
-    train_expert: Optional[int] = None  # set during Phatgoose gate training: only this expert, sigmoid-gated
-    global_scores: Optional[torch.Tensor] = None  # (B, E) cosines, set by GliderModel.global_scores(...)
+    row_bias: Optional[torch.Tensor] = None  # (B, E) alpha_b * global score, set by GliderModel.global_scores(...)
     trace: Optional[RoutingTrace] = None
+    train_expert: Optional[int] = None  # set during Phatgoose gate training: only this expert, sigmoid-gated
 
     def global_bias(self, rows: int, device: torch.device) -> Optional[torch.Tensor]:
-        """`alpha * global_scores` for a call with `rows` batch rows, (rows, E), or None for local-only routing.
+        """The per-row global bias for a call with `rows` batch rows, (rows, E), or None for local-only routing.
 
-        Scores set for B rows follow batch expansion: generate() repeats each row (num_beams,
+        A bias set for B rows follows batch expansion: generate() repeats each row (num_beams,
         num_return_sequences) with repeat_interleave, and an encoder-decoder's decoder sees B * beams rows.
         """
-        if self.global_scores is None:
+        if self.row_bias is None:
             return None
-        scores = self.global_scores
-        set_rows = scores.shape[0]
+        bias = self.row_bias
+        set_rows = bias.shape[0]
         if rows != set_rows:
             if rows % set_rows != 0:
                 raise ValueError(
                     f"Global scores were set for {set_rows} rows, but a Glider layer received a batch of {rows} "
                     "rows, which is not a multiple of it (rows may only be expanded by beams or return sequences)."
                 )
-            scores = scores.repeat_interleave(rows // set_rows, dim=0)
-        return self.alpha * scores.to(device)
+            bias = bias.repeat_interleave(rows // set_rows, dim=0)
+        return bias.to(device)

