@@ -41,9 +41,11 @@ class GliderLayer(BaseTunerLayer):
         "glider_rank_expert",
         "glider_rank_scaling",
         "glider_present",
+        "glider_slot",
         "glider_spans",
         "glider_k",
         "glider_routing",
+        "_router_cache",
     )
 
     def __init__(self, base_layer: nn.Module, module_name: str, save_expert_weights: bool) -> None:
@@ -61,9 +63,11 @@ class GliderLayer(BaseTunerLayer):
         self.glider_rank_expert = BufferDict({}, persistent=False)  # (R,) expert of each rank row
         self.glider_rank_scaling = BufferDict({}, persistent=False)  # (R,) scaling of each rank row
         self.glider_present = BufferDict({}, persistent=False)  # (E,) experts adapting this module
+        self.glider_slot = BufferDict({}, persistent=False)  # (E,) position among present experts, -1 if absent
         self.glider_spans: dict[str, list[tuple[int, int] | None]] = {}
         self.glider_k: dict[str, int] = {}  # top_k capped by the number of present experts
         self.glider_routing: dict[str, RoutingState] = {}
+        self._router_cache: dict[str, tuple] = {}  # adapter -> (gates version key, router rows)
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -92,7 +96,9 @@ class GliderLayer(BaseTunerLayer):
         self.glider_B[adapter_name] = torch.cat(b_cols, dim=1).to(dtype)
         self.glider_rank_expert[adapter_name] = torch.tensor(rank_expert, dtype=torch.long)
         self.glider_rank_scaling[adapter_name] = torch.tensor(rank_scaling, dtype=dtype)
-        self.glider_present[adapter_name] = torch.tensor([span is not None for span in spans])
+        present = torch.tensor([span is not None for span in spans])
+        self.glider_present[adapter_name] = present
+        self.glider_slot[adapter_name] = torch.where(present, present.long().cumsum(0) - 1, -1)
         self.glider_spans[adapter_name] = spans
         self.glider_k[adapter_name] = min(routing_state.top_k, sum(span is not None for span in spans))
         self.glider_routing[adapter_name] = routing_state
@@ -118,7 +124,7 @@ class GliderLayer(BaseTunerLayer):
             container = getattr(self, name)
             if adapter_name in container:
                 container[adapter_name] = container[adapter_name].to(device, dtype=dtype)
-        for name in ("glider_rank_expert", "glider_present"):
+        for name in ("glider_rank_expert", "glider_present", "glider_slot"):
             container = getattr(self, name)
             if adapter_name in container:
                 container[adapter_name] = container[adapter_name].to(device)
@@ -133,6 +139,7 @@ class GliderLayer(BaseTunerLayer):
             rank_expert=self.glider_rank_expert[adapter_name],
             rank_scaling=self.glider_rank_scaling[adapter_name],
             spans=self.glider_spans[adapter_name],
+            expert_slot=self.glider_slot[adapter_name],
         )
 
     def expert_factors(self, adapter_name: str) -> list[Optional[LoraFactors]]:
@@ -174,34 +181,67 @@ class GliderLinear(nn.Module, GliderLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, experts, routing_state, device)
 
-    def routed_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """The adapter's contribution for input x (..., in) -> (..., out)."""
-        bank = self.expert_bank(adapter_name)
+    def router_rows(self, adapter_name: str) -> torch.Tensor:
+        """What tokens are compared with, (E, in): standardized gates (Phatgoose) or prototypes (Arrow).
+
+        Cached until the gates change (their version counter moves on every in-place update)."""
         gates = self.glider_gates[adapter_name]
+        state = self.glider_routing[adapter_name]
+        try:
+            key = (gates.data_ptr(), gates._version, state.local_router)
+        except RuntimeError:  # inference tensors keep no version counter: do not cache
+            key = None
+        cached = self._router_cache.get(adapter_name)
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            rows = gates if state.local_router == "arrow" else routing.standardize(gates)
+            rows = rows.detach().clone()
+        if key is not None:
+            self._router_cache[adapter_name] = (key, rows)
+        return rows
+
+    def routed_delta(self, x: torch.Tensor, adapter_name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Add the adapter's contribution for input x (..., in) into `out` (N, out), or return it (..., out)."""
+        bank = self.expert_bank(adapter_name)
         state = self.glider_routing[adapter_name]
         rows = x.shape[0] if x.dim() > 1 else 1
         u = x.to(bank.A.device, bank.A.dtype).reshape(-1, self.in_features)  # (N, in)
         if state.train_expert is not None:
-            delta = routing.delta_gated_single(u, bank, state.train_expert, gates[state.train_expert])
-            return delta.view(*x.shape[:-1], self.out_features)
+            gate = self.glider_gates[adapter_name][state.train_expert]
+            return routing.delta_gated_single(u, bank, state.train_expert, gate).view(*x.shape[:-1], self.out_features)
         tokens_per_row = u.shape[0] // rows
+        router_rows = self.router_rows(adapter_name)
+        dots = u.to(router_rows.dtype) @ router_rows.T  # (N, E)
         if state.local_router == "arrow":
-            local = routing.arrow_scores(u.to(gates.dtype), gates, state.arrow_temperature)  # (N, E)
+            local = dots.abs() / state.arrow_temperature
         else:
-            local = routing.local_scores(u.to(gates.dtype), gates)  # (N, E)
+            local = dots * routing.inverse_scale(u.to(router_rows.dtype))
         logits = routing.combine_logits(local, state.global_bias(rows, local.device), tokens_per_row)
         selection = routing.select_top_k(logits, self.glider_present[adapter_name], self.glider_k[adapter_name])
         if state.trace is not None:
             state.trace.record(self.module_name, selection.indices.view(rows, tokens_per_row, -1))
-        delta = routing.apply_experts(u, bank, selection, state.kernel)  # (N, out)
-        return delta.view(*x.shape[:-1], self.out_features)
+        delta = routing.apply_experts(u, bank, selection, state.kernel, out)  # (N, out)
+        return delta if out is not None else delta.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
         for adapter_name in self.active_adapters:
-            if adapter_name in self.glider_gates:
+            if adapter_name not in self.glider_gates:
+                continue
+            A = self.glider_A[adapter_name]
+            in_place = (
+                not torch.is_grad_enabled()
+                and result.dtype == A.dtype
+                and result.device == A.device
+                and result.is_contiguous()
+                and self.glider_routing[adapter_name].train_expert is None
+            )
+            if in_place:  # add the deltas straight into the base output: no extra (N, out) tensor
+                self.routed_delta(x, adapter_name, out=result.view(-1, self.out_features))
+            else:
                 result = result + self.routed_delta(x, adapter_name).to(result.device, result.dtype)
         return result
 

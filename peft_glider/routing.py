@@ -19,6 +19,9 @@ KERNELS = ("auto", "grouped", "concat")
 # Fixed cost of one expert's pair of small matmuls in the grouped kernel, in multiply-add equivalents: a launch
 # overhead of roughly 10-20 microseconds on CPU. Decides "auto" between the two kernels.
 _GROUPED_CALL_OVERHEAD = 200_000
+# The padded grouped kernel gives up (and uses the concatenated-rank GEMMs) when padding every expert's group to
+# the largest one would multiply the routed token copies by more than this.
+_MAX_PADDING = 4
 
 
 def standardize(x: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
@@ -28,15 +31,23 @@ def standardize(x: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
     return (x - mean) / torch.sqrt(var + eps)
 
 
+def inverse_scale(u: torch.Tensor) -> torch.Tensor:
+    """`1 / (sqrt(var(u) + eps) * sqrt(d))` per row: u (N, d) -> (N, 1). Uses `E[u^2] - E[u]^2`, several times
+    faster than `Tensor.var` on CPU."""
+    d = u.shape[-1]
+    mean = u.mean(dim=-1, keepdim=True)
+    mean_square = u.square().mean(dim=-1, keepdim=True)
+    variance = (mean_square - mean.square()).clamp_min(0.0)
+    return torch.rsqrt(variance + LN_EPS) / math.sqrt(d)
+
+
 def local_scores(u: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """Phatgoose scores `LN(u) . LN(gate_e) / sqrt(d)`: u (N, d), gates (E, d) -> (N, E).
 
     `LN(gate_e)` has zero mean, so the mean of `u` drops out of the dot product and only `u`'s scale is needed:
     `LN(u) . LN(g) = (u . LN(g)) / sqrt(var(u) + eps)`. That saves standardizing every token.
     """
-    d = u.shape[-1]
-    var = u.var(dim=-1, keepdim=True, unbiased=False)  # (N, 1)
-    return (u @ standardize(gates).T) / (torch.sqrt(var + LN_EPS) * math.sqrt(d))
+    return (u @ standardize(gates).T) * inverse_scale(u)
 
 
 def arrow_scores(u: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -96,44 +107,80 @@ class ExpertBank:
     rank_expert: torch.Tensor  # (R,) long: which expert each rank row belongs to
     rank_scaling: torch.Tensor  # (R,) the LoRA scaling of that row's expert
     spans: list[tuple[int, int] | None]  # per expert: its [start, end) rows, None where it does not adapt here
+    expert_slot: torch.Tensor  # (E,) long: position of each expert among those present here (-1 if absent)
 
     @property
     def num_experts(self) -> int:
         return len(self.spans)
 
+    @property
+    def uniform_rank(self) -> int | None:
+        """The rank shared by every expert present here, or None for mixed ranks."""
+        ranks = {end - start for start, end in (span for span in self.spans if span is not None)}
+        return ranks.pop() if len(ranks) == 1 else None
 
-def delta_concat(x: torch.Tensor, bank: ExpertBank, selection: Selection) -> torch.Tensor:
-    """Two GEMMs over the concatenated ranks, unselected experts weighted zero. x (N, d) -> (N, o).
 
-    Costs N * R * (d + o): best when R is small (few experts) or N is small (decode), where call overhead rules.
+def _output(x: torch.Tensor, bank: ExpertBank, out: torch.Tensor | None) -> torch.Tensor:
+    return x.new_zeros(x.shape[0], bank.B.shape[0]) if out is None else out
+
+
+def delta_concat(
+    x: torch.Tensor, bank: ExpertBank, selection: Selection, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Two GEMMs over the concatenated ranks, unselected experts weighted zero; adds into `out` (N, o).
+
+    Costs N * R * (d + o) and a fixed handful of calls: best when R is small (few experts) or N is small
+    (decode), where call overhead rules.
     """
     n = x.shape[0]
     expert_weight = x.new_zeros(n, bank.num_experts).scatter_(1, selection.indices, selection.weights.to(x.dtype))
     coefficient = expert_weight[:, bank.rank_expert] * bank.rank_scaling  # (N, R)
-    return ((x @ bank.A.T) * coefficient) @ bank.B.T
+    return _output(x, bank, out).addmm_((x @ bank.A.T) * coefficient, bank.B.T)
 
 
-def delta_grouped(x: torch.Tensor, bank: ExpertBank, selection: Selection) -> torch.Tensor:
-    """Group the (token, choice) pairs by expert; each expert computes only its own tokens. x (N, d) -> (N, o).
+def delta_grouped(
+    x: torch.Tensor, bank: ExpertBank, selection: Selection, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Group the (token, choice) pairs by expert; each expert computes only its own tokens; adds into `out`.
 
-    Costs N * k * r * (d + o) plus a fixed overhead per expert that received tokens.
+    Costs N * k * r * (d + o) multiply-adds. With a rank shared by the experts present, the groups are padded
+    to the largest group and computed by two batched GEMMs (a fixed number of calls whatever E), unless the
+    routing is too unbalanced to pad; with mixed ranks, a loop over the experts that received tokens.
     """
+    out = _output(x, bank, out)
     n, k = selection.indices.shape
     flat_expert = selection.indices.reshape(-1)  # (N*k,)
     order = torch.argsort(flat_expert, stable=True)
-    pair_token = order // k  # token of each pair, grouped by expert
-    pair_weight = selection.weights.reshape(-1)[order].to(x.dtype)
+    tokens = order // k  # token of each pair, pairs grouped by expert
+    weights = selection.weights.reshape(-1)[order].to(x.dtype)
+    experts = flat_expert[order]
+    rank = bank.uniform_rank
+    if rank is not None:
+        present = bank.A.shape[0] // rank
+        slots = bank.expert_slot[experts]  # (N*k,) group of each pair
+        counts = torch.bincount(slots, minlength=present)
+        position = torch.arange(slots.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[slots]
+        capacity = int(counts.max())
+        if capacity * present > _MAX_PADDING * slots.numel():  # routing too unbalanced to pad: one dense pass
+            return delta_concat(x, bank, selection, out)
+        grouped_x = x.new_zeros(present, capacity, x.shape[1])
+        grouped_x[slots, position] = x.index_select(0, tokens)
+        hidden = torch.bmm(grouped_x, bank.A.view(present, rank, -1).transpose(1, 2))  # (P, C, r)
+        grouped_w = x.new_zeros(present, capacity, 1)
+        grouped_w[slots, position, 0] = weights * bank.rank_scaling[slots * rank]
+        b_groups = bank.B.view(bank.B.shape[0], present, rank).permute(1, 2, 0)  # (P, r, o)
+        grouped_y = torch.bmm(hidden * grouped_w, b_groups)  # (P, C, o)
+        return out.index_add_(0, tokens, grouped_y[slots, position])
     counts = torch.bincount(flat_expert, minlength=bank.num_experts).tolist()
-    out = x.new_zeros(n, bank.B.shape[0])
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
             continue
-        tokens = pair_token[start : start + count]
+        chosen = tokens[start : start + count]
         row_start, row_end = bank.spans[expert]
-        scale = pair_weight[start : start + count, None] * bank.rank_scaling[row_start]
-        hidden = (x[tokens] @ bank.A[row_start:row_end].T) * scale  # (count, r)
-        out.index_add_(0, tokens, hidden @ bank.B[:, row_start:row_end].T)
+        scale = weights[start : start + count, None] * bank.rank_scaling[row_start]
+        hidden = (x.index_select(0, chosen) @ bank.A[row_start:row_end].T) * scale  # (count, r)
+        out.index_add_(0, chosen, hidden @ bank.B[:, row_start:row_end].T)
         start += count
     return out
 
@@ -150,22 +197,25 @@ def delta_gated_single(x: torch.Tensor, bank: ExpertBank, expert: int, gate: tor
 
 
 def choose_kernel(num_tokens: int, bank: ExpertBank, k: int) -> str:
-    """Pick the cheaper kernel by a multiply-add count plus per-call overhead."""
+    """Pick the cheaper kernel from a cost model fitted to CPU measurements (docs/benchmarks.md): the
+    concatenated-rank GEMMs cost N * R * (d + o); grouping costs a few memory passes over the N * k routed
+    token copies plus a fixed overhead, and only pays off once R is several times k * r."""
     total_rank = bank.A.shape[0]
     width = bank.A.shape[1] + bank.B.shape[0]
-    mean_rank = total_rank / sum(span is not None for span in bank.spans)
     concat_cost = num_tokens * total_rank * width
-    active_experts = min(bank.num_experts, num_tokens * k)
-    grouped_cost = num_tokens * k * mean_rank * width + active_experts * _GROUPED_CALL_OVERHEAD
+    calls = 12 if bank.uniform_rank is not None else 4 * min(len(bank.spans), num_tokens * k)
+    grouped_cost = 160 * num_tokens * k * width + calls * _GROUPED_CALL_OVERHEAD
     return "concat" if concat_cost <= grouped_cost else "grouped"
 
 
-def apply_experts(x: torch.Tensor, bank: ExpertBank, selection: Selection, kernel: str = "auto") -> torch.Tensor:
-    """`sum_j w_j * s_j * B_j A_j x` over each token's selected experts. x (N, d) -> (N, o)."""
+def apply_experts(
+    x: torch.Tensor, bank: ExpertBank, selection: Selection, kernel: str = "auto", out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Add `sum_j w_j * s_j * B_j A_j x` over each token's selected experts into `out` (zeros if None). x (N, d)."""
     if kernel == "auto":
         kernel = choose_kernel(x.shape[0], bank, selection.indices.shape[1])
     if kernel == "concat":
-        return delta_concat(x, bank, selection)
+        return delta_concat(x, bank, selection, out)
     if kernel == "grouped":
-        return delta_grouped(x, bank, selection)
+        return delta_grouped(x, bank, selection, out)
     raise ValueError(f"Unknown kernel {kernel!r}; expected one of {KERNELS}.")

@@ -114,3 +114,25 @@ def test_absent_experts_are_never_selected():
     selection = routing.select_top_k(logits, present, 2)
     assert selection.indices.tolist() == [[2, 1], [1, 2]]
     torch.testing.assert_close(selection.weights.sum(-1), torch.ones(2))
+
+
+def test_grouped_kernel_paths_agree_with_concat():
+    """The padded batched path (shared rank), its unbalanced fallback and the mixed-rank loop all equal concat."""
+    generator = torch.Generator().manual_seed(0)
+    d, o, E = 24, 20, 6
+    for ranks, skew in (([4] * E, False), ([4] * E, True), ([1, 2, 3, 4, 5, 6], False)):
+        A = torch.randn(sum(ranks), d, generator=generator)
+        B = torch.randn(o, sum(ranks), generator=generator)
+        starts = [sum(ranks[:e]) for e in range(E)]
+        bank = routing.ExpertBank(
+            A=A, B=B,
+            rank_expert=torch.repeat_interleave(torch.arange(E), torch.tensor(ranks)),
+            rank_scaling=torch.repeat_interleave(torch.linspace(0.5, 2.0, E), torch.tensor(ranks)),
+            spans=[(s, s + r) for s, r in zip(starts, ranks)],
+            expert_slot=torch.arange(E),
+        )
+        x = torch.randn(40, d, generator=generator)
+        logits = torch.randn(40, E, generator=generator) + (torch.tensor([9.0, 8.0, 0, 0, 0, 0]) if skew else 0)
+        selection = routing.select_top_k(logits, torch.ones(E, dtype=torch.bool), 2)
+        expected = routing.delta_concat(x, bank, selection)
+        torch.testing.assert_close(routing.delta_grouped(x, bank, selection), expected, atol=1e-4, rtol=1e-4)
