@@ -43,9 +43,11 @@ class GliderLayer(BaseTunerLayer):
         "glider_present",
         "glider_slot",
         "glider_spans",
+        "glider_all_present",
         "glider_k",
         "glider_routing",
         "_router_cache",
+        "_bank_cache",
     )
 
     def __init__(self, base_layer: nn.Module, module_name: str, save_expert_weights: bool) -> None:
@@ -65,9 +67,11 @@ class GliderLayer(BaseTunerLayer):
         self.glider_present = BufferDict({}, persistent=False)  # (E,) experts adapting this module
         self.glider_slot = BufferDict({}, persistent=False)  # (E,) position among present experts, -1 if absent
         self.glider_spans: dict[str, list[tuple[int, int] | None]] = {}
+        self.glider_all_present: dict[str, bool] = {}  # every expert adapts this module: no masking needed
         self.glider_k: dict[str, int] = {}  # top_k capped by the number of present experts
         self.glider_routing: dict[str, RoutingState] = {}
         self._router_cache: dict[str, tuple] = {}  # adapter -> (gates version key, router rows)
+        self._bank_cache: dict[str, routing.ExpertBank] = {}
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -100,6 +104,8 @@ class GliderLayer(BaseTunerLayer):
         self.glider_present[adapter_name] = present
         self.glider_slot[adapter_name] = torch.where(present, present.long().cumsum(0) - 1, -1)
         self.glider_spans[adapter_name] = spans
+        self._bank_cache.pop(adapter_name, None)
+        self.glider_all_present[adapter_name] = all(span is not None for span in spans)
         self.glider_k[adapter_name] = min(routing_state.top_k, sum(span is not None for span in spans))
         self.glider_routing[adapter_name] = routing_state
         gates = torch.zeros(len(experts), self.in_features)
@@ -133,7 +139,11 @@ class GliderLayer(BaseTunerLayer):
             self.glider_gates[adapter_name] = nn.Parameter(gates.data.to(device), requires_grad=gates.requires_grad)
 
     def expert_bank(self, adapter_name: str) -> routing.ExpertBank:
-        return routing.ExpertBank(
+        """The adapter's experts here; built once and reused while its tensors stay the same objects."""
+        bank = self._bank_cache.get(adapter_name)
+        if bank is not None and bank.A is self.glider_A[adapter_name] and bank.B is self.glider_B[adapter_name]:
+            return bank
+        bank = self._bank_cache[adapter_name] = routing.ExpertBank(
             A=self.glider_A[adapter_name],
             B=self.glider_B[adapter_name],
             rank_expert=self.glider_rank_expert[adapter_name],
@@ -141,6 +151,7 @@ class GliderLayer(BaseTunerLayer):
             spans=self.glider_spans[adapter_name],
             expert_slot=self.glider_slot[adapter_name],
         )
+        return bank
 
     def expert_factors(self, adapter_name: str) -> list[Optional[LoraFactors]]:
         """Each expert's factors at this module (None where it does not adapt it), read back from the bank."""
@@ -195,7 +206,10 @@ class GliderLinear(nn.Module, GliderLayer):
         if key is not None and cached is not None and cached[0] == key:
             return cached[1]
         with torch.no_grad():
-            rows = gates if state.local_router == "arrow" else routing.standardize(gates)
+            if state.local_router == "arrow":  # |u . v| / T = |u . (v / T)|
+                rows = gates / state.arrow_temperature
+            else:
+                rows = routing.phatgoose_rows(gates)
             rows = rows.detach().clone()
         if key is not None:
             self._router_cache[adapter_name] = (key, rows)
@@ -212,13 +226,13 @@ class GliderLinear(nn.Module, GliderLayer):
             return routing.delta_gated_single(u, bank, state.train_expert, gate).view(*x.shape[:-1], self.out_features)
         tokens_per_row = u.shape[0] // rows
         router_rows = self.router_rows(adapter_name)
-        dots = u.to(router_rows.dtype) @ router_rows.T  # (N, E)
         if state.local_router == "arrow":
-            local = dots.abs() / state.arrow_temperature
+            local = (u.to(router_rows.dtype) @ router_rows.T).abs()  # (N, E)
         else:
-            local = dots * routing.inverse_scale(u.to(router_rows.dtype))
+            local = routing.standardized_dots(u.to(router_rows.dtype), router_rows)  # (N, E)
         logits = routing.combine_logits(local, state.global_bias(rows, local.device), tokens_per_row)
-        selection = routing.select_top_k(logits, self.glider_present[adapter_name], self.glider_k[adapter_name])
+        present = None if self.glider_all_present[adapter_name] else self.glider_present[adapter_name]
+        selection = routing.select_top_k(logits, present, self.glider_k[adapter_name])
         if state.trace is not None:
             state.trace.record(self.module_name, selection.indices.view(rows, tokens_per_row, -1))
         delta = routing.apply_experts(u, bank, selection, state.kernel, out)  # (N, out)

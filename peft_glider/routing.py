@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 LN_EPS = 1e-5
 
@@ -31,23 +32,19 @@ def standardize(x: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
     return (x - mean) / torch.sqrt(var + eps)
 
 
-def inverse_scale(u: torch.Tensor) -> torch.Tensor:
-    """`1 / (sqrt(var(u) + eps) * sqrt(d))` per row: u (N, d) -> (N, 1). Uses `E[u^2] - E[u]^2`, several times
-    faster than `Tensor.var` on CPU."""
-    d = u.shape[-1]
-    mean = u.mean(dim=-1, keepdim=True)
-    mean_square = u.square().mean(dim=-1, keepdim=True)
-    variance = (mean_square - mean.square()).clamp_min(0.0)
-    return torch.rsqrt(variance + LN_EPS) / math.sqrt(d)
-
-
 def local_scores(u: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """Phatgoose scores `LN(u) . LN(gate_e) / sqrt(d)`: u (N, d), gates (E, d) -> (N, E).
+    """Phatgoose scores `LN(u) . LN(gate_e) / sqrt(d)`: u (N, d), gates (E, d) -> (N, E)."""
+    return standardized_dots(u, phatgoose_rows(gates))
 
-    `LN(gate_e)` has zero mean, so the mean of `u` drops out of the dot product and only `u`'s scale is needed:
-    `LN(u) . LN(g) = (u . LN(g)) / sqrt(var(u) + eps)`. That saves standardizing every token.
-    """
-    return (u @ standardize(gates).T) * inverse_scale(u)
+
+def phatgoose_rows(gates: torch.Tensor) -> torch.Tensor:
+    """`LN(gate_e) / sqrt(d)`, (E, d): what standardized tokens are multiplied with (computed once per gate update)."""
+    return standardize(gates) / math.sqrt(gates.shape[-1])
+
+
+def standardized_dots(u: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`LN(u) @ rows.T` with one fused layer-norm kernel: u (N, d), rows (E, d) -> (N, E)."""
+    return F.layer_norm(u, (u.shape[-1],), eps=LN_EPS) @ rows.T
 
 
 def arrow_scores(u: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -74,12 +71,13 @@ class Selection:
     weights: torch.Tensor  # (N, k) softmax over the selected logits
 
 
-def select_top_k(logits: torch.Tensor, present: torch.Tensor, k: int) -> Selection:
+def select_top_k(logits: torch.Tensor, present: torch.Tensor | None, k: int) -> Selection:
     """Mask experts absent from the module, keep the k largest logits, softmax over them.
 
-    logits (N, E); present (E,) bool; k must not exceed the number of present experts.
+    logits (N, E); present (E,) bool, or None when every expert adapts the module; k must not exceed the
+    number of present experts.
     """
-    masked = logits.masked_fill(~present, float("-inf"))
+    masked = logits if present is None else logits.masked_fill(~present, float("-inf"))
     top_logits, indices = masked.topk(k, dim=-1)
     return Selection(indices=indices, weights=torch.softmax(top_logits, dim=-1))
 
@@ -109,15 +107,12 @@ class ExpertBank:
     spans: list[tuple[int, int] | None]  # per expert: its [start, end) rows, None where it does not adapt here
     expert_slot: torch.Tensor  # (E,) long: position of each expert among those present here (-1 if absent)
 
-    @property
-    def num_experts(self) -> int:
-        return len(self.spans)
-
-    @property
-    def uniform_rank(self) -> int | None:
-        """The rank shared by every expert present here, or None for mixed ranks."""
+    def __post_init__(self) -> None:
         ranks = {end - start for start, end in (span for span in self.spans if span is not None)}
-        return ranks.pop() if len(ranks) == 1 else None
+        self.num_experts = len(self.spans)
+        self.num_present = sum(span is not None for span in self.spans)
+        self.uniform_rank = ranks.pop() if len(ranks) == 1 else None  # None for mixed ranks
+        self._kernel_choice: dict[tuple[int, int], str] = {}
 
 
 def _output(x: torch.Tensor, bank: ExpertBank, out: torch.Tensor | None) -> torch.Tensor:
@@ -200,12 +195,14 @@ def choose_kernel(num_tokens: int, bank: ExpertBank, k: int) -> str:
     """Pick the cheaper kernel from a cost model fitted to CPU measurements (docs/benchmarks.md): the
     concatenated-rank GEMMs cost N * R * (d + o); grouping costs a few memory passes over the N * k routed
     token copies plus a fixed overhead, and only pays off once R is several times k * r."""
-    total_rank = bank.A.shape[0]
-    width = bank.A.shape[1] + bank.B.shape[0]
-    concat_cost = num_tokens * total_rank * width
-    calls = 12 if bank.uniform_rank is not None else 4 * min(len(bank.spans), num_tokens * k)
-    grouped_cost = 160 * num_tokens * k * width + calls * _GROUPED_CALL_OVERHEAD
-    return "concat" if concat_cost <= grouped_cost else "grouped"
+    choice = bank._kernel_choice.get((num_tokens, k))
+    if choice is None:
+        width = bank.A.shape[1] + bank.B.shape[0]
+        concat_cost = num_tokens * bank.A.shape[0] * width
+        calls = 12 if bank.uniform_rank is not None else 4 * min(bank.num_present, num_tokens * k)
+        grouped_cost = 160 * num_tokens * k * width + calls * _GROUPED_CALL_OVERHEAD
+        choice = bank._kernel_choice[(num_tokens, k)] = "concat" if concat_cost <= grouped_cost else "grouped"
+    return choice
 
 
 def apply_experts(

@@ -176,3 +176,16 @@ def test_gate_training_touches_only_the_trained_expert(llama_experts):
         layer.glider_B["default"][:, rows] = float("nan")
     gates = train_gates(model, "expert1", task_sequences(0, 8, seed=0), args=GateTrainingArguments(steps=3, batch_size=4), progress=False)
     assert len(gates) == 6 and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in gates.values())
+
+
+def test_datasets_dataset_input(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    expert = make_expert(tiny_llama, tmp_path / "e", seed=2)
+    rows = task_sequences(0, 8, seed=0)
+    args = GateTrainingArguments(steps=3, batch_size=4)
+    from_list = train_expert_gates(tiny_llama(), expert, rows, args=args, save=False)
+    from_dataset = train_expert_gates(tiny_llama(), expert, datasets.Dataset.from_list(rows), args=args, save=False)
+    for module, gate in from_list.items():
+        torch.testing.assert_close(from_dataset[module], gate, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"Dataset columns \['question'\]"):
+        train_expert_gates(tiny_llama(), expert, datasets.Dataset.from_dict({"question": ["a"]}), args=args, save=False)

@@ -77,3 +77,15 @@ def test_router_only_adapter_refetches_pinned_hub_experts(tmp_path, hub_cache):
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "glider")
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids()).logits, expected, atol=0, rtol=0)
+
+
+def test_gates_shipped_in_a_hub_repo_are_picked_up(tmp_path, hub_cache):
+    from peft_glider import save_gates
+
+    folder = Path(make_expert(tiny_llama, tmp_path / "gated", seed=5))
+    gates = {f"model.layers.{i}.self_attn.{m}": torch.randn(32) for i in range(2) for m in ("q_proj", "v_proj")}
+    save_gates(gates, folder)
+    lay_hub_repo(hub_cache, "team/gated", {COMMIT_MAIN: folder}, {"main": COMMIT_MAIN})
+    model = get_peft_model(tiny_llama(), GliderConfig(experts=["team/gated"], top_k=1))
+    for module, gate in gates.items():
+        torch.testing.assert_close(model.base_model.get_gates()["gated"][module], gate, atol=0, rtol=0)
