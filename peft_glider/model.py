@@ -127,6 +127,7 @@ class GliderModel(BaseTuner):
             for module_name, factors in expert.factors.items():
                 self._check_fits(expert.name, module_name, factors, modules)
                 per_module.setdefault(module_name, [None] * len(loaded))[index] = factors
+            expert.factors = {}  # the layers consume `per_module` one module at a time: no second full copy
         return per_module
 
     @staticmethod
@@ -165,7 +166,7 @@ class GliderModel(BaseTuner):
             raise ValueError("All Glider adapters of a model must share the same save_expert_weights setting.")
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        experts = self._pending_experts[adapter_name][current_key]
+        experts = self._pending_experts[adapter_name].pop(current_key)  # freed once concatenated into the layer
         state = self._routing_states[adapter_name]
         if isinstance(target, GliderLayer):
             target.update_layer(adapter_name, experts, state)
