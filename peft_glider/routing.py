@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 LN_EPS = 1e-5
 
@@ -43,8 +42,16 @@ def phatgoose_rows(gates: torch.Tensor) -> torch.Tensor:
 
 
 def standardized_dots(u: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """`LN(u) @ rows.T` with one fused layer-norm kernel: u (N, d), rows (E, d) -> (N, E)."""
-    return F.layer_norm(u, (u.shape[-1],), eps=LN_EPS) @ rows.T
+    """`LN(u) @ rows.T` for zero-mean rows (standardized gates): u (N, d), rows (E, d) -> (N, E).
+
+    The mean of `u` drops out against zero-mean rows, so only its scale is needed: `(u @ rows.T) / std(u)`, with
+    `var(u) = |u|^2 / d - mean(u)^2` from two reductions (no standardized copy of the tokens is made).
+    """
+    d = u.shape[-1]
+    mean = u.sum(dim=-1, keepdim=True) / d
+    mean_square = torch.linalg.vector_norm(u, dim=-1, keepdim=True).square() / d
+    inverse_std = torch.rsqrt((mean_square - mean.square()).clamp_min(0.0) + LN_EPS)
+    return (u @ rows.T) * inverse_std
 
 
 def arrow_scores(u: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
