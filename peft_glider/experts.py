@@ -9,11 +9,11 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from peft import PeftConfig
-from peft.utils import PeftType, load_peft_weights
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType, load_peft_weights
 from peft.utils.other import get_pattern_key
 
 GATES_FILE = "glider_gates.safetensors"
@@ -22,17 +22,42 @@ _PEFT_PREFIX = "base_model.model."
 _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
-@dataclass
 class LoraFactors:
-    """One expert's LoRA at one module: `delta(u) = scaling * B @ A @ u`."""
+    """One expert's LoRA at one module: `delta(u) = scaling * B @ A @ u`.
 
-    A: torch.Tensor  # (r, in_features)
-    B: torch.Tensor  # (out_features, r)
-    scaling: float
+    The factors are given as tensors, or as shapes plus a `loader` that reads them on first access: a Glider model
+    is built one module at a time, so only that module's factors need to be in memory at once.
+    """
+
+    def __init__(
+        self,
+        A: Optional[torch.Tensor] = None,  # (r, in_features)
+        B: Optional[torch.Tensor] = None,  # (out_features, r)
+        scaling: float = 1.0,
+        *,
+        shapes: Optional[tuple[tuple[int, int], tuple[int, int]]] = None,  # (A shape, B shape) when lazy
+        loader: Optional[Callable[[], tuple[torch.Tensor, torch.Tensor]]] = None,
+    ) -> None:
+        if (A is None) != (B is None) or (A is None) == (loader is None):
+            raise ValueError("LoraFactors takes A and B, or shapes and a loader.")
+        self._A, self._B, self._loader, self.scaling = A, B, loader, scaling
+        a_shape, b_shape = (tuple(A.shape), tuple(B.shape)) if A is not None else shapes
+        self.rank, self.in_features = a_shape
+        self.out_features = b_shape[0]
+
+    def _load(self) -> None:
+        if self._A is None:
+            self._A, self._B = self._loader()
 
     @property
-    def rank(self) -> int:
-        return self.A.shape[0]
+    def A(self) -> torch.Tensor:
+        self._load()
+        return self._A
+
+    @property
+    def B(self) -> torch.Tensor:
+        self._load()
+        return self._B
 
 
 @dataclass
@@ -72,13 +97,17 @@ def _resolve_folder(entry: dict[str, Any]) -> tuple[str, Optional[str]]:
     return folder, os.path.basename(os.path.normpath(snapshot))
 
 
-def tensor_sha256(factors: dict[str, LoraFactors]) -> str:
-    """Hash an expert's tensors (not its files: re-saving the same tensors changes file bytes)."""
+def tensor_sha256(factors: Mapping[str, LoraFactors]) -> str:
+    """Hash an expert's tensors (not its files: re-saving the same tensors changes file bytes).
+
+    Lazy factors are read one module at a time and not kept.
+    """
     digest = hashlib.sha256()
     for module in sorted(factors):
         f = factors[module]
+        A, B = (f._A, f._B) if f._loader is None else f._loader()
         digest.update(module.encode())
-        for tensor in (f.A, f.B):
+        for tensor in (A, B):
             digest.update(str(tuple(tensor.shape)).encode())
             digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
         digest.update(repr(float(f.scaling)).encode())
@@ -107,38 +136,56 @@ def _scaling(config: PeftConfig, module: str, rank: int) -> float:
     return lora_alpha / math.sqrt(rank) if config.use_rslora else lora_alpha / rank
 
 
-def _split_factors(name: str, config: PeftConfig, state: dict[str, torch.Tensor]) -> dict[str, LoraFactors]:
-    a_factors, b_factors = {}, {}
-    for key, tensor in state.items():
+def _module_keys(name: str, keys: list[str]) -> dict[str, tuple[str, str]]:
+    """Module name -> (key of its A factor, key of its B factor), from a PEFT LoRA checkpoint's keys."""
+    a_keys, b_keys = {}, {}
+    for key in keys:
         module = key.removeprefix(_PEFT_PREFIX)
         if module.endswith(_LORA_A):
-            a_factors[module.removesuffix(_LORA_A)] = tensor
+            a_keys[module.removesuffix(_LORA_A)] = key
         elif module.endswith(_LORA_B):
-            b_factors[module.removesuffix(_LORA_B)] = tensor
+            b_keys[module.removesuffix(_LORA_B)] = key
         else:
             raise ValueError(
                 f"Expert '{name}' has tensor {key!r}, which is not a LoRA A/B factor of a linear layer "
                 "(embedding, convolution and bias adapters are not supported)."
             )
-    if set(a_factors) != set(b_factors):
-        missing = sorted(set(a_factors) ^ set(b_factors))
+    if set(a_keys) != set(b_keys):
+        missing = sorted(set(a_keys) ^ set(b_keys))
         raise ValueError(f"Expert '{name}' lacks an A or B factor for module(s) {missing}.")
-    if not a_factors:
+    if not a_keys:
         raise ValueError(f"Expert '{name}' holds no LoRA weights.")
+    return {module: (a_keys[module], b_keys[module]) for module in a_keys}
+
+
+def _factors(
+    name: str,
+    config: PeftConfig,
+    keys: dict[str, tuple[str, str]],
+    shape: Callable[[str], tuple[int, ...]],
+    read: Callable[[str], torch.Tensor],
+) -> dict[str, LoraFactors]:
+    """Lazy factors per module, checked to chain, reading tensors through `read` when a layer needs them."""
     factors = {}
-    for module, A in a_factors.items():
-        B = b_factors[module]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+    for module, (a_key, b_key) in keys.items():
+        a_shape, b_shape = tuple(shape(a_key)), tuple(shape(b_key))
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
             raise ValueError(
-                f"Expert '{name}', module '{module}': LoRA factors of shapes A {tuple(A.shape)} and "
-                f"B {tuple(B.shape)} do not chain."
+                f"Expert '{name}', module '{module}': LoRA factors of shapes A {a_shape} and B {b_shape} do not chain."
             )
-        factors[module] = LoraFactors(A=A, B=B, scaling=_scaling(config, module, A.shape[0]))
+        factors[module] = LoraFactors(
+            scaling=_scaling(config, module, a_shape[0]),
+            shapes=(a_shape, b_shape),
+            loader=lambda a_key=a_key, b_key=b_key: (read(a_key), read(b_key)),
+        )
     return factors
 
 
 def load_expert(entry: dict[str, Any]) -> LoadedExpert:
-    """Load one normalized expert entry (see `GliderConfig`) through PEFT's own loaders."""
+    """Resolve one normalized expert entry (see `GliderConfig`) and describe its factors, read lazily.
+
+    Safetensors checkpoints are read tensor by tensor when a layer is built; others through PEFT's own loader.
+    """
     name = entry["name"]
     folder, commit = _resolve_folder(entry)
     try:
@@ -146,8 +193,21 @@ def load_expert(entry: dict[str, Any]) -> LoadedExpert:
     except Exception as err:  # noqa: BLE001 - re-raised with the expert named
         raise OSError(f"Expert '{name}': no readable PEFT adapter config in {folder!r}: {err}") from err
     _check_lora_config(name, config)
-    state = load_peft_weights(folder, device="cpu")
-    factors = _split_factors(name, config, state)
+    weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    if os.path.exists(weights):
+        from safetensors import safe_open
+
+        def read(key: str) -> torch.Tensor:
+            with safe_open(weights, framework="pt") as handle:
+                return handle.get_tensor(key)
+
+        with safe_open(weights, framework="pt") as handle:
+            keys = list(handle.keys())
+            shapes = {key: handle.get_slice(key).get_shape() for key in keys}
+        factors = _factors(name, config, _module_keys(name, keys), shapes.__getitem__, read)
+    else:
+        state = load_peft_weights(folder, device="cpu")
+        factors = _factors(name, config, _module_keys(name, list(state)), lambda k: state[k].shape, state.__getitem__)
     gates = load_gates(folder, name, factors)
     return LoadedExpert(name=name, factors=factors, commit=commit, sha256=tensor_sha256(factors), gates=gates)
 
@@ -178,10 +238,10 @@ def load_gates(folder: str, name: str, factors: dict[str, LoraFactors]) -> Optio
     for module, gate in gates.items():
         if module not in factors:
             raise ValueError(f"Expert '{name}': {GATES_FILE} has a gate for module '{module}', which it does not adapt.")
-        if gate.shape != (factors[module].A.shape[1],):
+        if gate.shape != (factors[module].in_features,):
             raise ValueError(
                 f"Expert '{name}': gate for '{module}' has shape {tuple(gate.shape)}, "
-                f"expected ({factors[module].A.shape[1]},)."
+                f"expected ({factors[module].in_features},)."
             )
     missing = sorted(set(factors) - set(gates))
     if missing:

@@ -135,8 +135,10 @@ class GliderModel(BaseTuner):
         factors = {}
         for module_name, (rank, scaling) in entry["layout"].items():
             in_features, out_features = _get_in_out_features(modules[module_name]) if module_name in modules else (0, 0)
-            factors[module_name] = LoraFactors(
-                A=torch.zeros(rank, in_features), B=torch.zeros(out_features, rank), scaling=scaling
+            factors[module_name] = LoraFactors(  # zeros, made when the layer is built; the checkpoint fills them
+                scaling=scaling,
+                shapes=((rank, in_features), (out_features, rank)),
+                loader=lambda r=rank, i=in_features, o=out_features: (torch.zeros(r, i), torch.zeros(o, r)),
             )
         return LoadedExpert(name=entry["name"], factors=factors, commit=entry.get("commit"), sha256=entry["sha256"])
 
@@ -151,10 +153,10 @@ class GliderModel(BaseTuner):
             raise ValueError(
                 f"Expert '{name}' adapts module '{module_name}', a {type(module).__name__}; Glider adapts nn.Linear."
             )
-        if factors.A.shape[1] != module.in_features or factors.B.shape[0] != module.out_features:
+        if factors.in_features != module.in_features or factors.out_features != module.out_features:
             raise ValueError(
-                f"Expert '{name}' does not fit module '{module_name}': its LoRA maps {factors.A.shape[1]} -> "
-                f"{factors.B.shape[0]} features, the module {module.in_features} -> {module.out_features}."
+                f"Expert '{name}' does not fit module '{module_name}': its LoRA maps {factors.in_features} -> "
+                f"{factors.out_features} features, the module {module.in_features} -> {module.out_features}."
             )
 
     def _prepare_adapter_config(self, peft_config: GliderConfig, model_config: dict) -> GliderConfig:
