@@ -235,3 +235,22 @@ def test_expert_metadata_is_pinned_in_config(llama_experts):
     assert entries[1]["layout"]["model.layers.0.self_attn.q_proj"][1] == pytest.approx(16 / 4)
     assert all(len(e["sha256"]) == 64 for e in entries)
     assert "model.layers.1.mlp.up_proj" in model.peft_config["default"].target_modules
+
+
+def test_pickle_checkpoint_experts_load_like_safetensors_ones(tmp_path):
+    """Experts saved as adapter_model.bin go through PEFT's loader; safetensors ones are read lazily: same model."""
+    from peft import LoraConfig
+
+    torch.manual_seed(9)
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "st")
+    lora.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "adapter_model.bin").exists()
+    ids = input_ids()
+    outputs, hashes = [], []
+    for folder in ("st", "bin"):
+        model = get_peft_model(tiny_llama(), GliderConfig(experts=[str(tmp_path / folder)], top_k=1))
+        outputs.append(forward_logits(model, ids))
+        hashes.append(model.peft_config["default"].experts[0]["sha256"])
+    torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
+    assert hashes[0] == hashes[1]
