@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_chat_model
 from fake_openai import FakeOpenAI
 
 from peft_glider import LocalModelWriter, OpenAIWriter, SamplesWriter
@@ -97,23 +98,6 @@ def test_missing_api_key(monkeypatch):
 def test_samples_writer_embeds_the_samples_themselves():
     text = SamplesWriter().write(SAMPLES)
     assert "Input: 7 * 3\nOutput: 21" in text and SamplesWriter().write(["only a query"]).endswith("only a query")
-
-
-def tiny_chat_model():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(60)]
-    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant {% endif %}"
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(config), tokenizer
 
 
 def test_local_model_writer_on_a_tiny_chat_model():

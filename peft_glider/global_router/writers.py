@@ -190,7 +190,7 @@ class LocalModelWriter(InstructionWriter):
         if model is None:
             if model_name_or_path is None:
                 model_name_or_path, gguf_file = default_local_model()
-            model, tokenizer = _load_chat_model(model_name_or_path, gguf_file, cache_dir)
+            model, tokenizer = load_chat_model(model_name_or_path, gguf_file, cache_dir)
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise InstructionWriterError("The local instruction writer needs a tokenizer with a chat template.")
         self.model, self.tokenizer, self.max_new_tokens = model.eval(), tokenizer, max_new_tokens
@@ -216,7 +216,9 @@ class LocalModelWriter(InstructionWriter):
         return _clean(text, f"The local model {self.name}")
 
 
-def _load_chat_model(path: str, gguf_file: Optional[str], cache_dir: Optional[str]) -> tuple[Any, Any]:
+def load_chat_model(path: str, gguf_file: Optional[str] = None, cache_dir: Optional[str] = None) -> tuple[Any, Any]:
+    """A local chat model and its tokenizer; a GGUF model is dequantized once and saved as a plain model under
+    `cache_dir/models/<gguf name>` (reloaded from there next time)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if gguf_file and cache_dir:

@@ -1,0 +1,84 @@
+"""CLI: `python -m benchmarks.evaluation [--quick] [--held-in ...] [--held-out ...] [--out DIR]`.
+
+Runs the whole pipeline (set-up, experts, gates, instructions, evaluation) with everything cached under
+`--cache-dir` (default `$GLIDER_EVAL_CACHE` or `~/.cache/peft_glider_eval`, outside the repository), and writes
+`results.md`, `results.json` and `results.svg` to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .assets import default_cache_dir
+from .library import ExpertSettings
+from .run import Pipeline, RunSettings
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.evaluation", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 held-in, 2 held-out tasks, fewer steps (~10 min)")
+    parser.add_argument("--held-in", nargs="+", help="BIG-bench task names and/or 'bbc' that get an expert")
+    parser.add_argument("--held-out", nargs="*", help="BIG-bench task names and/or 'bbc' without an expert")
+    parser.add_argument("--num-eval", type=int, help="evaluation examples per task")
+    parser.add_argument("--num-train", type=int, help="training examples per held-in task")
+    parser.add_argument("--steps", type=int, help="LoRA training steps per expert")
+    parser.add_argument("--gate-steps", type=int, help="gate training steps per expert")
+    parser.add_argument("--top-layers", type=int, help="experts adapt the top N layers (0: all)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--endpoint-url", help="an OpenAI-compatible endpoint as an extra instruction source")
+    parser.add_argument("--endpoint-model", help="the model the endpoint serves")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where data, models and experts are kept")
+    parser.add_argument("--out", type=Path, default=Path("evaluation-results"), help="report folder")
+    parser.add_argument("--setup-only", action="store_true", help="only fetch and extract the offline parts")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> RunSettings:
+    settings = RunSettings.quick() if args.quick else RunSettings()
+    overrides = {name: getattr(args, name) for name in
+                 ("held_in", "held_out", "num_eval", "num_train", "seed", "endpoint_url", "endpoint_model")
+                 if getattr(args, name) is not None}
+    expert_overrides = {name: getattr(args, name) for name in ("steps", "gate_steps") if getattr(args, name) is not None}
+    if args.top_layers is not None:
+        expert_overrides["top_layers"] = args.top_layers or None
+    experts: ExpertSettings = replace(settings.experts, **expert_overrides)
+    return replace(settings, **overrides, experts=experts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = settings_from(args)
+    cache = args.cache_dir or default_cache_dir()
+    start = time.perf_counter()
+    if args.setup_only:
+        from .assets import setup
+
+        setup(cache, settings.held_in + settings.held_out)
+        print(f"Set-up done in {cache}")
+        return 0
+    from .report import markdown, svg_plot
+
+    results = Pipeline(settings, cache).run()
+    results["timings"]["total_seconds"] = time.perf_counter() - start
+    results["command"] = "python -m benchmarks.evaluation " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = markdown(results)
+    for name, text in (("results.md", report), ("results.json", json.dumps(results, indent=1)),
+                       ("results.svg", svg_plot(results))):
+        partial = args.out / (name + ".partial")
+        partial.write_text(text)
+        os.replace(partial, args.out / name)
+    print(report)
+    print(f"Wrote {args.out}/results.md, results.json and results.svg in {results['timings']['total_seconds']:.0f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The expert library: one LoRA expert per held-in task, trained with PEFT, then its Phatgoose gates.
+
+Each expert lives in `<cache>/experts/<settings hash>/<task>/` (written atomically: a half-trained expert is
+never picked up); a rerun with the same settings and splits reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tqdm.auto import tqdm
+
+from peft_glider.experts import GATES_FILE
+from peft_glider.local_router import GateTrainingArguments, train_expert_gates
+from peft_glider.local_router.data import build_examples, collate
+
+from .tasks import TaskSplit
+
+
+@dataclass(frozen=True)
+class ExpertSettings:
+    """How each expert and its gates are trained (printed with the results)."""
+
+    rank: int = 8
+    lora_alpha: int = 16
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj", "up_proj", "down_proj")
+    top_layers: Optional[int] = 10  # adapt only the top N decoder layers (None: all)
+    steps: int = 60
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    max_length: int = 192
+    gate_steps: int = 40
+    gate_batch_size: int = 8
+    seed: int = 0
+
+    def signature(self, extra: Any) -> str:
+        """A short hash of these settings and `extra` (the training data): the library's folder name."""
+        return hashlib.sha256(json.dumps([asdict(self), extra], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _train_lora(base_model: Any, tokenizer: Any, split: TaskSplit, settings: ExpertSettings, folder: Path) -> float:
+    """Train and save one LoRA expert on the split's training pairs; returns the seconds it took."""
+    start = time.perf_counter()
+    layers = base_model.config.num_hidden_layers
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=list(settings.target_modules),
+        layers_to_transform=list(range(layers - settings.top_layers, layers)) if settings.top_layers else None,
+    )
+    torch.manual_seed(settings.seed)
+    model = get_peft_model(base_model, config)
+    examples = build_examples([e.pair() for e in split.train], tokenizer, False, settings.max_length)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate)
+    generator = torch.Generator().manual_seed(settings.seed)
+    model.train()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for _ in tqdm(range(settings.steps), desc=f"Training the {split.name} expert", mininterval=5):
+        indices = torch.randint(len(examples), (settings.batch_size,), generator=generator).tolist()
+        batch = collate([examples[i] for i in indices], pad, is_encoder_decoder=False)
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    os.replace(partial, folder)
+    return time.perf_counter() - start
+
+
+def build_library(
+    load_base: Callable[[], Any],
+    tokenizer: Any,
+    splits: dict[str, TaskSplit],
+    held_in: list[str],
+    settings: ExpertSettings,
+    root: Path,
+) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """Train (or reuse) the expert and gates of every held-in task: `({task: folder}, {task: timings})`."""
+    folders, timings = {}, {}
+    for task in held_in:
+        folder = root / task
+        timing = json.loads((folder / "timings.json").read_text()) if (folder / "timings.json").exists() else {}
+        if not (folder / "adapter_model.safetensors").exists():
+            timing = {"lora_seconds": _train_lora(load_base(), tokenizer, splits[task], settings, folder)}
+        if not (folder / GATES_FILE).exists():
+            start = time.perf_counter()
+            args = GateTrainingArguments(
+                steps=settings.gate_steps, batch_size=settings.gate_batch_size,
+                max_length=settings.max_length, seed=settings.seed,
+            )
+            train_expert_gates(load_base(), str(folder), [e.pair() for e in splits[task].train], tokenizer, args)
+            timing["gate_seconds"] = time.perf_counter() - start
+        (folder / "timings.json").write_text(json.dumps(timing))
+        folders[task], timings[task] = str(folder), timing
+    return folders, timings

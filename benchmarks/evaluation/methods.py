@@ -1,0 +1,67 @@
+"""The compared methods: how each one's model is built over the same base model and expert library."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+from peft import ArrowConfig, PeftModel, create_arrow_model, get_peft_model
+
+from peft_glider import GliderConfig
+from peft_glider.local_router import untrained_experts
+
+TOP_K = 2
+ORACLE = "Oracle expert"
+
+
+@dataclass(frozen=True)
+class GliderRow:
+    """One GLIDER-family row of the table: the global-router source and alpha (0: Phatgoose, local only)."""
+
+    name: str
+    source: Optional[str]  # "llm", "samples", "endpoint"; None for Phatgoose
+    alpha: Union[float, str]  # a number or "auto"
+
+
+PHATGOOSE = GliderRow("Phatgoose (α=0)", None, 0.0)
+GLIDER_HELD_IN = GliderRow("GLIDER α=100 · LLM", "llm", 100.0)  # the paper's alpha for held-in tasks
+GLIDER_HELD_OUT = GliderRow("GLIDER α=3 · LLM", "llm", 3.0)  # ... and for held-out tasks
+GLIDER_AUTO = GliderRow("GLIDER α=auto · LLM", "llm", "auto")
+
+
+def glider_rows(sources: list[str]) -> list[GliderRow]:
+    """Phatgoose; GLIDER with the LLM's instructions at alpha 100, 3 and auto; every other source at auto."""
+    rows = [PHATGOOSE] + ([GLIDER_HELD_IN, GLIDER_HELD_OUT, GLIDER_AUTO] if "llm" in sources else [])
+    return rows + [GliderRow(f"GLIDER α=auto · {source}", source, "auto") for source in sources if source != "llm"]
+
+
+def oracle_model(load_base: Callable[[], Any], folder: str) -> Any:
+    """The task's own expert, as a plain PEFT LoRA model."""
+    return PeftModel.from_pretrained(load_base(), folder).eval()
+
+
+def merged_model(load_base: Callable[[], Any], folders: dict[str, str]) -> Any:
+    """All experts merged uniformly: delta W = (1/E) sum_e s_e B_e A_e, exact (PEFT's "cat" combination)."""
+    names = list(folders)
+    model = PeftModel.from_pretrained(load_base(), folders[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(folders[name], adapter_name=name)
+    model.add_weighted_adapter(names, [1.0 / len(names)] * len(names), "uniform_merge", combination_type="cat")
+    model.set_adapter("uniform_merge")
+    for name in names:
+        model.delete_adapter(name)
+    return model.eval()
+
+
+def arrow_model(load_base: Callable[[], Any], folders: dict[str, str]) -> Any:
+    """PEFT's Arrow over the same experts and the same top-k."""
+    return create_arrow_model(load_base(), list(folders.values()), ArrowConfig(top_k=TOP_K, rng_seed=0)).eval()
+
+
+def glider_model(load_base: Callable[[], Any], folders: dict[str, str]) -> Any:
+    """Our tuner over the experts (their trained gates ship in their folders); alpha is set per pass."""
+    model = get_peft_model(load_base(), GliderConfig(experts=list(folders.values()), top_k=TOP_K, alpha="auto"))
+    ungated = untrained_experts(model)
+    if ungated:
+        raise RuntimeError(f"Expert(s) {ungated} carry no trained gates: rebuild the library.")
+    return model.eval()

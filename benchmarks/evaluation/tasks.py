@@ -1,0 +1,116 @@
+"""Tasks as multiple-choice examples, and their disjoint splits (evaluation / training / instruction samples)."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .assets import bbc_dir, bigbench_dir
+
+BBC_WORDS = 40  # words of each article shown to the model (title and lead)
+
+
+@dataclass(frozen=True)
+class Example:
+    """A multiple-choice example: the option(s) with the top score in `correct` are right."""
+
+    input: str
+    options: tuple[str, ...]
+    correct: frozenset[int]
+
+    @property
+    def prompt(self) -> str:
+        return self.input + "\nAnswer:"
+
+    @property
+    def target(self) -> str:
+        """The best option, as the expert learns to write it after the prompt."""
+        return " " + self.options[min(self.correct)]
+
+    def pair(self) -> tuple[str, str]:
+        return self.prompt, self.target
+
+
+@dataclass(frozen=True)
+class TaskSplit:
+    """Disjoint parts of one task: evaluation examples never feed training, gates or instructions."""
+
+    name: str
+    eval: list[Example]
+    train: list[Example]  # the expert's LoRA and gate training data (held-in tasks)
+    expert_samples: list[Example]  # shown to the instruction writer for the expert (and its alpha calibration)
+    query_samples: list[Example]  # shown to the instruction writer for the task as a query
+
+
+def _bigbench_examples(task_file: Path) -> list[Example]:
+    spec = json.loads(task_file.read_text())
+    append_choices = spec.get("append_choices_to_input", True)
+    examples = []
+    for row in spec.get("examples", []):
+        scores = row.get("target_scores")
+        if not scores or not isinstance(row.get("input"), str):
+            continue
+        options = tuple(str(option) for option in scores)
+        best = max(scores.values())
+        if best <= 0 or len(options) < 2:
+            continue
+        text = row["input"].strip()
+        if append_choices:
+            text += "".join(f"\n  choice: {option}" for option in options)
+        correct = frozenset(i for i, score in enumerate(scores.values()) if score == best)
+        examples.append(Example(text, options, correct))
+    return examples
+
+
+def load_bigbench(cache: Path, task: str) -> list[Example]:
+    """The multiple-choice examples of a BIG-bench task (its subtasks' too, for tasks split into subtasks)."""
+    folder = bigbench_dir(cache) / task
+    if not (folder / "task.json").exists():
+        raise FileNotFoundError(f"BIG-bench task {task!r} is not extracted in {folder.parent}: run the set-up.")
+    examples = _bigbench_examples(folder / "task.json")
+    for subtask in sorted(folder.glob("*/task.json")):
+        examples += _bigbench_examples(subtask)
+    if not examples:
+        raise ValueError(f"BIG-bench task {task!r} has no multiple-choice examples (target_scores).")
+    return examples
+
+
+def load_bbc(cache: Path) -> list[Example]:
+    """BBC News topic classification: the article's first words, five topics."""
+    folder = bbc_dir(cache)
+    labels = tuple(sorted(path.name for path in folder.iterdir() if path.is_dir()))
+    question = f"\nWhich topic is this news article about: {', '.join(labels[:-1])} or {labels[-1]}?"
+    examples = []
+    for index, label in enumerate(labels):
+        for article in sorted((folder / label).glob("*")):
+            words = article.read_text(encoding="utf-8", errors="replace").split()
+            examples.append(Example(" ".join(words[:BBC_WORDS]) + question, labels, frozenset([index])))
+    return examples
+
+
+def load_task(cache: Path, task: str) -> list[Example]:
+    return load_bbc(cache) if task == "bbc" else load_bigbench(cache, task)
+
+
+def split_task(
+    examples: list[Example], name: str, num_eval: int, num_train: int, seed: int, num_samples: int = 3
+) -> TaskSplit:
+    """Seeded, disjoint split. Inputs that repeat are kept once, so no evaluation question is ever seen in
+    training, gates or instructions, and the query samples differ from the training ones."""
+    first: dict[str, Example] = {}
+    for example in examples:
+        first.setdefault(example.input, example)
+    unique = list(first.values())
+    order = list(unique)
+    random.Random(f"{seed}:{name}").shuffle(order)
+    evaluation, rest = order[:num_eval], order[num_eval:]
+    if len(evaluation) < num_eval or len(rest) < 3 * num_samples:
+        raise ValueError(
+            f"Task {name!r} has {len(unique)} distinct multiple-choice examples: too few for {num_eval} evaluation "
+            f"examples plus {3 * num_samples} others (lower --num-eval)."
+        )
+    query_samples = rest[-num_samples:]
+    train = rest[:-num_samples][:num_train]
+    return TaskSplit(name, evaluation, train, train[: 2 * num_samples], query_samples)

