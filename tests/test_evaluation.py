@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_expert, tiny_chat_model, tiny_llama
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from benchmarks.evaluation import __main__ as cli
 from benchmarks.evaluation import assets, library, methods, report, run, scoring
@@ -289,3 +289,25 @@ def test_quick_run_on_the_real_parts_within_ten_minutes(tmp_path: Path):
     oracle = run.averages(results, methods.ORACLE)[0]
     base = run.averages(results, "Base (zero-shot)")[0]
     assert oracle > base  # the experts learned their tasks
+
+
+def test_arrow_baseline_is_peft_create_arrow_model_and_also_takes_top_layer_experts(tmp_path: Path):
+    from peft import ArrowConfig, create_arrow_model
+
+    folders = {f"e{i}": make_expert(tiny_llama, tmp_path / f"e{i}", seed=i, dominant=4.0) for i in range(3)}
+    ids = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = methods.arrow_model(tiny_llama, folders)(input_ids=ids).logits
+        reference = create_arrow_model(tiny_llama(), list(folders.values()), ArrowConfig(top_k=2, rng_seed=0))
+        torch.testing.assert_close(ours, reference.eval()(input_ids=ids).logits)
+    top = {}
+    for i in range(3):  # experts on the top layer only: create_arrow_model fails, ours routes that layer alone
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                        layers_to_transform=[1], init_lora_weights=False))
+        model.save_pretrained(tmp_path / f"top{i}")
+        top[f"top{i}"] = str(tmp_path / f"top{i}")
+    model = methods.arrow_model(tiny_llama, top)
+    routed = [name for name, module in model.named_modules() if "arrow_router" in getattr(module, "lora_A", {})]
+    assert routed and all(".layers.1." in name for name in routed)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from peft import ArrowConfig, PeftModel, create_arrow_model, get_peft_model
+from peft import ArrowConfig, LoraConfig, PeftModel, get_peft_model
 
 from peft_glider import GliderConfig
 from peft_glider.local_router import untrained_experts
@@ -54,8 +54,29 @@ def merged_model(load_base: Callable[[], Any], folders: dict[str, str]) -> Any:
 
 
 def arrow_model(load_base: Callable[[], Any], folders: dict[str, str]) -> Any:
-    """PEFT's Arrow over the same experts and the same top-k."""
-    return create_arrow_model(load_base(), list(folders.values()), ArrowConfig(top_k=TOP_K, rng_seed=0)).eval()
+    """PEFT's Arrow over the same experts and the same top-k.
+
+    Built as `peft.create_arrow_model` builds it, plus the experts' `layers_to_transform` on the router adapter:
+    peft 0.21.2's `create_arrow_model` puts the router on every layer, and a layer no expert adapts then fails
+    (`torch.stack` of no prototypes) when experts adapt only some layers, as ours do.
+    """
+    names = [f"task_{i}" for i in range(len(folders))]
+    paths = list(folders.values())
+    model = PeftModel.from_pretrained(load_base(), paths[0], adapter_name=names[0])
+    for name, path in zip(names[1:], paths[1:]):
+        model.load_adapter(path, adapter_name=name)
+    configs = [model.peft_config[name] for name in names]
+    layers = {tuple(config.layers_to_transform or ()) for config in configs}
+    if len(layers) != 1:
+        raise ValueError(f"Arrow needs experts that adapt the same layers; these adapt {sorted(layers)}.")
+    arrow = ArrowConfig(top_k=TOP_K, rng_seed=0)
+    arrow.task_adapter_names, arrow.gks_adapter_names = names, []
+    modules = sorted(set().union(*(config.target_modules for config in configs)))
+    router = LoraConfig(arrow_config=arrow, target_modules=modules, r=configs[0].r,
+                        layers_to_transform=configs[0].layers_to_transform)
+    model.add_adapter(adapter_name="arrow_router", peft_config=router)
+    model.set_adapter("arrow_router")
+    return model.eval()
 
 
 def glider_model(load_base: Callable[[], Any], folders: dict[str, str]) -> Any:
