@@ -200,7 +200,7 @@ def test_markdown_and_svg_show_every_method():
 def test_cli_settings_and_bad_task_lists():
     args = cli.parse_args(["--quick", "--held-in", "a", "b", "--held-out", "--steps", "7", "--top-layers", "0"])
     settings = cli.settings_from(args)
-    assert settings.held_in == ["a", "b"] and settings.held_out == [] and settings.num_eval == 24
+    assert settings.held_in == ["a", "b"] and settings.held_out == [] and settings.num_eval == 20
     assert settings.experts.steps == 7 and settings.experts.top_layers is None and settings.experts.gate_steps == 15
     full = cli.settings_from(cli.parse_args([]))
     assert len(full.held_in) >= 8 and len(full.held_out) == 5 and full.experts.top_layers == 10

@@ -169,3 +169,29 @@ def test_route_without_router_or_prompts(library):
     with pytest.raises(ValueError, match="No global router"):
         with library.base_model.route(["x"]):
             pass
+
+
+UNSEEN_TASKS = [
+    [("Name the largest planet in the solar system.", "Jupiter"), ("Which gas do plants absorb?", "carbon dioxide"),
+     ("What is the capital of Japan?", "Tokyo")],
+    [("Write a haiku about autumn leaves.", "Red leaves drift down..."), ("Write a limerick about a cat.", "There once..."),
+     ("Write a two-line poem about rain.", "Soft rain...")],
+]
+
+
+def test_auto_alpha_calibrated_for_per_task_routing(library, embedder):
+    library.peft_config["default"].alpha = "auto"
+    router = GlobalRouter(SamplesWriter(), embedder, cache_dir=None)
+    router.describe_experts(library, TASKS, calibrate_for="task")
+    per_task = library.peft_config["default"].auto_alpha_threshold
+    router.describe_experts(library, TASKS)
+    assert per_task != library.peft_config["default"].auto_alpha_threshold  # the probes differ by routing mode
+    router.describe_experts(library, TASKS, calibrate_for="task")
+    glider = library.base_model
+    for samples, expected in [(TASKS["arithmetic"][3:], 100.0), (TASKS["sentiment"][3:], 100.0),
+                              (UNSEEN_TASKS[0], 3.0), (UNSEEN_TASKS[1], 3.0)]:
+        with glider.route(task_samples=samples) as info:
+            pass
+        assert info.alpha.tolist() == [expected], (samples[0], info.scores, per_task)
+    with pytest.raises(ValueError, match="calibrate_for must be 'query' or 'task'"):
+        router.describe_experts(library, TASKS, calibrate_for="batch")

@@ -22,6 +22,10 @@ def _table(results: dict, tasks: list[str], half: int) -> list[str]:
     return lines
 
 
+def _training_seconds(timings: dict) -> float:
+    return sum(sum(parts.values()) for parts in timings.get("experts", {}).values())
+
+
 def targets(results: dict) -> list[tuple[str, Optional[bool], str]]:
     """The issue's targets on the averages: (target, met or None when not measurable, measured values)."""
     accuracy = results["accuracy"]
@@ -81,8 +85,9 @@ def markdown(results: dict) -> str:
               f"{experts['gate_steps']} steps of batch {experts['gate_batch_size']} (lr 5e-3).",
               f"- Examples per task: {settings['num_eval']} evaluated; up to {settings['num_train']} for training; "
               "3 (expert) + 3 (query) for instructions, never evaluated.",
-              f"- Time: set-up {timings['setup_seconds']:.0f} s, library {timings['library_seconds']:.0f} s, "
-              f"evaluation {timings['evaluation_seconds']:.0f} s.",
+              f"- Time in this run: set-up {timings['setup_seconds']:.0f} s, library {timings['library_seconds']:.0f} s "
+              f"(training the experts took {_training_seconds(timings):.0f} s, cached or not), evaluation "
+              f"{timings['evaluation_seconds']:.0f} s.",
               "- Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + "."]
     return "\n".join(lines) + "\n"
 

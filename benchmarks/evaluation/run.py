@@ -32,7 +32,7 @@ DEFAULT_HELD_IN = [
     "winowhy", "logical_fallacy_detection", "date_understanding", "bbc",
 ]
 DEFAULT_HELD_OUT = ["implicatures", "metaphor_boolean", "snarks", "disambiguation_qa", "entailed_polarity"]
-QUICK_HELD_IN = ["intent_recognition", "sports_understanding", "bbc"]
+QUICK_HELD_IN = ["intent_recognition", "sports_understanding", "navigate"]
 QUICK_HELD_OUT = ["implicatures", "metaphor_boolean"]
 
 
@@ -53,7 +53,7 @@ class RunSettings:
     def quick(cls, **overrides: Any) -> "RunSettings":
         """3 held-in and 2 held-out tasks, fewer steps and examples: about 10 minutes on 2 CPU cores."""
         experts = ExpertSettings(steps=30, gate_steps=15, top_layers=6)
-        settings = dict(held_in=list(QUICK_HELD_IN), held_out=list(QUICK_HELD_OUT), num_eval=24, num_train=200)
+        settings = dict(held_in=list(QUICK_HELD_IN), held_out=list(QUICK_HELD_OUT), num_eval=20, num_train=200)
         return cls(**{**settings, "experts": experts, **overrides})
 
     def check(self) -> None:
@@ -210,7 +210,7 @@ class Pipeline:
             accuracy[rows[0].name][task], alphas[rows[0].name][task] = entry["accuracy"], 0.0
             shares.setdefault("phatgoose", {})[task] = entry["first_choice_share"]
         for source, router in routers.items():
-            router.describe_experts(model, expert_samples)
+            router.describe_experts(model, expert_samples, calibrate_for="task")  # tasks are routed per task
             threshold = glider.peft_config["default"].auto_alpha_threshold
             routing[source] = {"auto_alpha_threshold": threshold, "tasks": {}}
             for task in self.tasks:

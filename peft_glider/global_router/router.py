@@ -116,12 +116,15 @@ class GlobalRouter:
         expert_samples: Mapping[str, Sequence[Sample]],
         adapter_name: Optional[str] = None,
         calibrate: bool = True,
+        calibrate_for: str = "query",
     ) -> dict[str, str]:
         """Write and embed every expert's instruction from a few of its samples; store both with the adapter.
 
         The texts go into the config's expert entries (`"instruction"`, human-readable in adapter_config.json),
         the vectors into the adapter's instruction embeddings, the embedder's id into the config. With
-        `calibrate`, the `alpha="auto"` threshold is set from the experts' own samples (see `calibrate_auto_alpha`).
+        `calibrate`, the `alpha="auto"` threshold is set from the experts' own samples (see `calibrate_auto_alpha`),
+        for the way queries will be routed: `calibrate_for="query"` (one instruction per prompt) or `"task"` (one
+        per task, from a few of its samples).
         The router is attached to the model, so `glider.route(...)` uses it. Returns `{expert: instruction}`.
         """
         glider = getattr(model, "base_model", model)
@@ -141,25 +144,35 @@ class GlobalRouter:
             entry["instruction"] = text
         config.embedder = self.embedder.name
         if calibrate:
-            config.auto_alpha_threshold = self.calibrate_auto_alpha(expert_samples, names, embeddings)
+            config.auto_alpha_threshold = self.calibrate_auto_alpha(expert_samples, names, embeddings, calibrate_for)
         self.attach(glider, adapter)
         return dict(zip(names, texts))
 
     def calibrate_auto_alpha(
-        self, expert_samples: Mapping[str, Sequence[Sample]], names: Sequence[str], embeddings: torch.Tensor
+        self,
+        expert_samples: Mapping[str, Sequence[Sample]],
+        names: Sequence[str],
+        embeddings: torch.Tensor,
+        calibrate_for: str = "query",
     ) -> float:
-        """The `alpha="auto"` threshold: midway between how similar a single query of an expert's own task is to
-        that expert (median over its samples' inputs) and to the other experts (median).
+        """The `alpha="auto"` threshold: midway between how similar a query of an expert's own task is to that
+        expert (median) and to the other experts (median).
 
-        Each expert's first few sample inputs are written as per-query instructions, exactly as queries are.
-        A query of an unseen task resembles no expert as much as its own task's queries resemble theirs.
+        Each expert's next few samples (after those its instruction was written from) are written as queries
+        exactly as they will be routed: each input alone (`calibrate_for="query"`), or all of them as one task
+        (`"task"`). A query of an unseen task resembles no expert as much as its own task's queries resemble theirs.
         """
+        if calibrate_for not in ("query", "task"):
+            raise ValueError(f"calibrate_for must be 'query' or 'task', got {calibrate_for!r}.")
         info = RouteInfo(instructions=[], scores=torch.empty(0))
         matched, unmatched = [], []
         for index, name in enumerate(names):
             samples = list(expert_samples[name])
             probes = samples[self.samples_per_instruction :][: self.samples_per_instruction] or samples
-            queries = [[sample if isinstance(sample, str) else sample[0]] for sample in probes]
+            if calibrate_for == "task":
+                queries = [probes]
+            else:
+                queries = [[sample if isinstance(sample, str) else sample[0]] for sample in probes]
             vectors = self.embed(self.write_instructions(queries, info), info)
             cosines = F.cosine_similarity(vectors[:, None], embeddings[None], dim=-1)  # (probes, E)
             matched += cosines[:, index].tolist()
