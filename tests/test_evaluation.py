@@ -311,3 +311,16 @@ def test_arrow_baseline_is_peft_create_arrow_model_and_also_takes_top_layer_expe
     assert routed and all(".layers.1." in name for name in routed)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_bbc_articles_become_five_way_topic_questions(tmp_path: Path):
+    from benchmarks.evaluation.tasks import BBC_WORDS, load_task
+
+    for label, text in [("sport", "Arsenal win " * 50), ("tech", "New phone launched today")]:
+        folder = assets.bbc_dir(tmp_path) / label
+        folder.mkdir(parents=True)
+        (folder / "001.txt").write_text(text)
+    examples = load_task(tmp_path, "bbc")
+    assert [e.options for e in examples] == [("sport", "tech")] * 2 and [e.correct for e in examples] == [{0}, {1}]
+    assert examples[0].input.split("\n")[0] == " ".join(("Arsenal win " * 50).split()[:BBC_WORDS])
+    assert examples[1].input.endswith("Which topic is this news article about: sport or tech?")

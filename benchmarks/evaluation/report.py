@@ -73,6 +73,8 @@ def markdown(results: dict) -> str:
               "Held-in tasks: the share routed to the task's own expert.", "",
               "| Pass | " + " | ".join(results["held_in"]) + " |", "|---" * (len(results["held_in"]) + 1) + "|"]
     for key, per_task in results["first_choice_share"].items():
+        if not any(t in per_task for t in results["held_in"]):
+            continue  # a pass that only held-out tasks resolved to
         cells = [_pct(per_task[t].get(t)) if t in per_task else "–" for t in results["held_in"]]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     experts = settings["experts"]

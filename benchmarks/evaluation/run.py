@@ -162,7 +162,8 @@ class Pipeline:
         start = time.perf_counter()
         accuracy: dict[str, dict[str, float]] = {}
 
-        accuracy["Base (zero-shot)"] = {t: self.score("base", self.load_base(), t)["accuracy"] for t in self.tasks}
+        base = self.load_base()
+        accuracy["Base (zero-shot)"] = {t: self.score("base", base, t)["accuracy"] for t in self.tasks}
         accuracy[methods.ORACLE] = {
             t: self.score("oracle", methods.oracle_model(self.load_base, folders[t]), t)["accuracy"] for t in held_in
         }
