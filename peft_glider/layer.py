@@ -43,7 +43,6 @@ class GliderLayer(BaseTunerLayer):
         "glider_present",
         "glider_slot",
         "glider_spans",
-        "glider_all_present",
         "glider_k",
         "glider_routing",
         "_router_cache",
@@ -67,7 +66,6 @@ class GliderLayer(BaseTunerLayer):
         self.glider_present = BufferDict({}, persistent=False)  # (E,) experts adapting this module
         self.glider_slot = BufferDict({}, persistent=False)  # (E,) position among present experts, -1 if absent
         self.glider_spans: dict[str, list[tuple[int, int] | None]] = {}
-        self.glider_all_present: dict[str, bool] = {}  # every expert adapts this module: no masking needed
         self.glider_k: dict[str, int] = {}  # top_k capped by the number of present experts
         self.glider_routing: dict[str, RoutingState] = {}
         self._router_cache: dict[str, tuple] = {}  # adapter -> (gates version key, router rows)
@@ -105,7 +103,6 @@ class GliderLayer(BaseTunerLayer):
         self.glider_slot[adapter_name] = torch.where(present, present.long().cumsum(0) - 1, -1)
         self.glider_spans[adapter_name] = spans
         self._bank_cache.pop(adapter_name, None)
-        self.glider_all_present[adapter_name] = all(span is not None for span in spans)
         self.glider_k[adapter_name] = min(routing_state.top_k, sum(span is not None for span in spans))
         self.glider_routing[adapter_name] = routing_state
         gates = torch.zeros(len(experts), self.in_features)
@@ -206,8 +203,8 @@ class GliderLinear(nn.Module, GliderLayer):
         if key is not None and cached is not None and cached[0] == key:
             return cached[1]
         with torch.no_grad():
-            if state.local_router == "arrow":  # |u . v| / T = |u . (v / T)|
-                rows = gates / state.arrow_temperature
+            if state.local_router == "arrow":
+                rows = routing.arrow_rows(gates, state.arrow_temperature)
             else:
                 rows = routing.phatgoose_rows(gates)
             rows = rows.detach().clone()
@@ -227,11 +224,12 @@ class GliderLinear(nn.Module, GliderLayer):
         tokens_per_row = u.shape[0] // rows
         router_rows = self.router_rows(adapter_name)
         if state.local_router == "arrow":
-            local = (u.to(router_rows.dtype) @ router_rows.T).abs()  # (N, E)
+            local = routing.arrow_dots(u.to(router_rows.dtype), router_rows)  # (N, E)
         else:
             local = routing.standardized_dots(u.to(router_rows.dtype), router_rows)  # (N, E)
         logits = routing.combine_logits(local, state.global_bias(rows, local.device), tokens_per_row)
-        present = None if self.glider_all_present[adapter_name] else self.glider_present[adapter_name]
+        all_present = bank.num_present == bank.num_experts  # no masking needed
+        present = None if all_present else self.glider_present[adapter_name]
         selection = routing.select_top_k(logits, present, self.glider_k[adapter_name])
         if state.trace is not None:
             state.trace.record(self.module_name, selection.indices.view(rows, tokens_per_row, -1))

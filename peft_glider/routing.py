@@ -54,9 +54,14 @@ def standardized_dots(u: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (u @ rows.T) * inverse_std
 
 
-def arrow_scores(u: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Arrow scores `|u . v_e| / T`: u (N, d), prototypes (E, d) unit vectors -> (N, E)."""
-    return (u @ prototypes.T).abs() / temperature
+def arrow_rows(prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`v_e / T`, (E, d), from unit prototypes v_e: what tokens are multiplied with (once per prototype update)."""
+    return prototypes / temperature
+
+
+def arrow_dots(u: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Arrow scores `|u . v_e| / T = |u . (v_e / T)|` from `arrow_rows`: u (N, d), rows (E, d) -> (N, E)."""
+    return (u @ rows.T).abs()
 
 
 def top_right_singular_vector(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
