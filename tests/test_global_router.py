@@ -193,5 +193,10 @@ def test_auto_alpha_calibrated_for_per_task_routing(library, embedder):
         with glider.route(task_samples=samples) as info:
             pass
         assert info.alpha.tolist() == [expected], (samples[0], info.scores, per_task)
+    before = (glider.get_instruction_embeddings().clone(), library.peft_config["default"].auto_alpha_threshold)
     with pytest.raises(ValueError, match="calibrate_for must be 'query' or 'task'"):
-        router.describe_experts(library, TASKS, calibrate_for="batch")
+        GlobalRouter(SamplesWriter(), embedder, cache_dir=None, samples_per_instruction=2).describe_experts(
+            library, TASKS, calibrate_for="batch"
+        )
+    assert torch.equal(glider.get_instruction_embeddings(), before[0])  # nothing was written before the refusal
+    assert library.peft_config["default"].auto_alpha_threshold == before[1]

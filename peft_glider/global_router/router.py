@@ -49,6 +49,11 @@ def default_writer() -> InstructionWriter:
     return LocalModelWriter(cache_dir=str(default_cache_dir()))
 
 
+def _check_calibrate_for(calibrate_for: str) -> None:
+    if calibrate_for not in ("query", "task"):
+        raise ValueError(f"calibrate_for must be 'query' or 'task', got {calibrate_for!r}.")
+
+
 def _as_json(samples: Sequence[Sample]) -> list:
     return [sample if isinstance(sample, str) else list(sample) for sample in samples]
 
@@ -127,6 +132,8 @@ class GlobalRouter:
         per task, from a few of its samples).
         The router is attached to the model, so `glider.route(...)` uses it. Returns `{expert: instruction}`.
         """
+        if calibrate:
+            _check_calibrate_for(calibrate_for)  # before anything is written or stored
         glider = getattr(model, "base_model", model)
         adapter = glider._adapter(adapter_name)
         config = glider.peft_config[adapter]
@@ -162,8 +169,7 @@ class GlobalRouter:
         exactly as they will be routed: each input alone (`calibrate_for="query"`), or all of them as one task
         (`"task"`). A query of an unseen task resembles no expert as much as its own task's queries resemble theirs.
         """
-        if calibrate_for not in ("query", "task"):
-            raise ValueError(f"calibrate_for must be 'query' or 'task', got {calibrate_for!r}.")
+        _check_calibrate_for(calibrate_for)
         info = RouteInfo(instructions=[], scores=torch.empty(0))
         matched, unmatched = [], []
         for index, name in enumerate(names):
