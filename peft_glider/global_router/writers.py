@@ -216,13 +216,18 @@ class LocalModelWriter(InstructionWriter):
         return _clean(text, f"The local model {self.name}")
 
 
+def converted_model_dir(cache_dir: str, gguf_file: str) -> str:
+    """Where `load_chat_model` keeps a GGUF model dequantized to a plain one: `cache_dir/models/<gguf name>`."""
+    return os.path.join(cache_dir, "models", gguf_file.removesuffix(".gguf"))
+
+
 def load_chat_model(path: str, gguf_file: Optional[str] = None, cache_dir: Optional[str] = None) -> tuple[Any, Any]:
-    """A local chat model and its tokenizer; a GGUF model is dequantized once and saved as a plain model under
-    `cache_dir/models/<gguf name>` (reloaded from there next time)."""
+    """A local chat model and its tokenizer; a GGUF model is dequantized once and saved as a plain model in
+    `converted_model_dir(cache_dir, gguf_file)` (reloaded from there next time)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if gguf_file and cache_dir:
-        saved = os.path.join(cache_dir, "models", gguf_file.removesuffix(".gguf"))
+        saved = converted_model_dir(cache_dir, gguf_file)
         if os.path.exists(os.path.join(saved, "config.json")):
             return AutoModelForCausalLM.from_pretrained(saved), AutoTokenizer.from_pretrained(saved)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
