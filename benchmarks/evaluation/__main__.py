@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .assets import default_cache_dir
 from .library import ExpertSettings
-from .run import Pipeline, RunSettings
+from .run import Pipeline, RunSettings, write_text_atomically
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     report = markdown(results)
     for name, text in (("results.md", report), ("results.json", json.dumps(results, indent=1)),
                        ("results.svg", svg_plot(results))):
-        partial = args.out / (name + ".partial")
-        partial.write_text(text)
-        os.replace(partial, args.out / name)
+        write_text_atomically(args.out / name, text)
     print(report)
     print(f"Wrote {args.out}/results.md, results.json and results.svg in {results['timings']['total_seconds']:.0f} s.")
     return 0

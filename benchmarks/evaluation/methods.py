@@ -40,12 +40,19 @@ def oracle_model(load_base: Callable[[], Any], folder: str) -> Any:
     return PeftModel.from_pretrained(load_base(), folder).eval()
 
 
+def _with_adapters(load_base: Callable[[], Any], folders: dict[str, str]) -> Any:
+    """A PeftModel holding every expert as a LoRA adapter named like its key in `folders`."""
+    (first, folder), *rest = folders.items()
+    model = PeftModel.from_pretrained(load_base(), folder, adapter_name=first)
+    for name, folder in rest:
+        model.load_adapter(folder, adapter_name=name)
+    return model
+
+
 def merged_model(load_base: Callable[[], Any], folders: dict[str, str]) -> Any:
     """All experts merged uniformly: delta W = (1/E) sum_e s_e B_e A_e, exact (PEFT's "cat" combination)."""
     names = list(folders)
-    model = PeftModel.from_pretrained(load_base(), folders[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(folders[name], adapter_name=name)
+    model = _with_adapters(load_base, folders)
     model.add_weighted_adapter(names, [1.0 / len(names)] * len(names), "uniform_merge", combination_type="cat")
     model.set_adapter("uniform_merge")
     for name in names:
@@ -60,11 +67,8 @@ def arrow_model(load_base: Callable[[], Any], folders: dict[str, str]) -> Any:
     peft 0.21.2's `create_arrow_model` puts the router on every layer, and a layer no expert adapts then fails
     (`torch.stack` of no prototypes) when experts adapt only some layers, as ours do.
     """
-    names = [f"task_{i}" for i in range(len(folders))]
-    paths = list(folders.values())
-    model = PeftModel.from_pretrained(load_base(), paths[0], adapter_name=names[0])
-    for name, path in zip(names[1:], paths[1:]):
-        model.load_adapter(path, adapter_name=name)
+    names = [f"task_{i}" for i in range(len(folders))]  # create_arrow_model's adapter names
+    model = _with_adapters(load_base, dict(zip(names, folders.values())))
     configs = [model.peft_config[name] for name in names]
     layers = {tuple(config.layers_to_transform or ()) for config in configs}
     if len(layers) != 1:

@@ -85,9 +85,14 @@ class ResultStore:
     def put(self, key: str, entry: dict) -> None:
         self.entries[key] = entry
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps(self.entries, indent=1))
-        os.replace(partial, self.path)
+        write_text_atomically(self.path, json.dumps(self.entries, indent=1))
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (through a partial file renamed into place)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 class Pipeline:
@@ -107,6 +112,10 @@ class Pipeline:
             task: split_task(load_task(cache, task), task, settings.num_eval, settings.num_train, settings.seed)
             for task in self.tasks
         }
+        self.eval_keys = {  # names each task's evaluated inputs in the result keys
+            task: hashlib.sha256("\n".join(e.input for e in split.eval).encode()).hexdigest()[:8]
+            for task, split in self.splits.items()
+        }
         trained_on = {task: [e.input for e in self.splits[task].train] for task in settings.held_in}
         signature = settings.experts.signature(trained_on)  # a change of data or settings: a new library
         self.library_root = cache / "experts" / signature
@@ -122,8 +131,7 @@ class Pipeline:
     def score(self, key: str, model: Any, task: str, glider: Any = None) -> dict:
         """Accuracy of `model` on the task's evaluation examples, cached under `key|task`; with `glider`, also the
         share of tokens whose first choice was each expert (all modules)."""
-        evaluated = hashlib.sha256("\n".join(e.input for e in self.splits[task].eval).encode()).hexdigest()[:8]
-        entry_key = f"{key}|{task}|{evaluated}"
+        entry_key = f"{key}|{task}|{self.eval_keys[task]}"
         if entry_key in self.store:
             return self.store[entry_key]
         start = time.perf_counter()
