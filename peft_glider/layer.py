@@ -60,7 +60,7 @@ class GliderLayer(BaseTunerLayer):
         self.in_features, self.out_features = in_features, out_features
         self.glider_gates = nn.ParameterDict({})  # (E, in) trainable gate vectors
         self.glider_A = BufferDict({}, persistent=save_expert_weights)  # (R, in) concatenated A factors
-        self.glider_B = BufferDict({}, persistent=save_expert_weights)  # (out, R) concatenated B factors
+        self.glider_B = BufferDict({}, persistent=save_expert_weights)  # (R, out) concatenated B factors, transposed
         self.glider_rank_expert = BufferDict({}, persistent=False)  # (R,) expert of each rank row
         self.glider_rank_scaling = BufferDict({}, persistent=False)  # (R,) scaling of each rank row
         self.glider_present = BufferDict({}, persistent=False)  # (E,) experts adapting this module
@@ -81,7 +81,7 @@ class GliderLayer(BaseTunerLayer):
         device: Optional[torch.device] = None,
     ) -> None:
         """Install one Glider adapter: `experts[e]` is expert e's factors here, or None where it does not adapt."""
-        spans, a_rows, b_cols, rank_expert, rank_scaling = [], [], [], [], []
+        spans, a_rows, b_rows, rank_expert, rank_scaling = [], [], [], [], []
         offset = 0
         for index, factors in enumerate(experts):
             if factors is None:
@@ -90,12 +90,12 @@ class GliderLayer(BaseTunerLayer):
             spans.append((offset, offset + factors.rank))
             offset += factors.rank
             a_rows.append(factors.A)
-            b_cols.append(factors.B)
+            b_rows.append(factors.B.T)
             rank_expert += [index] * factors.rank
             rank_scaling += [factors.scaling] * factors.rank
         dtype = a_rows[0].dtype
         self.glider_A[adapter_name] = torch.cat(a_rows, dim=0).to(dtype)
-        self.glider_B[adapter_name] = torch.cat(b_cols, dim=1).to(dtype)
+        self.glider_B[adapter_name] = torch.cat(b_rows, dim=0).to(dtype)
         self.glider_rank_expert[adapter_name] = torch.tensor(rank_expert, dtype=torch.long)
         self.glider_rank_scaling[adapter_name] = torch.tensor(rank_scaling, dtype=dtype)
         present = torch.tensor([span is not None for span in spans])
@@ -138,11 +138,11 @@ class GliderLayer(BaseTunerLayer):
     def expert_bank(self, adapter_name: str) -> routing.ExpertBank:
         """The adapter's experts here; built once and reused while its tensors stay the same objects."""
         bank = self._bank_cache.get(adapter_name)
-        if bank is not None and bank.A is self.glider_A[adapter_name] and bank.B is self.glider_B[adapter_name]:
+        if bank is not None and bank.A is self.glider_A[adapter_name] and bank.BT is self.glider_B[adapter_name]:
             return bank
         bank = self._bank_cache[adapter_name] = routing.ExpertBank(
             A=self.glider_A[adapter_name],
-            B=self.glider_B[adapter_name],
+            BT=self.glider_B[adapter_name],
             rank_expert=self.glider_rank_expert[adapter_name],
             rank_scaling=self.glider_rank_scaling[adapter_name],
             spans=self.glider_spans[adapter_name],
@@ -158,7 +158,7 @@ class GliderLayer(BaseTunerLayer):
             if span is None
             else LoraFactors(
                 A=bank.A[span[0] : span[1]].clone(),
-                B=bank.B[:, span[0] : span[1]].clone(),
+                B=bank.BT[span[0] : span[1]].T.clone(),
                 scaling=float(bank.rank_scaling[span[0]]),
             )
             for span in bank.spans
@@ -227,7 +227,7 @@ class GliderLinear(nn.Module, GliderLayer):
             local = routing.arrow_dots(u.to(router_rows.dtype), router_rows)  # (N, E)
         else:
             local = routing.standardized_dots(u.to(router_rows.dtype), router_rows)  # (N, E)
-        logits = routing.combine_logits(local, state.global_bias(rows, local.device), tokens_per_row)
+        logits = routing.combine_logits(local, state.global_bias(rows, local.device))
         all_present = bank.num_present == bank.num_experts  # no masking needed
         present = None if all_present else self.glider_present[adapter_name]
         selection = routing.select_top_k(logits, present, self.glider_k[adapter_name])

@@ -7,21 +7,18 @@ experts' ranks at one module (the experts' A factors are concatenated along the 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 LN_EPS = 1e-5
 
-#: The sparse kernels this module offers; "auto" picks one per call from the shapes.
-KERNELS = ("auto", "grouped", "concat")
+# The sparse kernel builds CSR tensors for one call; torch flags their API as beta on first use.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
 
-# Fixed cost of one expert's pair of small matmuls in the grouped kernel, in multiply-add equivalents: a launch
-# overhead of roughly 10-20 microseconds on CPU. Decides "auto" between the two kernels.
-_GROUPED_CALL_OVERHEAD = 200_000
-# The padded grouped kernel gives up (and uses the concatenated-rank GEMMs) when padding every expert's group to
-# the largest one would multiply the routed token copies by more than this.
-_MAX_PADDING = 4
+#: The kernels this module offers for the experts' products; "auto" picks one per call from the shapes.
+KERNELS = ("auto", "concat", "gather", "sparse")
 
 
 def standardize(x: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
@@ -45,13 +42,15 @@ def standardized_dots(u: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """`LN(u) @ rows.T` for zero-mean rows (standardized gates): u (N, d), rows (E, d) -> (N, E).
 
     The mean of `u` drops out against zero-mean rows, so only its scale is needed: `(u @ rows.T) / std(u)`, with
-    `var(u) = |u|^2 / d - mean(u)^2` from two reductions (no standardized copy of the tokens is made).
+    `d var(u) = |u|^2 - (sum u)^2 / d` from two fast reductions (no standardized copy of the tokens is made;
+    torch's fused `var_mean` is ten times slower on CPU).
     """
     d = u.shape[-1]
-    mean = u.sum(dim=-1, keepdim=True) / d
-    mean_square = torch.linalg.vector_norm(u, dim=-1, keepdim=True).square() / d
-    inverse_std = torch.rsqrt((mean_square - mean.square()).clamp_min(0.0) + LN_EPS)
-    return (u @ rows.T) * inverse_std
+    total = u.sum(dim=-1, keepdim=True)  # (N, 1)
+    d_variance = torch.addcmul(torch.linalg.vector_norm(u, dim=-1, keepdim=True).square(), total, total, value=-1 / d)
+    # Rounding can leave the variance a hair below zero for constant tokens: clamp it to zero.
+    inverse_std = torch.rsqrt(d_variance.clamp_min(0.0) / d + LN_EPS)  # (N, 1)
+    return (u @ rows.T).mul_(inverse_std)
 
 
 def arrow_rows(prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -94,11 +93,14 @@ def select_top_k(logits: torch.Tensor, present: torch.Tensor | None, k: int) -> 
     return Selection(indices=indices, weights=torch.softmax(top_logits, dim=-1))
 
 
-def combine_logits(local: torch.Tensor, global_bias: torch.Tensor | None, tokens_per_row: int) -> torch.Tensor:
-    """`local + alpha * global`, the per-row global bias (rows, E) repeated for each token of its row."""
+def combine_logits(local: torch.Tensor, global_bias: torch.Tensor | None) -> torch.Tensor:
+    """`local + alpha * global`: local (N, E) for B consecutive groups of tokens (a batch row's tokens, or the rows
+    a generate() call expanded from one row), the global bias (B, E) broadcast over each group."""
     if global_bias is None:
         return local
-    return local + global_bias.to(local.dtype).repeat_interleave(tokens_per_row, dim=0)
+    groups, num_experts = global_bias.shape
+    by_group = local.view(groups, -1, num_experts) + global_bias.to(local.dtype).unsqueeze(1)
+    return by_group.view(-1, num_experts)
 
 
 def auto_alpha(scores: torch.Tensor, threshold: float, held_in: float, held_out: float) -> torch.Tensor:
@@ -110,121 +112,177 @@ def auto_alpha(scores: torch.Tensor, threshold: float, held_in: float, held_out:
 
 @dataclass
 class ExpertBank:
-    """The experts at one module, concatenated along the rank axis."""
+    """The experts at one module, concatenated along the rank axis (absent experts take no rows)."""
 
     A: torch.Tensor  # (R, d)
-    B: torch.Tensor  # (o, R)
+    BT: torch.Tensor  # (R, o): the B factors, transposed, so each rank's output direction is a contiguous row
     rank_expert: torch.Tensor  # (R,) long: which expert each rank row belongs to
     rank_scaling: torch.Tensor  # (R,) the LoRA scaling of that row's expert
     spans: list[tuple[int, int] | None]  # per expert: its [start, end) rows, None where it does not adapt here
     expert_slot: torch.Tensor  # (E,) long: position of each expert among those present here (-1 if absent)
 
     def __post_init__(self) -> None:
-        ranks = {end - start for start, end in (span for span in self.spans if span is not None)}
+        present = [span for span in self.spans if span is not None]
+        ranks = {end - start for start, end in present}
+        scalings = {float(self.rank_scaling[start]) for start, _ in present}
         self.num_experts = len(self.spans)
-        self.num_present = sum(span is not None for span in self.spans)
+        self.num_present = len(present)
         self.uniform_rank = ranks.pop() if len(ranks) == 1 else None  # None for mixed ranks
-        self._kernel_choice: dict[tuple[int, int], str] = {}
+        self.uniform_scaling = scalings.pop() if len(scalings) == 1 else None  # None for mixed scalings
+        expert_scaling = [0.0 if span is None else float(self.rank_scaling[span[0]]) for span in self.spans]
+        self.expert_scaling = torch.tensor(expert_scaling, dtype=self.A.dtype, device=self.A.device)  # (E,)
+        self._kernel_choice: dict[tuple, str] = {}
+
+
+def _scaled_weights(bank: ExpertBank, selection: Selection, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """Each selected pair's weight times its expert's LoRA scaling, as (weights (N, k), common factor): a scaling
+    shared by every expert is left out of the weights and applied once, by the final GEMM's `alpha`."""
+    weights = selection.weights.to(dtype)
+    if bank.uniform_scaling is not None:
+        return weights, bank.uniform_scaling
+    return weights * bank.expert_scaling[selection.indices], 1.0
+
+
+def _slots(bank: ExpertBank, indices: torch.Tensor) -> torch.Tensor:
+    """Expert indices (any shape) -> their rank-block positions among the experts present here."""
+    return indices if bank.num_present == bank.num_experts else bank.expert_slot[indices]
 
 
 def _output(x: torch.Tensor, bank: ExpertBank, out: torch.Tensor | None) -> torch.Tensor:
-    return x.new_zeros(x.shape[0], bank.B.shape[0]) if out is None else out
+    return x.new_zeros(x.shape[0], bank.BT.shape[1]) if out is None else out
 
 
 def delta_concat(
     x: torch.Tensor, bank: ExpertBank, selection: Selection, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Two GEMMs over the concatenated ranks, unselected experts weighted zero; adds into `out` (N, o).
+    """Two GEMMs over all concatenated ranks, unselected experts weighted zero; adds into `out` (N, o).
 
-    Costs N * R * (d + o) and a fixed handful of calls: best when R is small (few experts) or N is small
-    (decode), where call overhead rules.
+    Costs N * R * (d + o) multiply-adds in five calls: best for few experts, where call overhead rules.
+    Any ranks, dtypes and devices; differentiable.
     """
     n = x.shape[0]
-    expert_weight = x.new_zeros(n, bank.num_experts).scatter_(1, selection.indices, selection.weights.to(x.dtype))
-    coefficient = expert_weight[:, bank.rank_expert] * bank.rank_scaling  # (N, R)
-    return _output(x, bank, out).addmm_((x @ bank.A.T) * coefficient, bank.B.T)
-
-
-def delta_grouped(
-    x: torch.Tensor, bank: ExpertBank, selection: Selection, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Group the (token, choice) pairs by expert; each expert computes only its own tokens; adds into `out`.
-
-    Costs N * k * r * (d + o) multiply-adds. With a rank shared by the experts present, the groups are padded
-    to the largest group and computed by two batched GEMMs (a fixed number of calls whatever E), unless the
-    routing is too unbalanced to pad; with mixed ranks, a loop over the experts that received tokens.
-    """
-    out = _output(x, bank, out)
-    n, k = selection.indices.shape
-    flat_expert = selection.indices.reshape(-1)  # (N*k,)
-    order = torch.argsort(flat_expert, stable=True)
-    tokens = order // k  # token of each pair, pairs grouped by expert
-    weights = selection.weights.reshape(-1)[order].to(x.dtype)
-    experts = flat_expert[order]
+    weights, alpha = _scaled_weights(bank, selection, x.dtype)
+    hidden = x @ bank.A.T  # (N, R)
     rank = bank.uniform_rank
     if rank is not None:
-        present = bank.A.shape[0] // rank
-        slots = bank.expert_slot[experts]  # (N*k,) group of each pair
-        counts = torch.bincount(slots, minlength=present)
-        position = torch.arange(slots.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[slots]
-        capacity = int(counts.max())
-        if capacity * present > _MAX_PADDING * slots.numel():  # routing too unbalanced to pad: one dense pass
-            return delta_concat(x, bank, selection, out)
-        grouped_x = x.new_zeros(present, capacity, x.shape[1])
-        grouped_x[slots, position] = x.index_select(0, tokens)
-        hidden = torch.bmm(grouped_x, bank.A.view(present, rank, -1).transpose(1, 2))  # (P, C, r)
-        grouped_w = x.new_zeros(present, capacity, 1)
-        grouped_w[slots, position, 0] = weights * bank.rank_scaling[slots * rank]
-        b_groups = bank.B.view(bank.B.shape[0], present, rank).permute(1, 2, 0)  # (P, r, o)
-        grouped_y = torch.bmm(hidden * grouped_w, b_groups)  # (P, C, o)
-        return out.index_add_(0, tokens, grouped_y[slots, position])
-    counts = torch.bincount(flat_expert, minlength=bank.num_experts).tolist()
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        chosen = tokens[start : start + count]
-        row_start, row_end = bank.spans[expert]
-        scale = weights[start : start + count, None] * bank.rank_scaling[row_start]
-        hidden = (x.index_select(0, chosen) @ bank.A[row_start:row_end].T) * scale  # (count, r)
-        out.index_add_(0, chosen, hidden @ bank.B[:, row_start:row_end].T)
-        start += count
+        per_expert = x.new_zeros(n, bank.num_present).scatter_(1, _slots(bank, selection.indices), weights)
+        hidden = (hidden.view(n, bank.num_present, rank) * per_expert.unsqueeze(-1)).view(n, -1)
+    else:
+        per_expert = x.new_zeros(n, bank.num_experts).scatter_(1, selection.indices, weights)  # (N, E)
+        hidden = hidden * per_expert[:, bank.rank_expert]
+    return _output(x, bank, out).addmm_(hidden, bank.BT, alpha=alpha)
+
+
+def delta_gather(
+    x: torch.Tensor, bank: ExpertBank, selection: Selection, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Gather each token's k experts' factors and apply them by batched matrix-vector products; adds into `out`.
+
+    Costs N * k * r * (d + o) multiply-adds plus copying as many factor entries, in five calls: best for a few
+    tokens (decoding) among many experts, since it reads only the selected experts. Needs a rank shared by the
+    experts present here; differentiable.
+    """
+    n, k = selection.indices.shape
+    rank, d, o = bank.uniform_rank, x.shape[1], bank.BT.shape[1]
+    weights, alpha = _scaled_weights(bank, selection, x.dtype)
+    slots = _slots(bank, selection.indices).reshape(-1)  # (N k,)
+    a = bank.A.view(-1, rank, d)[slots].view(n, k * rank, d)
+    hidden = torch.matmul(a, x.unsqueeze(-1)).view(n, k, rank) * weights.unsqueeze(-1)  # (N, k, r)
+    b = bank.BT.view(-1, rank, o)[slots].view(n, k * rank, o)
+    out = _output(x, bank, out)
+    out.unsqueeze(1).baddbmm_(hidden.view(n, 1, k * rank), b, alpha=alpha)  # (N, 1, o) in place
     return out
+
+
+def delta_sparse(
+    x: torch.Tensor, bank: ExpertBank, selection: Selection, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The selected (token, rank) pairs as a sparse CSR pattern: a sampled dense-dense product gives only the
+    selected experts' `A_e x` (SDDMM), a sparse-dense product adds their weighted `B_e` rows (SpMM) into `out`.
+
+    Costs N * k * r * (d + o) multiply-adds in about eight calls, whatever E: best for many tokens and many
+    experts (prefill). Needs a rank shared by the experts present here and float32 or float64.
+    """
+    n, k = selection.indices.shape
+    rank, total_rank = bank.uniform_rank, bank.A.shape[0]
+    weights, alpha = _scaled_weights(bank, selection, x.dtype)
+    columns = (_slots(bank, selection.indices).unsqueeze(-1) * rank + torch.arange(rank, device=x.device)).view(-1)
+    row_starts = torch.arange(0, n * k * rank + 1, k * rank, device=x.device)  # every token has k * r entries
+
+    def pattern(values: torch.Tensor) -> torch.Tensor:  # (N, R), non-zero at each token's selected ranks
+        return torch.sparse_csr_tensor(row_starts, columns, values, size=(n, total_rank), check_invariants=False)
+
+    hidden = torch.sparse.sampled_addmm(pattern(x.new_zeros(n * k * rank)), x, bank.A.T, beta=0.0).values()
+    weighted = (hidden.view(n, k, rank) * weights.unsqueeze(-1)).view(-1)  # (N k r,)
+    return _output(x, bank, out).addmm_(pattern(weighted), bank.BT, alpha=alpha)
 
 
 def delta_gated_single(x: torch.Tensor, bank: ExpertBank, expert: int, gate: torch.Tensor) -> torch.Tensor:
     """Phatgoose gate training form, one expert: `sigmoid(gate . x) * s_e * B_e A_e x` on the raw x. (N, d) -> (N, o)."""
     span = bank.spans[expert]
     if span is None:
-        return x.new_zeros(x.shape[0], bank.B.shape[0])
+        return x.new_zeros(x.shape[0], bank.BT.shape[1])
     start, end = span
     probability = torch.sigmoid(x @ gate.to(x.dtype))  # (N,)
     hidden = (x @ bank.A[start:end].T) * (probability * bank.rank_scaling[start])[:, None]
-    return hidden @ bank.B[:, start:end].T
+    return hidden @ bank.BT[start:end]
 
 
-def choose_kernel(num_tokens: int, bank: ExpertBank, k: int) -> str:
-    """Pick the cheaper kernel from a cost model fitted to CPU measurements (docs/benchmarks.md): the
-    concatenated-rank GEMMs cost N * R * (d + o); grouping costs a few memory passes over the N * k routed
-    token copies plus a fixed overhead, and only pays off once R is several times k * r."""
-    choice = bank._kernel_choice.get((num_tokens, k))
+# Cost model of the kernels on CPU, in microseconds, fitted to measurements on 2 cores (docs/benchmarks.md):
+# a fixed cost per call, then multiply-adds at a kernel's rate, and for `concat` the pass over all its factors.
+_FIXED_US = {"concat": 50.0, "gather": 70.0, "sparse": 150.0}
+_MACS_PER_US = {"concat": 50e3, "gather": 1e3, "sparse": 10e3}  # gather's rate is that of copying the factors
+_FACTOR_READS_PER_US = 5e3
+_SPARSE_DTYPES = (torch.float32, torch.float64)
+
+
+def kernel_costs(
+    num_tokens: int, bank: ExpertBank, k: int, dtype: torch.dtype, needs_grad: bool = False
+) -> dict[str, float]:
+    """Modelled time of each kernel that can run this call, in microseconds. `sparse` runs only without
+    gradients (torch's SDDMM backward is not trusted: it disagreed with the dense products in our tests)."""
+    width = bank.A.shape[1] + bank.BT.shape[1]  # d + o
+    total_rank = bank.A.shape[0]
+    costs = {
+        "concat": _FIXED_US["concat"]
+        + num_tokens * total_rank * width / _MACS_PER_US["concat"]
+        + total_rank * width / _FACTOR_READS_PER_US
+    }
+    if bank.uniform_rank is not None:
+        selected_macs = num_tokens * k * bank.uniform_rank * width
+        costs["gather"] = _FIXED_US["gather"] + selected_macs / _MACS_PER_US["gather"]
+        if dtype in _SPARSE_DTYPES and not needs_grad:
+            costs["sparse"] = _FIXED_US["sparse"] + selected_macs / _MACS_PER_US["sparse"]
+    return costs
+
+
+def choose_kernel(num_tokens: int, bank: ExpertBank, k: int, dtype: torch.dtype, needs_grad: bool = False) -> str:
+    """The cheapest kernel for this call by `kernel_costs` (remembered per bank and call shape)."""
+    key = (num_tokens, k, dtype, needs_grad)
+    choice = bank._kernel_choice.get(key)
     if choice is None:
-        width = bank.A.shape[1] + bank.B.shape[0]
-        concat_cost = num_tokens * bank.A.shape[0] * width
-        calls = 12 if bank.uniform_rank is not None else 4 * min(bank.num_present, num_tokens * k)
-        grouped_cost = 160 * num_tokens * k * width + calls * _GROUPED_CALL_OVERHEAD
-        choice = bank._kernel_choice[(num_tokens, k)] = "concat" if concat_cost <= grouped_cost else "grouped"
+        costs = kernel_costs(num_tokens, bank, k, dtype, needs_grad)
+        choice = bank._kernel_choice[key] = min(costs, key=costs.get)
     return choice
+
+
+_KERNEL_FUNCTIONS = {"concat": delta_concat, "gather": delta_gather, "sparse": delta_sparse}
 
 
 def apply_experts(
     x: torch.Tensor, bank: ExpertBank, selection: Selection, kernel: str = "auto", out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Add `sum_j w_j * s_j * B_j A_j x` over each token's selected experts into `out` (zeros if None). x (N, d)."""
+    """Add `sum_j w_j * s_j * B_j A_j x` over each token's selected experts into `out` (zeros if None). x (N, d).
+
+    A forced kernel that cannot run this call (`gather` or `sparse` with mixed ranks, `sparse` in half precision
+    or with gradients) falls back to `concat`, which runs everywhere.
+    """
+    n, k = selection.indices.shape
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or selection.weights.requires_grad)
     if kernel == "auto":
-        kernel = choose_kernel(x.shape[0], bank, selection.indices.shape[1])
-    if kernel == "concat":
-        return delta_concat(x, bank, selection, out)
-    if kernel == "grouped":
-        return delta_grouped(x, bank, selection, out)
-    raise ValueError(f"Unknown kernel {kernel!r}; expected one of {KERNELS}.")
+        kernel = choose_kernel(n, bank, k, x.dtype, needs_grad)
+    elif kernel not in _KERNEL_FUNCTIONS:
+        raise ValueError(f"Unknown kernel {kernel!r}; expected one of {KERNELS}.")
+    elif kernel != "concat" and kernel not in kernel_costs(n, bank, k, x.dtype, needs_grad):
+        kernel = "concat"
+    return _KERNEL_FUNCTIONS[kernel](x, bank, selection, out)

@@ -62,20 +62,18 @@ class RoutingState:
     train_expert: Optional[int] = None  # set during Phatgoose gate training: only this expert, sigmoid-gated
 
     def global_bias(self, rows: int, device: torch.device) -> Optional[torch.Tensor]:
-        """The per-row global bias for a call with `rows` batch rows, (rows, E), or None for local-only routing.
+        """The global bias for a call with `rows` batch rows, (B, E) as set, or None for local-only routing.
 
         A bias set for B rows follows batch expansion: generate() repeats each row (num_beams,
-        num_return_sequences) with repeat_interleave, and an encoder-decoder's decoder sees B * beams rows.
+        num_return_sequences) with repeat_interleave, and an encoder-decoder's decoder sees B * beams rows, so
+        a call's rows come in B consecutive groups, group b sharing bias row b (see `routing.combine_logits`).
         """
         if self.row_bias is None:
             return None
-        bias = self.row_bias
-        set_rows = bias.shape[0]
-        if rows != set_rows:
-            if rows % set_rows != 0:
-                raise ValueError(
-                    f"Global scores were set for {set_rows} rows, but a Glider layer received a batch of {rows} "
-                    "rows, which is not a multiple of it (rows may only be expanded by beams or return sequences)."
-                )
-            bias = bias.repeat_interleave(rows // set_rows, dim=0)
-        return bias.to(device)
+        set_rows = self.row_bias.shape[0]
+        if rows % set_rows != 0:
+            raise ValueError(
+                f"Global scores were set for {set_rows} rows, but a Glider layer received a batch of {rows} "
+                "rows, which is not a multiple of it (rows may only be expanded by beams or return sequences)."
+            )
+        return self.row_bias.to(device)

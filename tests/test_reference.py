@@ -69,7 +69,7 @@ def build_library(tmp_path: Path, num_experts: int):
 
 @pytest.mark.parametrize("num_experts", [3, 8])
 @pytest.mark.parametrize("top_k", [1, 2, 3])
-@pytest.mark.parametrize("kernel", ["grouped", "concat", "auto"])
+@pytest.mark.parametrize("kernel", ["concat", "gather", "sparse", "auto"])
 def test_layer_matches_per_token_reference(tmp_path, num_experts, top_k, kernel):
     folders = build_library(tmp_path, num_experts)
     model = get_peft_model(tiny_llama(), GliderConfig(experts=folders, top_k=top_k, alpha=0.0))
@@ -108,6 +108,13 @@ def test_local_scores_equal_standardized_dot_product():
     torch.testing.assert_close(routing.local_scores(u, gates), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_local_scores_have_exact_gradients():
+    """Gate training through the full router differentiates the two-reduction form of LN(u) . rows."""
+    u = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    gates = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(routing.local_scores, (u, gates))
+
+
 def test_absent_experts_are_never_selected():
     logits = torch.tensor([[5.0, 1.0, 3.0], [0.0, 9.0, 1.0]])
     present = torch.tensor([False, True, True])
@@ -116,23 +123,86 @@ def test_absent_experts_are_never_selected():
     torch.testing.assert_close(selection.weights.sum(-1), torch.ones(2))
 
 
-def test_grouped_kernel_paths_agree_with_concat():
-    """The padded batched path (shared rank), its unbalanced fallback and the mixed-rank loop all equal concat."""
+def make_bank(ranks, scalings, present, generator, d=24, o=20):
+    """An ExpertBank of random factors; experts with `present[e]` False take no rows."""
+    spans, rank_expert, rank_scaling, offset = [], [], [], 0
+    for expert, (rank, scaling, here) in enumerate(zip(ranks, scalings, present)):
+        spans.append((offset, offset + rank) if here else None)
+        offset += rank if here else 0
+        rank_expert += [expert] * (rank if here else 0)
+        rank_scaling += [scaling] * (rank if here else 0)
+    present = torch.tensor(present)
+    return routing.ExpertBank(
+        A=torch.randn(offset, d, generator=generator, dtype=torch.float64),
+        BT=torch.randn(offset, o, generator=generator, dtype=torch.float64),
+        rank_expert=torch.tensor(rank_expert),
+        rank_scaling=torch.tensor(rank_scaling, dtype=torch.float64),
+        spans=spans,
+        expert_slot=torch.where(present, present.long().cumsum(0) - 1, -1),
+    )
+
+
+def per_pair_reference(x, bank, selection):
+    """sum_j w_j s_j B_j A_j x, one (token, choice) pair at a time."""
+    out = torch.zeros(x.shape[0], bank.BT.shape[1], dtype=x.dtype)
+    for token in range(x.shape[0]):
+        for expert, weight in zip(selection.indices[token].tolist(), selection.weights[token]):
+            start, end = bank.spans[expert]
+            out[token] += weight * bank.rank_scaling[start] * (bank.BT[start:end].T @ (bank.A[start:end] @ x[token]))
+    return out
+
+
+BANKS = {  # ranks, scalings, present
+    "shared rank and scaling": ([4] * 6, [2.0] * 6, [True] * 6),
+    "shared rank, mixed scalings, absent experts": ([4] * 6, [0.5, 1.0, 1.5, 2.0, 2.5, 3.0], [True, False] * 3),
+    "mixed ranks": ([1, 2, 3, 4, 5, 6], [2.0] * 6, [True] * 5 + [False]),
+}
+
+
+@pytest.mark.parametrize("bank_name", list(BANKS))
+@pytest.mark.parametrize("kernel", ["concat", "gather", "sparse"])
+def test_kernels_match_per_pair_reference_with_gradients(bank_name, kernel):
+    """Every kernel computes the same deltas, adding into `out` in place, without gradients; with gradients
+    (where `sparse` falls back to concat), the same gradients with respect to the tokens and routing weights."""
     generator = torch.Generator().manual_seed(0)
-    d, o, E = 24, 20, 6
-    for ranks, skew in (([4] * E, False), ([4] * E, True), ([1, 2, 3, 4, 5, 6], False)):
-        A = torch.randn(sum(ranks), d, generator=generator)
-        B = torch.randn(o, sum(ranks), generator=generator)
-        starts = [sum(ranks[:e]) for e in range(E)]
-        bank = routing.ExpertBank(
-            A=A, B=B,
-            rank_expert=torch.repeat_interleave(torch.arange(E), torch.tensor(ranks)),
-            rank_scaling=torch.repeat_interleave(torch.linspace(0.5, 2.0, E), torch.tensor(ranks)),
-            spans=[(s, s + r) for s, r in zip(starts, ranks)],
-            expert_slot=torch.arange(E),
-        )
-        x = torch.randn(40, d, generator=generator)
-        logits = torch.randn(40, E, generator=generator) + (torch.tensor([9.0, 8.0, 0, 0, 0, 0]) if skew else 0)
-        selection = routing.select_top_k(logits, torch.ones(E, dtype=torch.bool), 2)
-        expected = routing.delta_concat(x, bank, selection)
-        torch.testing.assert_close(routing.delta_grouped(x, bank, selection), expected, atol=1e-4, rtol=1e-4)
+    bank = make_bank(*BANKS[bank_name], generator)
+    x = torch.randn(7, 24, generator=generator, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(7, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    present = bank.expert_slot >= 0
+    selection = routing.select_top_k(logits, None if present.all() else present, 2)
+    start = torch.randn(7, 20, generator=generator, dtype=torch.float64)
+
+    expected = start + per_pair_reference(x, bank, selection)
+    with torch.no_grad():
+        torch.testing.assert_close(routing.apply_experts(x, bank, selection, kernel, out=start.clone()), expected)
+    got = routing.apply_experts(x, bank, selection, kernel, out=start.clone())
+    torch.testing.assert_close(got, expected)
+    direction = torch.randn(7, 20, generator=generator, dtype=torch.float64)
+    got_grads = torch.autograd.grad((got * direction).sum(), (x, logits), retain_graph=True)
+    expected_grads = torch.autograd.grad((expected * direction).sum(), (x, logits))
+    for got_grad, expected_grad in zip(got_grads, expected_grads):
+        torch.testing.assert_close(got_grad, expected_grad)
+
+
+def test_auto_kernel_follows_the_shapes():
+    """Few experts: the dense concat; a few tokens among many experts: gather; many tokens and experts: sparse;
+    half precision and gradients never take the sparse kernel, mixed ranks always take concat."""
+    generator = torch.Generator().manual_seed(0)
+    few = make_bank([8] * 8, [2.0] * 8, [True] * 8, generator, d=512, o=512)
+    many = make_bank([8] * 128, [2.0] * 128, [True] * 128, generator, d=512, o=512)
+    mixed = make_bank([4, 8] * 64, [2.0] * 128, [True] * 128, generator, d=512, o=512)
+    assert routing.choose_kernel(512, few, 2, torch.float32) == "concat"
+    assert routing.choose_kernel(1, few, 2, torch.float32) == "concat"
+    assert routing.choose_kernel(1, many, 2, torch.float32) == "gather"
+    assert routing.choose_kernel(512, many, 2, torch.float32) == "sparse"
+    assert routing.choose_kernel(512, many, 2, torch.float32, needs_grad=True) != "sparse"
+    assert routing.choose_kernel(512, many, 2, torch.bfloat16) != "sparse"
+    assert routing.choose_kernel(512, mixed, 2, torch.float32) == "concat"
+
+
+def test_unknown_kernel_is_refused():
+    generator = torch.Generator().manual_seed(0)
+    bank = make_bank([4] * 3, [1.0] * 3, [True] * 3, generator)
+    selection = routing.select_top_k(torch.randn(2, 3, dtype=torch.float64), None, 2)
+    with pytest.raises(ValueError, match="grouped"):
+        routing.apply_experts(torch.randn(2, 24, dtype=torch.float64), bank, selection, "grouped")
