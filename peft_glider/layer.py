@@ -216,23 +216,24 @@ class GliderLinear(nn.Module, GliderLayer):
         """Add the adapter's contribution for input x (..., in) into `out` (N, out), or return it (..., out)."""
         bank = self.expert_bank(adapter_name)
         state = self.glider_routing[adapter_name]
-        rows = x.shape[0] if x.dim() > 1 else 1
-        u = x.to(bank.A.device, bank.A.dtype).reshape(-1, self.in_features)  # (N, in)
+        u = x.reshape(-1, self.in_features)  # (N, in)
+        if u.dtype != bank.A.dtype or u.device != bank.A.device:
+            u = u.to(bank.A.device, bank.A.dtype)
         if state.train_expert is not None:
             gate = self.glider_gates[adapter_name][state.train_expert]
             return routing.delta_gated_single(u, bank, state.train_expert, gate).view(*x.shape[:-1], self.out_features)
-        tokens_per_row = u.shape[0] // rows
+        rows = x.shape[0] if x.dim() > 1 else 1
         router_rows = self.router_rows(adapter_name)
+        scored = u if u.dtype == router_rows.dtype else u.to(router_rows.dtype)
         if state.local_router == "arrow":
-            local = routing.arrow_dots(u.to(router_rows.dtype), router_rows)  # (N, E)
+            local = routing.arrow_dots(scored, router_rows)  # (N, E)
         else:
-            local = routing.standardized_dots(u.to(router_rows.dtype), router_rows)  # (N, E)
+            local = routing.standardized_dots(scored, router_rows)  # (N, E)
         logits = routing.combine_logits(local, state.global_bias(rows, local.device))
-        all_present = bank.num_present == bank.num_experts  # no masking needed
-        present = None if all_present else self.glider_present[adapter_name]
+        present = None if bank.num_present == bank.num_experts else self.glider_present[adapter_name]
         selection = routing.select_top_k(logits, present, self.glider_k[adapter_name])
         if state.trace is not None:
-            state.trace.record(self.module_name, selection.indices.view(rows, tokens_per_row, -1))
+            state.trace.record(self.module_name, selection.indices.view(rows, -1, selection.indices.shape[-1]))
         delta = routing.apply_experts(u, bank, selection, state.kernel, out)  # (N, out)
         return delta if out is not None else delta.view(*x.shape[:-1], self.out_features)
 
@@ -240,18 +241,18 @@ class GliderLinear(nn.Module, GliderLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
+        # Without gradients, the deltas go straight into the base output: no extra (N, out) tensor.
+        may_add_in_place = not torch.is_grad_enabled() and result.is_contiguous()
         for adapter_name in self.active_adapters:
-            if adapter_name not in self.glider_gates:
+            if adapter_name not in self.glider_routing:
                 continue
             A = self.glider_A[adapter_name]
-            in_place = (
-                not torch.is_grad_enabled()
+            if (
+                may_add_in_place
                 and result.dtype == A.dtype
                 and result.device == A.device
-                and result.is_contiguous()
                 and self.glider_routing[adapter_name].train_expert is None
-            )
-            if in_place:  # add the deltas straight into the base output: no extra (N, out) tensor
+            ):
                 self.routed_delta(x, adapter_name, out=result.view(-1, self.out_features))
             else:
                 result = result + self.routed_delta(x, adapter_name).to(result.device, result.dtype)

@@ -38,14 +38,21 @@ def phatgoose_rows(gates: torch.Tensor) -> torch.Tensor:
     return standardize(gates) / math.sqrt(gates.shape[-1])
 
 
+# Below this many token features, one fused layer norm beats the two reductions of `standardized_dots` on CPU
+# (it makes a standardized copy, ~1 ns a feature, but is one call instead of eight at ~5 microseconds each).
+_LAYER_NORM_MAX_FEATURES = 32_768
+
+
 def standardized_dots(u: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """`LN(u) @ rows.T` for zero-mean rows (standardized gates): u (N, d), rows (E, d) -> (N, E).
 
     The mean of `u` drops out against zero-mean rows, so only its scale is needed: `(u @ rows.T) / std(u)`, with
-    `d var(u) = |u|^2 - (sum u)^2 / d` from two fast reductions (no standardized copy of the tokens is made;
-    torch's fused `var_mean` is ten times slower on CPU).
+    `d var(u) = |u|^2 - (sum u)^2 / d` from two fast reductions, no standardized copy of the tokens (torch's fused
+    `var_mean` is ten times slower on CPU). A few tokens (decoding) take one fused layer norm instead.
     """
     d = u.shape[-1]
+    if u.numel() <= _LAYER_NORM_MAX_FEATURES:
+        return torch.nn.functional.layer_norm(u, (d,), eps=LN_EPS) @ rows.T
     total = u.sum(dim=-1, keepdim=True)  # (N, 1)
     d_variance = torch.addcmul(torch.linalg.vector_norm(u, dim=-1, keepdim=True).square(), total, total, value=-1 / d)
     # Rounding can leave the variance a hair below zero for constant tokens: clamp it to zero.
@@ -186,9 +193,9 @@ def delta_gather(
     rank, d, o = bank.uniform_rank, x.shape[1], bank.BT.shape[1]
     weights, alpha = _scaled_weights(bank, selection, x.dtype)
     slots = _slots(bank, selection.indices).reshape(-1)  # (N k,)
-    a = bank.A.view(-1, rank, d)[slots].view(n, k * rank, d)
-    hidden = torch.matmul(a, x.unsqueeze(-1)).view(n, k, rank) * weights.unsqueeze(-1)  # (N, k, r)
-    b = bank.BT.view(-1, rank, o)[slots].view(n, k * rank, o)
+    a = bank.A.view(-1, rank, d).index_select(0, slots).view(n, k * rank, d)
+    hidden = torch.bmm(a, x.unsqueeze(-1)).view(n, k, rank) * weights.unsqueeze(-1)  # (N, k, r)
+    b = bank.BT.view(-1, rank, o).index_select(0, slots).view(n, k * rank, o)
     out = _output(x, bank, out)
     out.unsqueeze(1).baddbmm_(hidden.view(n, 1, k * rank), b, alpha=alpha)  # (N, 1, o) in place
     return out
@@ -230,9 +237,9 @@ def delta_gated_single(x: torch.Tensor, bank: ExpertBank, expert: int, gate: tor
 
 # Cost model of the kernels on CPU, in microseconds, fitted to measurements on 2 cores (docs/benchmarks.md):
 # a fixed cost per call, then multiply-adds at a kernel's rate, and for `concat` the pass over all its factors.
-_FIXED_US = {"concat": 50.0, "gather": 70.0, "sparse": 150.0}
-_MACS_PER_US = {"concat": 50e3, "gather": 1e3, "sparse": 10e3}  # gather's rate is that of copying the factors
-_FACTOR_READS_PER_US = 5e3
+_FIXED_US = {"concat": 25.0, "gather": 30.0, "sparse": 100.0}
+_MACS_PER_US = {"concat": 50e3, "gather": 0.8e3, "sparse": 12e3}  # gather's rate is that of copying the factors
+_FACTOR_READS_PER_US = 8e3
 _SPARSE_DTYPES = (torch.float32, torch.float64)
 
 

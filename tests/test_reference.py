@@ -102,17 +102,35 @@ def test_routing_is_invariant_to_token_scale(tmp_path):
     torch.testing.assert_close(small.weights, large.weights)
 
 
-def test_local_scores_equal_standardized_dot_product():
-    u, gates = torch.randn(6, 20), torch.randn(4, 20)
+# Both forms of the standardized dot product: the fused layer norm (few tokens) and the two reductions.
+SCORE_FORMS = {"layer norm": 10**9, "reductions": 0}
+
+
+@pytest.mark.parametrize("form", list(SCORE_FORMS))
+def test_local_scores_equal_standardized_dot_product(monkeypatch, form):
+    monkeypatch.setattr(routing, "_LAYER_NORM_MAX_FEATURES", SCORE_FORMS[form])
+    u, gates = torch.randn(6, 20) * 3 + 5, torch.randn(4, 20)
     expected = routing.standardize(u) @ routing.standardize(gates).T / math.sqrt(20)
     torch.testing.assert_close(routing.local_scores(u, gates), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_local_scores_have_exact_gradients():
-    """Gate training through the full router differentiates the two-reduction form of LN(u) . rows."""
+@pytest.mark.parametrize("form", list(SCORE_FORMS))
+def test_local_scores_have_exact_gradients(monkeypatch, form):
+    """Gate training through the full router differentiates either form of LN(u) . rows."""
+    monkeypatch.setattr(routing, "_LAYER_NORM_MAX_FEATURES", SCORE_FORMS[form])
     u = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
     gates = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(routing.local_scores, (u, gates))
+
+
+def test_local_scores_form_follows_token_count():
+    """Decoding-sized inputs take the fused layer norm, prefill-sized ones the reductions; both agree."""
+    gates = torch.randn(4, 512)
+    for tokens in (1, 64, 65, 512):
+        u = torch.randn(tokens, 512) * 2 - 1
+        expected = routing.standardize(u) @ routing.phatgoose_rows(gates).T
+        torch.testing.assert_close(routing.local_scores(u, gates), expected, atol=1e-5, rtol=1e-5)
+    assert 64 * 512 <= routing._LAYER_NORM_MAX_FEATURES < 65 * 512
 
 
 def test_absent_experts_are_never_selected():
