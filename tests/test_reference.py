@@ -30,8 +30,9 @@ def read_expert_at(folder: str, module: str):
     return A, B, scaling
 
 
-def reference_layer(x, weight, experts, gates, k):
-    """Loop over tokens: LN scores, mask absent experts, top-k, softmax, add the chosen experts' deltas."""
+def reference_layer(x, weight, experts, gates, k, global_bias=None):
+    """Loop over tokens: LN scores (plus the sequence's global bias), mask absent experts, top-k, softmax, add
+    the chosen experts' deltas."""
 
     def ln(v):
         return (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + 1e-5)
@@ -43,6 +44,7 @@ def reference_layer(x, weight, experts, gates, k):
             if factors is None:
                 continue
             score = float(torch.dot(ln(u), ln(gates[e])) / math.sqrt(u.shape[0]))
+            score += 0.0 if global_bias is None else float(global_bias[e])
             candidates.append((score, e))
         chosen = sorted(candidates, reverse=True)[: min(k, len(candidates))]
         logits = torch.tensor([score for score, _ in chosen], dtype=torch.float64)
@@ -86,6 +88,30 @@ def test_layer_matches_per_token_reference(tmp_path, num_experts, top_k, kernel)
     expected = reference_layer(x.reshape(-1, x.shape[-1]), layer.base_layer.weight.detach(), experts, gates, top_k)
     assert sum(e is not None for e in experts) >= 2  # the module is shared by several experts
     torch.testing.assert_close(got.reshape(-1, got.shape[-1]).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["concat", "gather", "sparse", "auto"])
+@pytest.mark.parametrize("tokens", [3, 1100])  # few tokens: layer-norm scores; many: the two-reduction form
+def test_layer_with_shared_rank_matches_per_token_reference(tmp_path, kernel, tokens):
+    """A shared rank and scaling (every kernel runs, scaling applied once) and absent experts (slots), in place
+    into the base output, with a global bias: the full layer path against the per-token reference."""
+    folders = [
+        make_expert(tiny_llama, tmp_path / f"e{i}", seed=i, r=4, target_modules=["q_proj", "v_proj"] if i % 2 else LLAMA_MODULES)
+        for i in range(6)
+    ]
+    glider = get_peft_model(tiny_llama(), GliderConfig(experts=folders, top_k=2, alpha=0.0)).base_model
+    glider.set_gates(random_gates(glider, seed=tokens))
+    glider.set_kernel(kernel)
+    for module in (MODULE, "model.layers.1.mlp.down_proj"):  # all experts present, then only half of them
+        layer = glider.glider_layers()[module]
+        x = torch.randn(1, tokens, layer.in_features, generator=torch.Generator().manual_seed(1))
+        bias = torch.randn(1, 6, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad(), glider.global_scores(bias, alpha=1.0):
+            got = layer(x)
+        experts = [read_expert_at(folder, module) for folder in folders]
+        gates = layer.glider_gates["default"].detach()
+        expected = reference_layer(x[0], layer.base_layer.weight.detach(), experts, gates, 2, bias[0])
+        torch.testing.assert_close(got[0].double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_routing_is_invariant_to_token_scale(tmp_path):
