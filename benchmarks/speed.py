@@ -2,7 +2,7 @@
 
 Each (model, E) case: build every variant, check that outputs that must agree do agree (else stop), then time
 the workloads round-robin for `--rounds` rounds and report medians, the median of per-round ratios to the base
-model, the ratio predicted by counting multiply-adds, peak memory (in a fresh subprocess per case), load time of
+model, the ratio predicted by counting multiply-adds, peak memory (median of fresh subprocesses), load time of
 the E experts, the load average and the versions. Writes the same as JSON.
 
     python benchmarks/speed.py                    # the default matrix (see --help); 2 CPU threads
@@ -252,7 +252,11 @@ def bench_case(model_name: str, experts: int, args) -> dict:
         })
     memory = {}
     if not args.no_memory:
-        memory = {v: peak_rss_mib(model_name, experts, str(folder), v) for v in ("base", "glider")}
+        samples = {"base": [], "glider": []}
+        for _ in range(args.memory_repeats):  # alternating fresh processes; one sample varies by ~10-20 MiB
+            for variant in samples:
+                samples[variant].append(peak_rss_mib(model_name, experts, str(folder), variant))
+        memory = {variant: statistics.median(values) for variant, values in samples.items()}
         memory["expert_mib"] = expert_bytes(paths) / 2**20
     return {"rows": rows, "memory_mib": memory, **info}
 
@@ -279,6 +283,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per variant (median)")
     parser.add_argument("--quick", action="store_true", help="hidden 512, E=8, 3 rounds")
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args()
