@@ -217,6 +217,8 @@ class GliderLinear(nn.Module, GliderLayer):
         bank = self.expert_bank(adapter_name)
         state = self.glider_routing[adapter_name]
         u = x.reshape(-1, self.in_features)  # (N, in)
+        if u.shape[0] == 0:  # an empty batch: nothing to route
+            return out if out is not None else x.new_zeros(*x.shape[:-1], self.out_features)
         if u.dtype != bank.A.dtype or u.device != bank.A.device:
             u = u.to(bank.A.device, bank.A.dtype)
         if state.train_expert is not None:

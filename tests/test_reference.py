@@ -250,3 +250,14 @@ def test_unknown_kernel_is_refused():
     selection = routing.select_top_k(torch.randn(2, 3, dtype=torch.float64), None, 2)
     with pytest.raises(ValueError, match="grouped"):
         routing.apply_experts(torch.randn(2, 24, dtype=torch.float64), bank, selection, "grouped")
+
+
+@pytest.mark.parametrize("kernel", ["concat", "gather", "sparse"])
+def test_empty_batch_passes_through(tmp_path, kernel):
+    folders = [make_expert(tiny_llama, tmp_path / f"e{i}", seed=i) for i in range(3)]
+    glider = get_peft_model(tiny_llama(), GliderConfig(experts=folders, top_k=2)).base_model
+    glider.set_kernel(kernel)
+    layer = glider.glider_layers()[MODULE]
+    with torch.no_grad(), glider.global_scores(torch.rand(2, 3), alpha=1.0):
+        assert layer(torch.randn(0, 5, layer.in_features)).shape == (0, 5, layer.out_features)
+    assert layer(torch.randn(0, layer.in_features)).shape == (0, layer.out_features)  # with gradients
