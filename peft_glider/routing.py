@@ -106,8 +106,11 @@ def combine_logits(local: torch.Tensor, global_bias: torch.Tensor | None) -> tor
     if global_bias is None:
         return local
     groups, num_experts = global_bias.shape
-    by_group = local.view(groups, -1, num_experts) + global_bias.to(local.dtype).unsqueeze(1)
-    return by_group.view(-1, num_experts)
+    if global_bias.dtype != local.dtype:
+        global_bias = global_bias.to(local.dtype)
+    if local.shape[0] == groups:  # one token per group (decoding): a plain sum
+        return local + global_bias
+    return (local.view(groups, -1, num_experts) + global_bias.unsqueeze(1)).view(-1, num_experts)
 
 
 def auto_alpha(scores: torch.Tensor, threshold: float, held_in: float, held_out: float) -> torch.Tensor:
@@ -138,13 +141,16 @@ class ExpertBank:
         self.uniform_scaling = scalings.pop() if len(scalings) == 1 else None  # None for mixed scalings
         expert_scaling = [0.0 if span is None else float(self.rank_scaling[span[0]]) for span in self.spans]
         self.expert_scaling = torch.tensor(expert_scaling, dtype=self.A.dtype, device=self.A.device)  # (E,)
+        if self.uniform_rank is not None:  # per-expert blocks of the factors, for gathering
+            self.A_blocks = self.A.view(self.num_present, self.uniform_rank, -1)  # (P, r, d)
+            self.BT_blocks = self.BT.view(self.num_present, self.uniform_rank, -1)  # (P, r, o)
         self._kernel_choice: dict[tuple, str] = {}
 
 
 def _scaled_weights(bank: ExpertBank, selection: Selection, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
     """Each selected pair's weight times its expert's LoRA scaling, as (weights (N, k), common factor): a scaling
     shared by every expert is left out of the weights and applied once, by the final GEMM's `alpha`."""
-    weights = selection.weights.to(dtype)
+    weights = selection.weights if selection.weights.dtype == dtype else selection.weights.to(dtype)
     if bank.uniform_scaling is not None:
         return weights, bank.uniform_scaling
     return weights * bank.expert_scaling[selection.indices], 1.0
@@ -190,14 +196,14 @@ def delta_gather(
     experts present here; differentiable.
     """
     n, k = selection.indices.shape
-    rank, d, o = bank.uniform_rank, x.shape[1], bank.BT.shape[1]
+    width = k * bank.uniform_rank
     weights, alpha = _scaled_weights(bank, selection, x.dtype)
-    slots = _slots(bank, selection.indices).reshape(-1)  # (N k,)
-    a = bank.A.view(-1, rank, d).index_select(0, slots).view(n, k * rank, d)
-    hidden = torch.bmm(a, x.unsqueeze(-1)).view(n, k, rank) * weights.unsqueeze(-1)  # (N, k, r)
-    b = bank.BT.view(-1, rank, o).index_select(0, slots).view(n, k * rank, o)
+    slots = _slots(bank, selection.indices).view(-1)  # (N k,)
+    a = bank.A_blocks.index_select(0, slots).view(n, width, -1)  # (N, k r, d)
+    hidden = torch.bmm(a, x.unsqueeze(-1)).view(n, k, -1) * weights.unsqueeze(-1)  # (N, k, r)
+    b = bank.BT_blocks.index_select(0, slots).view(n, width, -1)  # (N, k r, o)
     out = _output(x, bank, out)
-    out.unsqueeze(1).baddbmm_(hidden.view(n, 1, k * rank), b, alpha=alpha)  # (N, 1, o) in place
+    out.unsqueeze(1).baddbmm_(hidden.view(n, 1, width), b, alpha=alpha)  # (N, 1, o) in place
     return out
 
 

@@ -76,4 +76,4 @@ class RoutingState:
                 f"Global scores were set for {set_rows} rows, but a Glider layer received a batch of {rows} "
                 "rows, which is not a multiple of it (rows may only be expanded by beams or return sequences)."
             )
-        return self.row_bias.to(device)
+        return self.row_bias if self.row_bias.device == device else self.row_bias.to(device)
