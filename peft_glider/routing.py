@@ -134,12 +134,12 @@ class ExpertBank:
     def __post_init__(self) -> None:
         present = [span for span in self.spans if span is not None]
         ranks = {end - start for start, end in present}
-        scalings = {float(self.rank_scaling[start]) for start, _ in present}
+        expert_scaling = [0.0 if span is None else float(self.rank_scaling[span[0]]) for span in self.spans]
+        scalings = {scaling for scaling, span in zip(expert_scaling, self.spans) if span is not None}
         self.num_experts = len(self.spans)
         self.num_present = len(present)
         self.uniform_rank = ranks.pop() if len(ranks) == 1 else None  # None for mixed ranks
         self.uniform_scaling = scalings.pop() if len(scalings) == 1 else None  # None for mixed scalings
-        expert_scaling = [0.0 if span is None else float(self.rank_scaling[span[0]]) for span in self.spans]
         self.expert_scaling = torch.tensor(expert_scaling, dtype=self.A.dtype, device=self.A.device)  # (E,)
         if self.uniform_rank is not None:  # per-expert blocks of the factors, for gathering
             self.A_blocks = self.A.view(self.num_present, self.uniform_rank, -1)  # (P, r, d)
@@ -249,23 +249,30 @@ _FACTOR_READS_PER_US = 8e3
 _SPARSE_DTYPES = (torch.float32, torch.float64)
 
 
+def runnable_kernels(bank: ExpertBank, dtype: torch.dtype, needs_grad: bool = False) -> tuple[str, ...]:
+    """The kernels that can run a call: `gather` and `sparse` need a rank shared by the experts present; `sparse`
+    needs float32/64 and no gradients (torch's SDDMM backward disagreed with the dense products in our tests)."""
+    if bank.uniform_rank is None:
+        return ("concat",)
+    if dtype in _SPARSE_DTYPES and not needs_grad:
+        return ("concat", "gather", "sparse")
+    return ("concat", "gather")
+
+
 def kernel_costs(
     num_tokens: int, bank: ExpertBank, k: int, dtype: torch.dtype, needs_grad: bool = False
 ) -> dict[str, float]:
-    """Modelled time of each kernel that can run this call, in microseconds. `sparse` runs only without
-    gradients (torch's SDDMM backward is not trusted: it disagreed with the dense products in our tests)."""
+    """Modelled time of each kernel that can run this call (`runnable_kernels`), in microseconds."""
     width = bank.A.shape[1] + bank.BT.shape[1]  # d + o
     total_rank = bank.A.shape[0]
-    costs = {
-        "concat": _FIXED_US["concat"]
-        + num_tokens * total_rank * width / _MACS_PER_US["concat"]
-        + total_rank * width / _FACTOR_READS_PER_US
-    }
-    if bank.uniform_rank is not None:
-        selected_macs = num_tokens * k * bank.uniform_rank * width
-        costs["gather"] = _FIXED_US["gather"] + selected_macs / _MACS_PER_US["gather"]
-        if dtype in _SPARSE_DTYPES and not needs_grad:
-            costs["sparse"] = _FIXED_US["sparse"] + selected_macs / _MACS_PER_US["sparse"]
+    costs = {}
+    for kernel in runnable_kernels(bank, dtype, needs_grad):
+        if kernel == "concat":
+            macs = num_tokens * total_rank * width
+            costs[kernel] = _FIXED_US[kernel] + macs / _MACS_PER_US[kernel] + total_rank * width / _FACTOR_READS_PER_US
+        else:  # only the selected experts' products
+            macs = num_tokens * k * bank.uniform_rank * width
+            costs[kernel] = _FIXED_US[kernel] + macs / _MACS_PER_US[kernel]
     return costs
 
 
@@ -296,6 +303,6 @@ def apply_experts(
         kernel = choose_kernel(n, bank, k, x.dtype, needs_grad)
     elif kernel not in _KERNEL_FUNCTIONS:
         raise ValueError(f"Unknown kernel {kernel!r}; expected one of {KERNELS}.")
-    elif kernel != "concat" and kernel not in kernel_costs(n, bank, k, x.dtype, needs_grad):
+    elif kernel not in runnable_kernels(bank, x.dtype, needs_grad):
         kernel = "concat"
     return _KERNEL_FUNCTIONS[kernel](x, bank, selection, out)
