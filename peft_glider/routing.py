@@ -12,13 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
+
 LN_EPS = 1e-5
 
 # The sparse kernel builds CSR tensors for one call; torch flags their API as beta on first use.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
 
 #: The kernels this module offers for the experts' products; "auto" picks one per call from the shapes.
-KERNELS = ("auto", "concat", "gather", "sparse")
+KERNELS = ("auto", "concat", "gather", "sparse", "native")
 
 
 def standardize(x: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
@@ -138,9 +140,20 @@ class ExpertBank:
         scalings = {scaling for scaling, span in zip(expert_scaling, self.spans) if span is not None}
         self.num_experts = len(self.spans)
         self.num_present = len(present)
+        self.max_rank = max(ranks, default=0)
         self.uniform_rank = ranks.pop() if len(ranks) == 1 else None  # None for mixed ranks
         self.uniform_scaling = scalings.pop() if len(scalings) == 1 else None  # None for mixed scalings
         self.expert_scaling = torch.tensor(expert_scaling, dtype=self.A.dtype, device=self.A.device)  # (E,)
+        # Each expert's first row and rank (0 where absent), for the compiled kernel.
+        self.expert_row_start = torch.tensor([0 if span is None else span[0] for span in self.spans])  # (E,)
+        self.expert_rank = torch.tensor([0 if span is None else span[1] - span[0] for span in self.spans])  # (E,)
+        self.native_ready = (  # whether the compiled kernel can read these factors
+            native.available()
+            and self.A.dtype == self.BT.dtype == torch.float32
+            and self.A.device.type == "cpu"
+            and self.A.is_contiguous()
+            and self.BT.is_contiguous()
+        )
         if self.uniform_rank is not None:  # per-expert blocks of the factors, for gathering
             self.A_blocks = self.A.view(self.num_present, self.uniform_rank, -1)  # (P, r, d)
             self.BT_blocks = self.BT.view(self.num_present, self.uniform_rank, -1)  # (P, r, o)
@@ -230,6 +243,26 @@ def delta_sparse(
     return _output(x, bank, out).addmm_(pattern(weighted), bank.BT, alpha=alpha)
 
 
+def delta_native(
+    x: torch.Tensor, bank: ExpertBank, selection: Selection, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The compiled kernel (`native.py`): per token, only its k experts' `A_e x` and weighted `B_e` rows, with the
+    token in cache, in one call; adds into `out` (N, o).
+
+    Costs N * k * r * (d + o) multiply-adds and no intermediate tensors: best at every shape where it runs (float32
+    on CPU, without gradients, with the package's compiled kernel built). Any ranks and scalings.
+    """
+    weights = selection.weights if selection.weights.dtype == x.dtype else selection.weights.to(x.dtype)
+    out = _output(x, bank, out)
+    target = out if out.stride(-1) == 1 else torch.zeros_like(out)
+    native.add_selected_experts(
+        x if x.stride(-1) == 1 else x.contiguous(), bank.A, bank.BT,
+        bank.expert_row_start, bank.expert_rank, bank.expert_scaling,
+        selection.indices.contiguous(), weights.contiguous(), target,
+    )  # fmt: skip
+    return out if target is out else out.add_(target)
+
+
 def delta_gated_single(x: torch.Tensor, bank: ExpertBank, expert: int, gate: torch.Tensor) -> torch.Tensor:
     """Phatgoose gate training form, one expert: `sigmoid(gate . x) * s_e * B_e A_e x` on the raw x. (N, d) -> (N, o)."""
     span = bank.spans[expert]
@@ -243,20 +276,25 @@ def delta_gated_single(x: torch.Tensor, bank: ExpertBank, expert: int, gate: tor
 
 # Cost model of the kernels on CPU, in microseconds, fitted to measurements on 2 cores (docs/benchmarks.md):
 # a fixed cost per call, then multiply-adds at a kernel's rate, and for `concat` the pass over all its factors.
-_FIXED_US = {"concat": 25.0, "gather": 30.0, "sparse": 100.0}
-_MACS_PER_US = {"concat": 50e3, "gather": 0.8e3, "sparse": 12e3}  # gather's rate is that of copying the factors
+_FIXED_US = {"concat": 25.0, "gather": 30.0, "sparse": 100.0, "native": 8.0}
+_MACS_PER_US = {"concat": 50e3, "gather": 0.8e3, "sparse": 12e3, "native": 20e3}  # gather: the rate of copying
 _FACTOR_READS_PER_US = 8e3
 _SPARSE_DTYPES = (torch.float32, torch.float64)
 
 
 def runnable_kernels(bank: ExpertBank, dtype: torch.dtype, needs_grad: bool = False) -> tuple[str, ...]:
-    """The kernels that can run a call: `gather` and `sparse` need a rank shared by the experts present; `sparse`
-    needs float32/64 and no gradients (torch's SDDMM backward disagreed with the dense products in our tests)."""
-    if bank.uniform_rank is None:
-        return ("concat",)
-    if dtype in _SPARSE_DTYPES and not needs_grad:
-        return ("concat", "gather", "sparse")
-    return ("concat", "gather")
+    """The kernels that can run a call: `native` needs its compiled library, contiguous float32 factors on CPU,
+    float32 tokens and no gradients;
+    `gather` and `sparse` need a rank shared by the experts present; `sparse` needs float32/64 and no gradients
+    (torch's SDDMM backward disagreed with the dense products in our tests)."""
+    kernels = ["concat"]
+    if bank.uniform_rank is not None:
+        kernels.append("gather")
+        if dtype in _SPARSE_DTYPES and not needs_grad:
+            kernels.append("sparse")
+    if bank.native_ready and dtype == torch.float32 and not needs_grad:
+        kernels.append("native")
+    return tuple(kernels)
 
 
 def kernel_costs(
@@ -271,7 +309,7 @@ def kernel_costs(
             macs = num_tokens * total_rank * width
             costs[kernel] = _FIXED_US[kernel] + macs / _MACS_PER_US[kernel] + total_rank * width / _FACTOR_READS_PER_US
         else:  # only the selected experts' products
-            macs = num_tokens * k * bank.uniform_rank * width
+            macs = num_tokens * k * bank.max_rank * width
             costs[kernel] = _FIXED_US[kernel] + macs / _MACS_PER_US[kernel]
     return costs
 
@@ -286,7 +324,7 @@ def choose_kernel(num_tokens: int, bank: ExpertBank, k: int, dtype: torch.dtype,
     return choice
 
 
-_KERNEL_FUNCTIONS = {"concat": delta_concat, "gather": delta_gather, "sparse": delta_sparse}
+_KERNEL_FUNCTIONS = {"concat": delta_concat, "gather": delta_gather, "sparse": delta_sparse, "native": delta_native}
 
 
 def apply_experts(
@@ -294,8 +332,9 @@ def apply_experts(
 ) -> torch.Tensor:
     """Add `sum_j w_j * s_j * B_j A_j x` over each token's selected experts into `out` (zeros if None). x (N, d).
 
-    A forced kernel that cannot run this call (`gather` or `sparse` with mixed ranks, `sparse` in half precision
-    or with gradients) falls back to `concat`, which runs everywhere.
+    A forced kernel that cannot run this call (`runnable_kernels`: `gather` or `sparse` with mixed ranks, `sparse`
+    or `native` in half precision or with gradients, `native` unbuilt or off CPU) falls back to `concat`, which
+    runs everywhere.
     """
     n, k = selection.indices.shape
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or selection.weights.requires_grad)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import LLAMA_MODULES, make_expert, random_gates, tiny_llama
 from peft import get_peft_model
 from safetensors.torch import load_file
 
-from peft_glider import GliderConfig, routing
+from peft_glider import GliderConfig, native, routing
 
 MODULE = "model.layers.1.self_attn.q_proj"
 
@@ -71,7 +72,7 @@ def build_library(tmp_path: Path, num_experts: int):
 
 @pytest.mark.parametrize("num_experts", [3, 8])
 @pytest.mark.parametrize("top_k", [1, 2, 3])
-@pytest.mark.parametrize("kernel", ["concat", "gather", "sparse", "auto"])
+@pytest.mark.parametrize("kernel", ["concat", "gather", "sparse", "native", "auto"])
 def test_layer_matches_per_token_reference(tmp_path, num_experts, top_k, kernel):
     folders = build_library(tmp_path, num_experts)
     model = get_peft_model(tiny_llama(), GliderConfig(experts=folders, top_k=top_k, alpha=0.0))
@@ -90,7 +91,7 @@ def test_layer_matches_per_token_reference(tmp_path, num_experts, top_k, kernel)
     torch.testing.assert_close(got.reshape(-1, got.shape[-1]).double(), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["concat", "gather", "sparse", "auto"])
+@pytest.mark.parametrize("kernel", ["concat", "gather", "sparse", "native", "auto"])
 @pytest.mark.parametrize("tokens", [3, 1100])  # few tokens: layer-norm scores; many: the two-reduction form
 def test_layer_with_shared_rank_matches_per_token_reference(tmp_path, kernel, tokens):
     """A shared rank and scaling (every kernel runs, scaling applied once) and absent experts (slots), in place
@@ -167,7 +168,7 @@ def test_absent_experts_are_never_selected():
     torch.testing.assert_close(selection.weights.sum(-1), torch.ones(2))
 
 
-def make_bank(ranks, scalings, present, generator, d=24, o=20):
+def make_bank(ranks, scalings, present, generator, d=24, o=20, dtype=torch.float64):
     """An ExpertBank of random factors; experts with `present[e]` False take no rows."""
     spans, rank_expert, rank_scaling, offset = [], [], [], 0
     for expert, (rank, scaling, here) in enumerate(zip(ranks, scalings, present)):
@@ -177,10 +178,10 @@ def make_bank(ranks, scalings, present, generator, d=24, o=20):
         rank_scaling += [scaling] * (rank if here else 0)
     present = torch.tensor(present)
     return routing.ExpertBank(
-        A=torch.randn(offset, d, generator=generator, dtype=torch.float64),
-        BT=torch.randn(offset, o, generator=generator, dtype=torch.float64),
+        A=torch.randn(offset, d, generator=generator, dtype=dtype),
+        BT=torch.randn(offset, o, generator=generator, dtype=dtype),
         rank_expert=torch.tensor(rank_expert),
-        rank_scaling=torch.tensor(rank_scaling, dtype=torch.float64),
+        rank_scaling=torch.tensor(rank_scaling, dtype=dtype),
         spans=spans,
         expert_slot=torch.where(present, present.long().cumsum(0) - 1, -1),
     )
@@ -228,13 +229,86 @@ def test_kernels_match_per_pair_reference_with_gradients(bank_name, kernel):
         torch.testing.assert_close(got_grad, expected_grad)
 
 
-def test_auto_kernel_follows_the_shapes():
-    """Few experts: the dense concat; a few tokens among many experts: gather; many tokens and experts: sparse;
-    half precision and gradients never take the sparse kernel, mixed ranks always take concat."""
+NATIVE_BANKS = {  # ranks, scalings, present: the banks above, and ranks past the kernel's 256-row chunk
+    **BANKS,
+    "ranks over one chunk": ([300, 3, 260], [0.5, 2.0, 1.0], [True, True, True]),
+}
+
+
+@pytest.mark.skipif(not native.available(), reason="the compiled kernel is not built")
+@pytest.mark.parametrize("bank_name", list(NATIVE_BANKS))
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("tokens", [1, 7, 100])  # 100: split across threads
+def test_native_kernel_matches_per_pair_reference(bank_name, simd, tokens):
+    """The compiled kernel against the per-pair reference (computed in float64), adding into `out` in place,
+    with its AVX2 and portable loops, one thread or several, rows with a stride, and a non-contiguous `out`."""
+    generator = torch.Generator().manual_seed(tokens)
+    ranks, scalings, present = NATIVE_BANKS[bank_name]
+    bank = make_bank(ranks, scalings, present, generator, d=37, o=29, dtype=torch.float32)
+    assert "native" in routing.runnable_kernels(bank, torch.float32)
+    x = torch.randn(tokens, 40, generator=generator)[:, :37]  # rows with a stride of 40
+    logits = torch.randn(tokens, len(ranks), generator=generator)
+    mask = torch.tensor(present)
+    selection = routing.select_top_k(logits, None if mask.all() else mask, 2)
+    start = torch.randn(tokens, 29, generator=generator)
+    expected = start.double() + per_pair_reference(x.double(), make_bank_double(bank), selection)
+
+    out = start.clone()
+    native.add_selected_experts(
+        x, bank.A, bank.BT, bank.expert_row_start, bank.expert_rank, bank.expert_scaling,
+        selection.indices, selection.weights, out, simd=simd,
+    )  # fmt: skip
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-5)
+    transposed_out = start.T.clone().T  # the same values with columns contiguous: computed apart, then added
+    got = routing.apply_experts(x, bank, selection, "native", out=transposed_out)
+    assert got is transposed_out
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
+
+
+def make_bank_double(bank):
+    return routing.ExpertBank(
+        A=bank.A.double(), BT=bank.BT.double(), rank_expert=bank.rank_expert,
+        rank_scaling=bank.rank_scaling.double(), spans=bank.spans, expert_slot=bank.expert_slot,
+    )  # fmt: skip
+
+
+def test_native_kernel_is_built_where_a_compiler_is():
+    """The package builds its compiled kernel at install where a C compiler is found (`setup.py`)."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the pure-torch kernels run")
+    assert native.available(), "reinstall with `pip install -e .`: the compiled kernel was not built"
+
+
+def test_native_kernel_steps_aside_where_it_cannot_run():
+    """Gradients, half precision and float64 take a torch kernel, also when `native` is forced."""
     generator = torch.Generator().manual_seed(0)
-    few = make_bank([8] * 8, [2.0] * 8, [True] * 8, generator, d=512, o=512)
-    many = make_bank([8] * 128, [2.0] * 128, [True] * 128, generator, d=512, o=512)
-    mixed = make_bank([4, 8] * 64, [2.0] * 128, [True] * 128, generator, d=512, o=512)
+    bank = make_bank([4] * 6, [2.0] * 6, [True] * 6, generator, dtype=torch.float32)
+    assert "native" not in routing.runnable_kernels(bank, torch.float32, needs_grad=True)
+    assert "native" not in routing.runnable_kernels(bank, torch.bfloat16)
+    assert "native" not in routing.runnable_kernels(make_bank([4] * 6, [2.0] * 6, [True] * 6, generator), torch.float64)
+    x = torch.randn(5, 24, generator=generator, requires_grad=True)
+    selection = routing.select_top_k(torch.randn(5, 6, generator=generator), None, 2)
+    got = routing.apply_experts(x, bank, selection, "native")
+    assert got.grad_fn is not None  # computed by a differentiable torch kernel
+    expected = per_pair_reference(x.double(), make_bank_double(bank), selection)
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_auto_kernel_follows_the_shapes():
+    """With the compiled kernel: it, wherever it can run. Without it (or where it cannot): few experts, the dense
+    concat; a few tokens among many experts, gather; many tokens and experts, sparse; half precision and
+    gradients never take the sparse kernel, mixed ranks always take concat."""
+    generator = torch.Generator().manual_seed(0)
+    few = make_bank([8] * 8, [2.0] * 8, [True] * 8, generator, d=512, o=512, dtype=torch.float32)
+    many = make_bank([8] * 128, [2.0] * 128, [True] * 128, generator, d=512, o=512, dtype=torch.float32)
+    mixed = make_bank([4, 8] * 64, [2.0] * 128, [True] * 128, generator, d=512, o=512, dtype=torch.float32)
+    if native.available():
+        for bank in (few, many, mixed):
+            for tokens in (1, 512):
+                assert routing.choose_kernel(tokens, bank, 2, torch.float32) == "native"
+            assert routing.choose_kernel(512, bank, 2, torch.float32, needs_grad=True) != "native"
+            bank.native_ready = False  # as without the compiled kernel
+            bank._kernel_choice.clear()
     assert routing.choose_kernel(512, few, 2, torch.float32) == "concat"
     assert routing.choose_kernel(1, few, 2, torch.float32) == "concat"
     assert routing.choose_kernel(1, many, 2, torch.float32) == "gather"
@@ -252,7 +326,7 @@ def test_unknown_kernel_is_refused():
         routing.apply_experts(torch.randn(2, 24, dtype=torch.float64), bank, selection, "grouped")
 
 
-@pytest.mark.parametrize("kernel", ["concat", "gather", "sparse"])
+@pytest.mark.parametrize("kernel", ["concat", "gather", "sparse", "native"])
 def test_empty_batch_passes_through(tmp_path, kernel):
     folders = [make_expert(tiny_llama, tmp_path / f"e{i}", seed=i) for i in range(3)]
     glider = get_peft_model(tiny_llama(), GliderConfig(experts=folders, top_k=2)).base_model

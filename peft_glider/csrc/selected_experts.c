@@ -1,0 +1,166 @@
+/* The selected experts' LoRA products of one GLIDER module, for float32 on CPU, in one call.
+ *
+ * For every token n and each of its k selected experts e (with mixing weight w and LoRA scaling s_e):
+ *     out[n, :] += w * s_e * BT_e^T (A_e x[n, :])
+ * where A_e is the expert's (r_e, d) block of the concatenated A factors and BT_e its (r_e, o) block of the
+ * transposed B factors. Only the selected experts are read: N * k * r * (d + o) multiply-adds, x read once
+ * per token while it sits in cache. Loaded by peft_glider/native.py through ctypes (no Python C API).
+ *
+ * AVX2/FMA forms are picked at run time where the CPU has them; portable loops otherwise. Tokens are split
+ * across threads (POSIX threads, not OpenMP: torch ships its own OpenMP runtime, and two spinning thread pools
+ * would fight for the same cores).
+ */
+#include <pthread.h>
+#include <stdint.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define HAVE_AVX2_FORMS 1
+#endif
+
+/* Portable forms: h[i] = dot(A[i, :], x) for i < r (A rows of length d); y += sum_i h[i] * BT[i, :] (rows of length o). */
+static void low_rank_dots_portable(const float *restrict A, const float *restrict x, int64_t r, int64_t d, float *restrict h) {
+    for (int64_t i = 0; i < r; i++) {
+        const float *a = A + i * d;
+        float t = 0.0f;
+        for (int64_t c = 0; c < d; c++) t += a[c] * x[c];
+        h[i] = t;
+    }
+}
+
+static void add_low_rank_portable(const float *restrict BT, const float *restrict h, int64_t r, int64_t o, float *restrict y) {
+    for (int64_t i = 0; i < r; i++) {
+        const float *b = BT + i * o;
+        for (int64_t c = 0; c < o; c++) y[c] += h[i] * b[c];
+    }
+}
+
+#ifdef HAVE_AVX2_FORMS
+__attribute__((target("avx2,fma"))) static float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* AVX2 forms: four rows at a time, eight features per instruction. */
+__attribute__((target("avx2,fma")))
+static void low_rank_dots_avx2(const float *restrict A, const float *restrict x, int64_t r, int64_t d, float *restrict h) {
+    int64_t i = 0;
+    for (; i + 4 <= r; i += 4) {
+        const float *a0 = A + i * d, *a1 = a0 + d, *a2 = a1 + d, *a3 = a2 + d;
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        int64_t c = 0;
+        for (; c + 8 <= d; c += 8) {
+            __m256 xv = _mm256_loadu_ps(x + c);
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + c), xv, s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + c), xv, s1);
+            s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + c), xv, s2);
+            s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + c), xv, s3);
+        }
+        float t0 = sum8(s0), t1 = sum8(s1), t2 = sum8(s2), t3 = sum8(s3);
+        for (; c < d; c++) { t0 += a0[c] * x[c]; t1 += a1[c] * x[c]; t2 += a2[c] * x[c]; t3 += a3[c] * x[c]; }
+        h[i] = t0; h[i + 1] = t1; h[i + 2] = t2; h[i + 3] = t3;
+    }
+    if (i < r) low_rank_dots_portable(A + i * d, x, r - i, d, h + i);
+}
+
+__attribute__((target("avx2,fma")))
+static void add_low_rank_avx2(const float *restrict BT, const float *restrict h, int64_t r, int64_t o, float *restrict y) {
+    int64_t i = 0;
+    for (; i + 4 <= r; i += 4) {
+        const float *b0 = BT + i * o, *b1 = b0 + o, *b2 = b1 + o, *b3 = b2 + o;
+        __m256 h0 = _mm256_set1_ps(h[i]), h1 = _mm256_set1_ps(h[i + 1]);
+        __m256 h2 = _mm256_set1_ps(h[i + 2]), h3 = _mm256_set1_ps(h[i + 3]);
+        int64_t c = 0;
+        for (; c + 8 <= o; c += 8) {
+            __m256 acc = _mm256_loadu_ps(y + c);
+            acc = _mm256_fmadd_ps(h0, _mm256_loadu_ps(b0 + c), acc);
+            acc = _mm256_fmadd_ps(h1, _mm256_loadu_ps(b1 + c), acc);
+            acc = _mm256_fmadd_ps(h2, _mm256_loadu_ps(b2 + c), acc);
+            acc = _mm256_fmadd_ps(h3, _mm256_loadu_ps(b3 + c), acc);
+            _mm256_storeu_ps(y + c, acc);
+        }
+        for (; c < o; c++) y[c] += h[i] * b0[c] + h[i + 1] * b1[c] + h[i + 2] * b2[c] + h[i + 3] * b3[c];
+    }
+    if (i < r) add_low_rank_portable(BT + i * o, h + i, r - i, o, y);
+}
+#endif
+
+#define MAX_THREADS 64
+#define MIN_TOKENS_PER_THREAD 16
+#define RANK_CHUNK 256
+
+typedef struct {
+    const float *x; int64_t d, x_stride;
+    const float *A, *BT; int64_t o;
+    const int64_t *row_start, *rank; const float *scaling;
+    const int64_t *indices; const float *weights; int64_t k;
+    float *out; int64_t out_stride;
+    int64_t begin, end; /* tokens [begin, end) */
+    int avx2;
+} Job;
+
+static void *run_job(void *arg) {
+    const Job *job = (const Job *)arg;
+    float h[RANK_CHUNK];
+    for (int64_t n = job->begin; n < job->end; n++) {
+        const float *x = job->x + n * job->x_stride;
+        float *y = job->out + n * job->out_stride;
+        for (int64_t j = 0; j < job->k; j++) {
+            int64_t e = job->indices[n * job->k + j];
+            int64_t r = job->rank[e], start = job->row_start[e];
+            float w = job->weights[n * job->k + j] * job->scaling[e];
+            for (int64_t done = 0; done < r; done += RANK_CHUNK) {
+                int64_t chunk = r - done < RANK_CHUNK ? r - done : RANK_CHUNK;
+                const float *A = job->A + (start + done) * job->d, *BT = job->BT + (start + done) * job->o;
+#ifdef HAVE_AVX2_FORMS
+                if (job->avx2) {
+                    low_rank_dots_avx2(A, x, chunk, job->d, h);
+                    for (int64_t i = 0; i < chunk; i++) h[i] *= w;
+                    add_low_rank_avx2(BT, h, chunk, job->o, y);
+                    continue;
+                }
+#endif
+                low_rank_dots_portable(A, x, chunk, job->d, h);
+                for (int64_t i = 0; i < chunk; i++) h[i] *= w;
+                add_low_rank_portable(BT, h, chunk, job->o, y);
+            }
+        }
+    }
+    return NULL;
+}
+
+/* Entry point; see the file comment. x (n_tokens, d) with row stride x_stride; A (R, d) and BT (R, o) contiguous;
+ * row_start, rank, scaling (E,): each expert's first row, rank and LoRA scaling; indices (n_tokens, k) int64 and
+ * weights (n_tokens, k) contiguous; out (n_tokens, o) with row stride out_stride; simd 0 forces the portable
+ * loops (tests). A share whose thread could not be started is run by the calling thread. */
+void glider_add_selected_experts(
+    const float *x, int64_t n_tokens, int64_t d, int64_t x_stride,
+    const float *A, const float *BT, int64_t o,
+    const int64_t *row_start, const int64_t *rank, const float *scaling,
+    const int64_t *indices, const float *weights, int64_t k,
+    float *out, int64_t out_stride, int num_threads, int simd) {
+    int64_t threads = n_tokens / MIN_TOKENS_PER_THREAD;
+    if (threads > num_threads) threads = num_threads;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads < 1) threads = 1;
+#ifdef HAVE_AVX2_FORMS
+    const int avx2 = simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    const int avx2 = 0;
+#endif
+    Job jobs[MAX_THREADS];
+    pthread_t workers[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t t = 0; t < threads; t++) {
+        jobs[t] = (Job){x, d, x_stride, A, BT, o, row_start, rank, scaling, indices, weights, k, out, out_stride,
+                        n_tokens * t / threads, n_tokens * (t + 1) / threads, avx2};
+    }
+    for (int64_t t = 1; t < threads; t++) started[t] = pthread_create(&workers[t], NULL, run_job, &jobs[t]) == 0;
+    run_job(&jobs[0]);
+    for (int64_t t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(workers[t], NULL);
+        else run_job(&jobs[t]);
+    }
+}
