@@ -11,8 +11,8 @@ setup(
         Extension(
             "peft_glider._selected_experts",
             sources=["peft_glider/csrc/selected_experts.c"],
-            extra_compile_args=["-O3", "-std=c11"],
-            extra_link_args=["-pthread"],
+            extra_compile_args=["-O3", "-std=c11", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
             optional=True,
         )
     ]

@@ -19,7 +19,8 @@ def render(paths: list[str]) -> str:
         lines.append("")
         lines.append(
             f"torch {header['torch']}, transformers {header['transformers']}, peft {header['peft']}, "
-            f"peft-glider {header['peft_glider']}, Python {header['python']}, {header['threads']} threads; "
+            f"peft-glider {header['peft_glider']}, Python {header['python']}, {header['threads']} threads, "
+            f"compiled kernel {'built' if header.get('compiled_kernel') else 'not built'}; "
             f"load average {header['load_average_start'][0]:.2f} at the start, {header['load_average_end'][0]:.2f} at the end."
         )
         lines.append("")

@@ -39,6 +39,7 @@ from peft import ArrowConfig, LoraConfig, PeftModel, create_arrow_model, get_pef
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration  # noqa: E402
 
 import peft_glider  # noqa: E402
+import peft_glider.native  # noqa: E402
 from peft_glider import GliderConfig, GlobalRouter, SamplesWriter  # noqa: E402
 
 LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -293,6 +294,7 @@ def main() -> None:
     header = {
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "peft_glider": peft_glider.__version__, "threads": args.threads,
+        "compiled_kernel": peft_glider.native.available(),
         "cpu": platform.processor() or platform.machine(), "load_average_start": os.getloadavg(),
     }
     print(json.dumps(header))

@@ -7,10 +7,10 @@
  * per token while it sits in cache. Loaded by peft_glider/native.py through ctypes (no Python C API).
  *
  * AVX2/FMA forms are picked at run time where the CPU has them; portable loops otherwise. Tokens are split
- * across threads (POSIX threads, not OpenMP: torch ships its own OpenMP runtime, and two spinning thread pools
- * would fight for the same cores).
+ * across OpenMP threads. The library links `libgomp.so.1` by name, so that once torch has loaded its own copy
+ * (same soname) the loader reuses it and both share one thread pool: a second pool (POSIX threads, or another
+ * OpenMP runtime) made both 2-3x slower on 2 cores, its threads and torch's spinning ones fighting for the cores.
  */
-#include <pthread.h>
 #include <stdint.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -87,80 +87,56 @@ static void add_low_rank_avx2(const float *restrict BT, const float *restrict h,
 }
 #endif
 
-#define MAX_THREADS 64
 #define MIN_TOKENS_PER_THREAD 16
 #define RANK_CHUNK 256
 
-typedef struct {
-    const float *x; int64_t d, x_stride;
-    const float *A, *BT; int64_t o;
-    const int64_t *row_start, *rank; const float *scaling;
-    const int64_t *indices; const float *weights; int64_t k;
-    float *out; int64_t out_stride;
-    int64_t begin, end; /* tokens [begin, end) */
-    int avx2;
-} Job;
-
-static void *run_job(void *arg) {
-    const Job *job = (const Job *)arg;
+static void add_token_experts(
+    const float *x, int64_t d, const float *A, const float *BT, int64_t o,
+    const int64_t *row_start, const int64_t *rank, const float *scaling,
+    const int64_t *indices, const float *weights, int64_t k, float *y, int avx2) {
     float h[RANK_CHUNK];
-    for (int64_t n = job->begin; n < job->end; n++) {
-        const float *x = job->x + n * job->x_stride;
-        float *y = job->out + n * job->out_stride;
-        for (int64_t j = 0; j < job->k; j++) {
-            int64_t e = job->indices[n * job->k + j];
-            int64_t r = job->rank[e], start = job->row_start[e];
-            float w = job->weights[n * job->k + j] * job->scaling[e];
-            for (int64_t done = 0; done < r; done += RANK_CHUNK) {
-                int64_t chunk = r - done < RANK_CHUNK ? r - done : RANK_CHUNK;
-                const float *A = job->A + (start + done) * job->d, *BT = job->BT + (start + done) * job->o;
+    for (int64_t j = 0; j < k; j++) {
+        int64_t e = indices[j];
+        int64_t r = rank[e], start = row_start[e];
+        float w = weights[j] * scaling[e];
+        for (int64_t done = 0; done < r; done += RANK_CHUNK) {
+            int64_t chunk = r - done < RANK_CHUNK ? r - done : RANK_CHUNK;
+            const float *A_rows = A + (start + done) * d, *BT_rows = BT + (start + done) * o;
 #ifdef HAVE_AVX2_FORMS
-                if (job->avx2) {
-                    low_rank_dots_avx2(A, x, chunk, job->d, h);
-                    for (int64_t i = 0; i < chunk; i++) h[i] *= w;
-                    add_low_rank_avx2(BT, h, chunk, job->o, y);
-                    continue;
-                }
-#endif
-                low_rank_dots_portable(A, x, chunk, job->d, h);
+            if (avx2) {
+                low_rank_dots_avx2(A_rows, x, chunk, d, h);
                 for (int64_t i = 0; i < chunk; i++) h[i] *= w;
-                add_low_rank_portable(BT, h, chunk, job->o, y);
+                add_low_rank_avx2(BT_rows, h, chunk, o, y);
+                continue;
             }
+#endif
+            low_rank_dots_portable(A_rows, x, chunk, d, h);
+            for (int64_t i = 0; i < chunk; i++) h[i] *= w;
+            add_low_rank_portable(BT_rows, h, chunk, o, y);
         }
     }
-    return NULL;
 }
 
 /* Entry point; see the file comment. x (n_tokens, d) with row stride x_stride; A (R, d) and BT (R, o) contiguous;
  * row_start, rank, scaling (E,): each expert's first row, rank and LoRA scaling; indices (n_tokens, k) int64 and
  * weights (n_tokens, k) contiguous; out (n_tokens, o) with row stride out_stride; simd 0 forces the portable
- * loops (tests). A share whose thread could not be started is run by the calling thread. */
+ * loops (tests). */
 void glider_add_selected_experts(
     const float *x, int64_t n_tokens, int64_t d, int64_t x_stride,
     const float *A, const float *BT, int64_t o,
     const int64_t *row_start, const int64_t *rank, const float *scaling,
     const int64_t *indices, const float *weights, int64_t k,
     float *out, int64_t out_stride, int num_threads, int simd) {
-    int64_t threads = n_tokens / MIN_TOKENS_PER_THREAD;
-    if (threads > num_threads) threads = num_threads;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1) threads = 1;
 #ifdef HAVE_AVX2_FORMS
     const int avx2 = simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
     const int avx2 = 0;
+    (void)simd;
 #endif
-    Job jobs[MAX_THREADS];
-    pthread_t workers[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int64_t t = 0; t < threads; t++) {
-        jobs[t] = (Job){x, d, x_stride, A, BT, o, row_start, rank, scaling, indices, weights, k, out, out_stride,
-                        n_tokens * t / threads, n_tokens * (t + 1) / threads, avx2};
-    }
-    for (int64_t t = 1; t < threads; t++) started[t] = pthread_create(&workers[t], NULL, run_job, &jobs[t]) == 0;
-    run_job(&jobs[0]);
-    for (int64_t t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(workers[t], NULL);
-        else run_job(&jobs[t]);
+    int threads = n_tokens / MIN_TOKENS_PER_THREAD < num_threads ? (int)(n_tokens / MIN_TOKENS_PER_THREAD) : num_threads;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t n = 0; n < n_tokens; n++) {
+        add_token_experts(x + n * x_stride, d, A, BT, o, row_start, rank, scaling, indices + n * k, weights + n * k, k,
+                          out + n * out_stride, avx2);
     }
 }
