@@ -12,7 +12,7 @@ setup(
             "peft_glider._selected_experts",
             sources=["peft_glider/csrc/selected_experts.c"],
             extra_compile_args=["-O3", "-std=c11", "-fopenmp"],
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp", "-lm"],
             optional=True,
         )
     ]

@@ -226,17 +226,27 @@ class GliderLinear(nn.Module, GliderLayer):
             return routing.delta_gated_single(u, bank, state.train_expert, gate).view(*x.shape[:-1], self.out_features)
         rows = x.shape[0] if x.dim() > 1 else 1
         router_rows = self.router_rows(adapter_name)
-        scored = u if u.dtype == router_rows.dtype else u.to(router_rows.dtype)
-        if state.local_router == "arrow":
-            local = routing.arrow_dots(scored, router_rows)  # (N, E)
+        k = self.glider_k[adapter_name]
+        global_bias = state.global_bias(rows, u.device)
+        needs_grad = torch.is_grad_enabled() and (
+            u.requires_grad or (global_bias is not None and global_bias.requires_grad)
+        )
+        kernel = routing.resolve_kernel(state.kernel, u.shape[0], bank, k, u.dtype, needs_grad)
+        if kernel == "native" and routing.can_fuse_routing(router_rows, bank):
+            standardized = state.local_router != "arrow"
+            selection, delta = routing.route_and_apply_native(u, router_rows, standardized, global_bias, k, bank, out)
         else:
-            local = routing.standardized_dots(scored, router_rows)  # (N, E)
-        logits = routing.combine_logits(local, state.global_bias(rows, local.device))
-        present = None if bank.num_present == bank.num_experts else self.glider_present[adapter_name]
-        selection = routing.select_top_k(logits, present, self.glider_k[adapter_name])
+            scored = u if u.dtype == router_rows.dtype else u.to(router_rows.dtype)
+            if state.local_router == "arrow":
+                local = routing.arrow_dots(scored, router_rows)  # (N, E)
+            else:
+                local = routing.standardized_dots(scored, router_rows)  # (N, E)
+            logits = routing.combine_logits(local, global_bias)
+            present = None if bank.num_present == bank.num_experts else self.glider_present[adapter_name]
+            selection = routing.select_top_k(logits, present, k)
+            delta = routing.apply_experts(u, bank, selection, kernel, out)  # (N, out)
         if state.trace is not None:
             state.trace.record(self.module_name, selection.indices.view(rows, -1, selection.indices.shape[-1]))
-        delta = routing.apply_experts(u, bank, selection, state.kernel, out)  # (N, out)
         return delta if out is not None else delta.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

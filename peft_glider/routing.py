@@ -243,6 +243,16 @@ def delta_sparse(
     return _output(x, bank, out).addmm_(pattern(weighted), bank.BT, alpha=alpha)
 
 
+def _native_operands(x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x with contiguous rows, and where the compiled kernel adds: `out` itself, or zeros to add into `out` after
+    when its rows are not contiguous (see `_native_result`)."""
+    return (x if x.stride(-1) == 1 else x.contiguous()), (out if out.stride(-1) == 1 else torch.zeros_like(out))
+
+
+def _native_result(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return out if target is out else out.add_(target)
+
+
 def delta_native(
     x: torch.Tensor, bank: ExpertBank, selection: Selection, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -254,13 +264,49 @@ def delta_native(
     """
     weights = selection.weights if selection.weights.dtype == x.dtype else selection.weights.to(x.dtype)
     out = _output(x, bank, out)
-    target = out if out.stride(-1) == 1 else torch.zeros_like(out)
+    x, target = _native_operands(x, out)
     native.add_selected_experts(
-        x if x.stride(-1) == 1 else x.contiguous(), bank.A, bank.BT,
-        bank.expert_row_start, bank.expert_rank, bank.expert_scaling,
+        x, bank.A, bank.BT, bank.expert_row_start, bank.expert_rank, bank.expert_scaling,
         selection.indices.contiguous(), weights.contiguous(), target,
     )  # fmt: skip
-    return out if target is out else out.add_(target)
+    return _native_result(out, target)
+
+
+def can_fuse_routing(rows: torch.Tensor, bank: ExpertBank) -> bool:
+    """Whether `route_and_apply_native` can take these router rows (E, d) and experts."""
+    return (
+        bank.native_ready
+        and rows.dtype == torch.float32
+        and rows.device.type == "cpu"
+        and rows.is_contiguous()
+        and rows.shape[0] <= native.MAX_EXPERTS
+    )
+
+
+def route_and_apply_native(
+    u: torch.Tensor,
+    rows: torch.Tensor,
+    standardized: bool,
+    global_bias: torch.Tensor | None,
+    k: int,
+    bank: ExpertBank,
+    out: torch.Tensor | None = None,
+) -> tuple[Selection, torch.Tensor]:
+    """`standardized_dots` (or `arrow_dots` when not `standardized`), `combine_logits`, `select_top_k` and
+    `delta_native` in one compiled call, each token routed and its experts applied while it sits in cache.
+
+    u (N, d) float32; rows (E, d) (`can_fuse_routing`); global_bias (B, E) for B consecutive groups of tokens, or
+    None. Adds into `out` (N, o) (zeros if None); returns the selection (for traces) and `out`. No gradients.
+    """
+    out = _output(u, bank, out)
+    x, target = _native_operands(u, out)
+    if global_bias is not None and (global_bias.dtype != torch.float32 or not global_bias.is_contiguous()):
+        global_bias = global_bias.to(torch.float32).contiguous()
+    indices, weights = native.route_and_add(
+        x, rows, standardized, LN_EPS, global_bias, k,
+        bank.A, bank.BT, bank.expert_row_start, bank.expert_rank, bank.expert_scaling, target,
+    )  # fmt: skip
+    return Selection(indices=indices, weights=weights), _native_result(out, target)
 
 
 def delta_gated_single(x: torch.Tensor, bank: ExpertBank, expert: int, gate: torch.Tensor) -> torch.Tensor:
@@ -338,10 +384,16 @@ def apply_experts(
     """
     n, k = selection.indices.shape
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or selection.weights.requires_grad)
-    if kernel == "auto":
-        kernel = choose_kernel(n, bank, k, x.dtype, needs_grad)
-    elif kernel not in _KERNEL_FUNCTIONS:
-        raise ValueError(f"Unknown kernel {kernel!r}; expected one of {KERNELS}.")
-    elif kernel not in runnable_kernels(bank, x.dtype, needs_grad):
-        kernel = "concat"
+    kernel = resolve_kernel(kernel, n, bank, k, x.dtype, needs_grad)
     return _KERNEL_FUNCTIONS[kernel](x, bank, selection, out)
+
+
+def resolve_kernel(
+    kernel: str, num_tokens: int, bank: ExpertBank, k: int, dtype: torch.dtype, needs_grad: bool
+) -> str:
+    """The kernel a call runs: `choose_kernel`'s for "auto", a forced one where it can run, else `concat`."""
+    if kernel == "auto":
+        return choose_kernel(num_tokens, bank, k, dtype, needs_grad)
+    if kernel not in _KERNEL_FUNCTIONS:
+        raise ValueError(f"Unknown kernel {kernel!r}; expected one of {KERNELS}.")
+    return kernel if kernel in runnable_kernels(bank, dtype, needs_grad) else "concat"

@@ -265,6 +265,43 @@ def test_native_kernel_matches_per_pair_reference(bank_name, simd, tokens):
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.skipif(not native.available(), reason="the compiled kernel is not built")
+@pytest.mark.parametrize("bank_name", list(BANKS))
+@pytest.mark.parametrize("router", ["phatgoose", "arrow"])
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("tokens, groups, k", [(1, 1, 1), (6, 2, 2), (100, 4, 3)])
+def test_fused_routing_matches_the_torch_path(bank_name, router, simd, tokens, groups, k):
+    """Scores, global bias per group of tokens, absent experts, top-k and softmax in the compiled call: the same
+    experts and weights as the torch functions, and the same deltas as the per-pair reference."""
+    generator = torch.Generator().manual_seed(tokens + k)
+    ranks, scalings, present = BANKS[bank_name]
+    bank = make_bank(ranks, scalings, present, generator, d=37, o=29, dtype=torch.float32)
+    gates = torch.randn(len(ranks), 37, generator=generator)
+    rows = routing.phatgoose_rows(gates) if router == "phatgoose" else routing.arrow_rows(gates, 0.5)
+    x = 3.0 + 2.0 * torch.randn(tokens, 37, generator=generator)  # a mean and scale the scores must ignore
+    bias = torch.randn(groups, len(ranks), generator=generator)
+    start = torch.randn(tokens, 29, generator=generator)
+    assert routing.can_fuse_routing(rows, bank)
+
+    dots = routing.standardized_dots if router == "phatgoose" else routing.arrow_dots
+    mask = torch.tensor(present)
+    expected_selection = routing.select_top_k(
+        routing.combine_logits(dots(x, rows), bias), None if mask.all() else mask, k
+    )
+    expected = start.double() + per_pair_reference(x.double(), make_bank_double(bank), expected_selection)
+    out = start.clone()
+    indices, weights = native.route_and_add(
+        x, rows, router == "phatgoose", routing.LN_EPS, bias, k, bank.A, bank.BT,
+        bank.expert_row_start, bank.expert_rank, bank.expert_scaling, out, simd=simd,
+    )  # fmt: skip
+    assert indices.tolist() == expected_selection.indices.tolist()
+    torch.testing.assert_close(weights, expected_selection.weights, atol=1e-5, rtol=1e-4)  # float32 logits
+    torch.testing.assert_close(out.double(), expected, atol=1e-3, rtol=1e-4)  # deltas of about 100
+    selection, got = routing.route_and_apply_native(x, rows, router == "phatgoose", bias, k, bank, start.clone())
+    assert selection.indices.tolist() == indices.tolist()
+    torch.testing.assert_close(got.double(), expected, atol=1e-3, rtol=1e-4)  # (with SIMD)
+
+
 def make_bank_double(bank):
     return routing.ExpertBank(
         A=bank.A.double(), BT=bank.BT.double(), rank_expert=bank.rank_expert,

@@ -1,4 +1,5 @@
-/* The selected experts' LoRA products of one GLIDER module, for float32 on CPU, in one call.
+/* The selected experts' LoRA products of one GLIDER module, for float32 on CPU, in one call; optionally with the
+ * routing before them (local scores, global bias, top-k, softmax) in the same pass over each token.
  *
  * For every token n and each of its k selected experts e (with mixing weight w and LoRA scaling s_e):
  *     out[n, :] += w * s_e * BT_e^T (A_e x[n, :])
@@ -11,6 +12,7 @@
  * (same soname) the loader reuses it and both share one thread pool: a second pool (POSIX threads, or another
  * OpenMP runtime) made both 2-3x slower on 2 cores, its threads and torch's spinning ones fighting for the cores.
  */
+#include <math.h>
 #include <stdint.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -114,6 +116,79 @@ static void add_token_experts(
             for (int64_t i = 0; i < chunk; i++) h[i] *= w;
             add_low_rank_portable(BT_rows, h, chunk, o, y);
         }
+    }
+}
+
+/* Local scores of one token against the router rows (E, d): `rows . x` times `1 / std(x)` for standardized
+ * (Phatgoose) rows, whose zero mean makes the token's mean drop out; `|rows . x|` otherwise (Arrow). */
+static void local_scores(const float *x, int64_t d, const float *rows, int64_t E, int standardize, float eps,
+                         float *scores, int avx2) {
+#ifdef HAVE_AVX2_FORMS
+    if (avx2) low_rank_dots_avx2(rows, x, E, d, scores);
+    else
+#endif
+        low_rank_dots_portable(rows, x, E, d, scores);
+    if (standardize) {
+        double total = 0.0, squares = 0.0;
+        for (int64_t c = 0; c < d; c++) { total += x[c]; squares += (double)x[c] * x[c]; }
+        double variance = (squares - total * total / d) / d;
+        float inverse_std = (float)(1.0 / sqrt((variance > 0.0 ? variance : 0.0) + eps));
+        for (int64_t e = 0; e < E; e++) scores[e] *= inverse_std;
+    } else {
+        for (int64_t e = 0; e < E; e++) scores[e] = fabsf(scores[e]);
+    }
+}
+
+/* The k largest logits among present experts (rank > 0), best first, and their softmax weights. */
+static void top_k_softmax(const float *logits, const int64_t *rank, int64_t E, int64_t k, int64_t *indices,
+                          float *weights) {
+    for (int64_t j = 0; j < k; j++) { indices[j] = -1; weights[j] = -INFINITY; }
+    for (int64_t e = 0; e < E; e++) {
+        if (rank[e] == 0) continue;
+        float value = logits[e];
+        if (indices[k - 1] >= 0 && !(value > weights[k - 1])) continue;
+        int64_t j = k - 1;
+        for (; j > 0 && (indices[j - 1] < 0 || value > weights[j - 1]); j--) {
+            indices[j] = indices[j - 1]; weights[j] = weights[j - 1];
+        }
+        indices[j] = e; weights[j] = value;
+    }
+    float best = weights[0], total = 0.0f;
+    for (int64_t j = 0; j < k; j++) { weights[j] = expf(weights[j] - best); total += weights[j]; }
+    for (int64_t j = 0; j < k; j++) weights[j] /= total;
+}
+
+#define MAX_EXPERTS 4096
+
+/* Route and add, one call per module; see the file comment for x, A, BT, row_start, rank, scaling, out. rows (E, d)
+ * contiguous; bias (n_tokens / group, E) or NULL: the global scores times alpha, one row per group of consecutive
+ * tokens; k <= number of experts with rank > 0. Writes each token's selected experts (n_tokens, k) and weights. */
+void glider_route_and_add(
+    const float *x, int64_t n_tokens, int64_t d, int64_t x_stride,
+    const float *rows, int64_t E, int standardize, float eps, const float *bias, int64_t group,
+    const float *A, const float *BT, int64_t o,
+    const int64_t *row_start, const int64_t *rank, const float *scaling,
+    int64_t k, int64_t *indices, float *weights,
+    float *out, int64_t out_stride, int num_threads, int simd) {
+#ifdef HAVE_AVX2_FORMS
+    const int avx2 = simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    const int avx2 = 0;
+    (void)simd;
+#endif
+    int threads = n_tokens / MIN_TOKENS_PER_THREAD < num_threads ? (int)(n_tokens / MIN_TOKENS_PER_THREAD) : num_threads;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t n = 0; n < n_tokens; n++) {
+        float logits[MAX_EXPERTS];
+        const float *token = x + n * x_stride;
+        local_scores(token, d, rows, E, standardize, eps, logits, avx2);
+        if (bias != NULL) {
+            const float *row_bias = bias + (n / group) * E;
+            for (int64_t e = 0; e < E; e++) logits[e] += row_bias[e];
+        }
+        top_k_softmax(logits, rank, E, k, indices + n * k, weights + n * k);
+        add_token_experts(token, d, A, BT, o, row_start, rank, scaling, indices + n * k, weights + n * k, k,
+                          out + n * out_stride, avx2);
     }
 }
 
