@@ -18,7 +18,7 @@ _LIBRARY_STEM = "_selected_experts"
 
 
 #: The most experts the fused routing call takes (its per-token logits live on the stack).
-MAX_EXPERTS = 4096
+MAX_EXPERTS = 2048
 
 _POINTER, _SIZE, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {

@@ -119,23 +119,65 @@ static void add_token_experts(
     }
 }
 
-/* Local scores of one token against the router rows (E, d): `rows . x` times `1 / std(x)` for standardized
- * (Phatgoose) rows, whose zero mean makes the token's mean drop out; `|rows . x|` otherwise (Arrow). */
-static void local_scores(const float *x, int64_t d, const float *rows, int64_t E, int standardize, float eps,
-                         float *scores, int avx2) {
+#define TOKEN_TILE 4
+
+/* scores[t * E + e] = dot(rows[e, :], xs[t]) for the TOKEN_TILE tokens xs: each router row is read once per tile. */
+static void tile_dots_portable(const float *rows, int64_t E, int64_t d, const float *const *xs, float *scores) {
+    for (int t = 0; t < TOKEN_TILE; t++) low_rank_dots_portable(rows, xs[t], E, d, scores + t * E);
+}
+
 #ifdef HAVE_AVX2_FORMS
-    if (avx2) low_rank_dots_avx2(rows, x, E, d, scores);
+__attribute__((target("avx2,fma")))
+static void tile_dots_avx2(const float *rows, int64_t E, int64_t d, const float *const *xs, float *scores) {
+    const float *x0 = xs[0], *x1 = xs[1], *x2 = xs[2], *x3 = xs[3];
+    int64_t e = 0;
+    for (; e + 2 <= E; e += 2) {  /* two rows x four tokens: eight accumulators */
+        const float *a0 = rows + e * d, *a1 = a0 + d;
+        __m256 s00 = _mm256_setzero_ps(), s01 = s00, s02 = s00, s03 = s00, s10 = s00, s11 = s00, s12 = s00, s13 = s00;
+        int64_t c = 0;
+        for (; c + 8 <= d; c += 8) {
+            __m256 v0 = _mm256_loadu_ps(a0 + c), v1 = _mm256_loadu_ps(a1 + c), y;
+            y = _mm256_loadu_ps(x0 + c); s00 = _mm256_fmadd_ps(v0, y, s00); s10 = _mm256_fmadd_ps(v1, y, s10);
+            y = _mm256_loadu_ps(x1 + c); s01 = _mm256_fmadd_ps(v0, y, s01); s11 = _mm256_fmadd_ps(v1, y, s11);
+            y = _mm256_loadu_ps(x2 + c); s02 = _mm256_fmadd_ps(v0, y, s02); s12 = _mm256_fmadd_ps(v1, y, s12);
+            y = _mm256_loadu_ps(x3 + c); s03 = _mm256_fmadd_ps(v0, y, s03); s13 = _mm256_fmadd_ps(v1, y, s13);
+        }
+        float t00 = sum8(s00), t01 = sum8(s01), t02 = sum8(s02), t03 = sum8(s03);
+        float t10 = sum8(s10), t11 = sum8(s11), t12 = sum8(s12), t13 = sum8(s13);
+        for (; c < d; c++) {
+            t00 += a0[c] * x0[c]; t01 += a0[c] * x1[c]; t02 += a0[c] * x2[c]; t03 += a0[c] * x3[c];
+            t10 += a1[c] * x0[c]; t11 += a1[c] * x1[c]; t12 += a1[c] * x2[c]; t13 += a1[c] * x3[c];
+        }
+        scores[e] = t00; scores[E + e] = t01; scores[2 * E + e] = t02; scores[3 * E + e] = t03;
+        scores[e + 1] = t10; scores[E + e + 1] = t11; scores[2 * E + e + 1] = t12; scores[3 * E + e + 1] = t13;
+    }
+    if (e < E)
+        for (int t = 0; t < TOKEN_TILE; t++) low_rank_dots_avx2(rows + e * d, xs[t], 1, d, scores + t * E + e);
+}
+#endif
+
+/* Local scores of a tile of tokens against the router rows (E, d), scores (TOKEN_TILE, E): `rows . x` times
+ * `1 / std(x)` for standardized (Phatgoose) rows, whose zero mean makes the token's mean drop out; `|rows . x|`
+ * otherwise (Arrow). */
+static void tile_local_scores(const float *const *xs, int64_t d, const float *rows, int64_t E, int standardize,
+                              float eps, float *scores, int avx2) {
+#ifdef HAVE_AVX2_FORMS
+    if (avx2) tile_dots_avx2(rows, E, d, xs, scores);
     else
 #endif
-        low_rank_dots_portable(rows, x, E, d, scores);
-    if (standardize) {
-        double total = 0.0, squares = 0.0;
-        for (int64_t c = 0; c < d; c++) { total += x[c]; squares += (double)x[c] * x[c]; }
-        double variance = (squares - total * total / d) / d;
-        float inverse_std = (float)(1.0 / sqrt((variance > 0.0 ? variance : 0.0) + eps));
-        for (int64_t e = 0; e < E; e++) scores[e] *= inverse_std;
-    } else {
-        for (int64_t e = 0; e < E; e++) scores[e] = fabsf(scores[e]);
+        tile_dots_portable(rows, E, d, xs, scores);
+    (void)avx2;
+    for (int t = 0; t < TOKEN_TILE; t++) {
+        float *token_scores = scores + t * E;
+        if (standardize) {
+            double total = 0.0, squares = 0.0;
+            for (int64_t c = 0; c < d; c++) { total += xs[t][c]; squares += (double)xs[t][c] * xs[t][c]; }
+            double variance = (squares - total * total / d) / d;
+            float inverse_std = (float)(1.0 / sqrt((variance > 0.0 ? variance : 0.0) + eps));
+            for (int64_t e = 0; e < E; e++) token_scores[e] *= inverse_std;
+        } else {
+            for (int64_t e = 0; e < E; e++) token_scores[e] = fabsf(token_scores[e]);
+        }
     }
 }
 
@@ -158,7 +200,7 @@ static void top_k_softmax(const float *logits, const int64_t *rank, int64_t E, i
     for (int64_t j = 0; j < k; j++) weights[j] /= total;
 }
 
-#define MAX_EXPERTS 4096
+#define MAX_EXPERTS 2048
 
 /* Route and add, one call per module; see the file comment for x, A, BT, row_start, rank, scaling, out. rows (E, d)
  * contiguous; bias (n_tokens / group, E) or NULL: the global scores times alpha, one row per group of consecutive
@@ -177,18 +219,26 @@ void glider_route_and_add(
     (void)simd;
 #endif
     int threads = n_tokens / MIN_TOKENS_PER_THREAD < num_threads ? (int)(n_tokens / MIN_TOKENS_PER_THREAD) : num_threads;
+    const int64_t tiles = (n_tokens + TOKEN_TILE - 1) / TOKEN_TILE;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t n = 0; n < n_tokens; n++) {
-        float logits[MAX_EXPERTS];
-        const float *token = x + n * x_stride;
-        local_scores(token, d, rows, E, standardize, eps, logits, avx2);
-        if (bias != NULL) {
-            const float *row_bias = bias + (n / group) * E;
-            for (int64_t e = 0; e < E; e++) logits[e] += row_bias[e];
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        float logits[TOKEN_TILE * MAX_EXPERTS];
+        const int64_t first = tile * TOKEN_TILE;
+        const int64_t count = n_tokens - first < TOKEN_TILE ? n_tokens - first : TOKEN_TILE;
+        const float *xs[TOKEN_TILE];  /* a short last tile repeats its last token; the repeats are not used */
+        for (int64_t t = 0; t < TOKEN_TILE; t++) xs[t] = x + (first + (t < count ? t : count - 1)) * x_stride;
+        tile_local_scores(xs, d, rows, E, standardize, eps, logits, avx2);
+        for (int64_t t = 0; t < count; t++) {
+            const int64_t n = first + t;
+            float *token_logits = logits + t * E;
+            if (bias != NULL) {
+                const float *row_bias = bias + (n / group) * E;
+                for (int64_t e = 0; e < E; e++) token_logits[e] += row_bias[e];
+            }
+            top_k_softmax(token_logits, rank, E, k, indices + n * k, weights + n * k);
+            add_token_experts(xs[t], d, A, BT, o, row_start, rank, scaling, indices + n * k, weights + n * k, k,
+                              out + n * out_stride, avx2);
         }
-        top_k_softmax(logits, rank, E, k, indices + n * k, weights + n * k);
-        add_token_experts(token, d, A, BT, o, row_start, rank, scaling, indices + n * k, weights + n * k, k,
-                          out + n * out_stride, avx2);
     }
 }
 
