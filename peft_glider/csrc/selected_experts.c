@@ -156,6 +156,32 @@ static void tile_dots_avx2(const float *rows, int64_t E, int64_t d, const float 
 }
 #endif
 
+/* The sum and the sum of squares of x (d,), accumulated in eight float lanes and combined in double. */
+static void sum_and_squares_portable(const float *x, int64_t d, double *total, double *squares) {
+    float lane_total[8] = {0}, lane_squares[8] = {0};
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8)
+        for (int l = 0; l < 8; l++) { lane_total[l] += x[c + l]; lane_squares[l] += x[c + l] * x[c + l]; }
+    *total = 0.0; *squares = 0.0;
+    for (int l = 0; l < 8; l++) { *total += lane_total[l]; *squares += lane_squares[l]; }
+    for (; c < d; c++) { *total += x[c]; *squares += (double)x[c] * x[c]; }
+}
+
+#ifdef HAVE_AVX2_FORMS
+__attribute__((target("avx2,fma")))
+static void sum_and_squares_avx2(const float *x, int64_t d, double *total, double *squares) {
+    __m256 t0 = _mm256_setzero_ps(), t1 = t0, q0 = t0, q1 = t0;
+    int64_t c = 0;
+    for (; c + 16 <= d; c += 16) {
+        __m256 a = _mm256_loadu_ps(x + c), b = _mm256_loadu_ps(x + c + 8);
+        t0 = _mm256_add_ps(t0, a); t1 = _mm256_add_ps(t1, b);
+        q0 = _mm256_fmadd_ps(a, a, q0); q1 = _mm256_fmadd_ps(b, b, q1);
+    }
+    *total = sum8(_mm256_add_ps(t0, t1)); *squares = sum8(_mm256_add_ps(q0, q1));
+    for (; c < d; c++) { *total += x[c]; *squares += (double)x[c] * x[c]; }
+}
+#endif
+
 /* Local scores of a tile of tokens against the router rows (E, d), scores (TOKEN_TILE, E): `rows . x` times
  * `1 / std(x)` for standardized (Phatgoose) rows, whose zero mean makes the token's mean drop out; `|rows . x|`
  * otherwise (Arrow). */
@@ -166,12 +192,15 @@ static void tile_local_scores(const float *const *xs, int64_t d, const float *ro
     else
 #endif
         tile_dots_portable(rows, E, d, xs, scores);
-    (void)avx2;
     for (int t = 0; t < TOKEN_TILE; t++) {
         float *token_scores = scores + t * E;
         if (standardize) {
-            double total = 0.0, squares = 0.0;
-            for (int64_t c = 0; c < d; c++) { total += xs[t][c]; squares += (double)xs[t][c] * xs[t][c]; }
+            double total, squares;
+#ifdef HAVE_AVX2_FORMS
+            if (avx2) sum_and_squares_avx2(xs[t], d, &total, &squares);
+            else
+#endif
+                sum_and_squares_portable(xs[t], d, &total, &squares);
             double variance = (squares - total * total / d) / d;
             float inverse_std = (float)(1.0 / sqrt((variance > 0.0 ? variance : 0.0) + eps));
             for (int64_t e = 0; e < E; e++) token_scores[e] *= inverse_std;
