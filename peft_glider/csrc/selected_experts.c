@@ -252,6 +252,21 @@ static void top_k_softmax(const float *logits, const int64_t *rank, int64_t E, i
 
 #define MAX_EXPERTS 2048
 
+/* Whether to run the AVX2 forms: asked for (`simd`) and supported by this CPU. */
+static int use_avx2(int simd) {
+#ifdef HAVE_AVX2_FORMS
+    return simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    (void)simd;
+    return 0;
+#endif
+}
+
+/* Threads for a call: at most `num_threads`, each with at least MIN_TOKENS_PER_THREAD tokens. */
+static int thread_count(int64_t n_tokens, int num_threads) {
+    return n_tokens / MIN_TOKENS_PER_THREAD < num_threads ? (int)(n_tokens / MIN_TOKENS_PER_THREAD) : num_threads;
+}
+
 /* Route and add, one call per module; see the file comment for x, A, BT, row_start, rank, scaling, out. rows (E, d)
  * contiguous; bias (n_tokens / group, E) or NULL: the global scores times alpha, one row per group of consecutive
  * tokens; k <= number of experts with rank > 0. Writes each token's selected experts (n_tokens, k) and weights. */
@@ -262,13 +277,7 @@ void glider_route_and_add(
     const int64_t *row_start, const int64_t *rank, const float *scaling,
     int64_t k, int64_t *indices, float *weights,
     float *out, int64_t out_stride, int num_threads, int simd) {
-#ifdef HAVE_AVX2_FORMS
-    const int avx2 = simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    const int avx2 = 0;
-    (void)simd;
-#endif
-    int threads = n_tokens / MIN_TOKENS_PER_THREAD < num_threads ? (int)(n_tokens / MIN_TOKENS_PER_THREAD) : num_threads;
+    const int avx2 = use_avx2(simd), threads = thread_count(n_tokens, num_threads);
     const int64_t tiles = (n_tokens + TOKEN_TILE - 1) / TOKEN_TILE;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t tile = 0; tile < tiles; tile++) {
@@ -302,13 +311,7 @@ void glider_add_selected_experts(
     const int64_t *row_start, const int64_t *rank, const float *scaling,
     const int64_t *indices, const float *weights, int64_t k,
     float *out, int64_t out_stride, int num_threads, int simd) {
-#ifdef HAVE_AVX2_FORMS
-    const int avx2 = simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    const int avx2 = 0;
-    (void)simd;
-#endif
-    int threads = n_tokens / MIN_TOKENS_PER_THREAD < num_threads ? (int)(n_tokens / MIN_TOKENS_PER_THREAD) : num_threads;
+    const int avx2 = use_avx2(simd), threads = thread_count(n_tokens, num_threads);
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t n = 0; n < n_tokens; n++) {
         add_token_experts(x + n * x_stride, d, A, BT, o, row_start, rank, scaling, indices + n * k, weights + n * k, k,
