@@ -501,9 +501,9 @@ class GliderModel(BaseTuner):
             state.trace = previous
 
     def set_kernel(self, kernel: str, adapter_name: Optional[str] = None) -> None:
-        """Force a kernel for the experts' products ("concat", "gather" or "sparse"; see `routing.KERNELS`) or let
-        each call's shapes decide ("auto", the default). A forced kernel that cannot run a call falls back to
-        "concat"."""
+        """Force a kernel for the experts' products ("concat", "gather", "sparse" or "native", the compiled one that
+        also routes; see `routing.KERNELS`) or let each call's shapes decide ("auto", the default). A forced kernel
+        that cannot run a call falls back to "concat"."""
         from .routing import KERNELS
 
         if kernel not in KERNELS:
