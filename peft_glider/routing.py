@@ -160,10 +160,15 @@ class ExpertBank:
         self._kernel_choice: dict[tuple, str] = {}
 
 
+def _weights_as(selection: Selection, dtype: torch.dtype) -> torch.Tensor:
+    """The routing weights (N, k) in `dtype` (no conversion call when they already are: decoding's hot path)."""
+    return selection.weights if selection.weights.dtype == dtype else selection.weights.to(dtype)
+
+
 def _scaled_weights(bank: ExpertBank, selection: Selection, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
     """Each selected pair's weight times its expert's LoRA scaling, as (weights (N, k), common factor): a scaling
     shared by every expert is left out of the weights and applied once, by the final GEMM's `alpha`."""
-    weights = selection.weights if selection.weights.dtype == dtype else selection.weights.to(dtype)
+    weights = _weights_as(selection, dtype)
     if bank.uniform_scaling is not None:
         return weights, bank.uniform_scaling
     return weights * bank.expert_scaling[selection.indices], 1.0
@@ -259,10 +264,10 @@ def delta_native(
     """The compiled kernel (`native.py`): per token, only its k experts' `A_e x` and weighted `B_e` rows, with the
     token in cache, in one call; adds into `out` (N, o).
 
-    Costs N * k * r * (d + o) multiply-adds and no intermediate tensors: best at every shape where it runs (float32
-    on CPU, without gradients, with the package's compiled kernel built). Any ranks and scalings.
+    Costs N * k * r * (d + o) multiply-adds and no intermediate tensors. Runs for float32 on CPU, without gradients,
+    with the package's compiled kernel built; any ranks and scalings.
     """
-    weights = selection.weights if selection.weights.dtype == x.dtype else selection.weights.to(x.dtype)
+    weights = _weights_as(selection, x.dtype)
     out = _output(x, bank, out)
     x, target = _native_operands(x, out)
     native.add_selected_experts(

@@ -250,7 +250,7 @@ static void top_k_softmax(const float *logits, const int64_t *rank, int64_t E, i
     for (int64_t j = 0; j < k; j++) weights[j] /= total;
 }
 
-#define MAX_EXPERTS 2048
+#define MAX_EXPERTS 2048 /* = native.MAX_EXPERTS, which routing.can_fuse_routing checks before any call */
 
 /* Whether to run the AVX2 forms: asked for (`simd`) and supported by this CPU. */
 static int use_avx2(int simd) {
