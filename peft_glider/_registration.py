@@ -34,14 +34,18 @@ def _add_peft_type_member(name: str) -> PeftType:
     return member
 
 
-def register() -> PeftType:
-    """Make `PeftType.GLIDER` exist and map it to `GliderConfig` / `GliderModel` (idempotent)."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+def register(config_cls: type, model_cls: type) -> PeftType:
+    """Make `PeftType.GLIDER` exist and map it to the config and tuner classes (idempotent).
 
-    from .config import GliderConfig
-    from .model import GliderModel
+    Called by the package's `__init__` with `GliderConfig` and `GliderModel`, the way PEFT's own tuners register
+    in theirs; this module imports neither, so registration, config and model form no import circle.
+    """
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     peft_type = _add_peft_type_member(GLIDER_NAME)
     if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        register_peft_method(name=GLIDER_NAME.lower(), config_cls=GliderConfig, model_cls=GliderModel, prefix="glider_")
+        register_peft_method(name=GLIDER_NAME.lower(), config_cls=config_cls, model_cls=model_cls, prefix="glider_")
     return peft_type
+
+
+GLIDER_PEFT_TYPE = _add_peft_type_member(GLIDER_NAME)  # configs need the member before the method is registered

@@ -46,6 +46,12 @@ class LoraFactors:
         self.rank, self.in_features = a_shape
         self.out_features = b_shape[0]
 
+    def unloaded(self) -> "LoraFactors":
+        """Lazy factors: a copy that reads them on first access and holds them alone (self when given as tensors)."""
+        if self._loader is None:
+            return self
+        return LoraFactors(scaling=self.scaling, shapes=((self.rank, self.in_features), (self.out_features, self.rank)), loader=self._loader)
+
     def _load(self) -> None:
         if self._A is None:
             self._A, self._B = self._loader()

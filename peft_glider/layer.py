@@ -11,7 +11,7 @@ from torch import nn
 
 from . import routing
 from .experts import LoraFactors
-from .state import RoutingState
+from .state import CallRouting, RoutingState
 
 MERGE_ERROR = (
     "Glider adapters cannot be merged: each token picks its own experts at every layer, so there is no single "
@@ -31,6 +31,9 @@ def execution_device(module: nn.Module) -> Optional[torch.device]:
     return weight.device
 
 
+_LOCAL_ONLY = CallRouting()  # a call outside any routing context: local scores only
+
+
 class GliderLayer(BaseTunerLayer):
     """Routing state of one adapted module for every Glider adapter (keyed by adapter name)."""
 
@@ -40,11 +43,11 @@ class GliderLayer(BaseTunerLayer):
         "glider_B",
         "glider_rank_expert",
         "glider_rank_scaling",
-        "glider_present",
         "glider_slot",
         "glider_spans",
         "glider_k",
         "glider_routing",
+        "glider_awaiting_checkpoint",
         "_router_cache",
         "_bank_cache",
     )
@@ -63,11 +66,13 @@ class GliderLayer(BaseTunerLayer):
         self.glider_B = BufferDict({}, persistent=save_expert_weights)  # (R, out) concatenated B factors, transposed
         self.glider_rank_expert = BufferDict({}, persistent=False)  # (R,) expert of each rank row
         self.glider_rank_scaling = BufferDict({}, persistent=False)  # (R,) scaling of each rank row
-        self.glider_present = BufferDict({}, persistent=False)  # (E,) experts adapting this module
         self.glider_slot = BufferDict({}, persistent=False)  # (E,) position among present experts, -1 if absent
         self.glider_spans: dict[str, list[tuple[int, int] | None]] = {}
         self.glider_k: dict[str, int] = {}  # top_k capped by the number of present experts
         self.glider_routing: dict[str, RoutingState] = {}
+        # Adapters restored from a saved config whose expert factors are still zero placeholders: a checkpoint's
+        # state dict fills them (see `_note_loaded_factors`); routing refuses to run until it has.
+        self.glider_awaiting_checkpoint: dict[str, bool] = {}
         self._router_cache: dict[str, tuple] = {}  # adapter -> (gates version key, router rows)
         self._bank_cache: dict[str, routing.ExpertBank] = {}
         self._disable_adapters = False
@@ -99,24 +104,28 @@ class GliderLayer(BaseTunerLayer):
         self.glider_rank_expert[adapter_name] = torch.tensor(rank_expert, dtype=torch.long)
         self.glider_rank_scaling[adapter_name] = torch.tensor(rank_scaling, dtype=dtype)
         present = torch.tensor([span is not None for span in spans])
-        self.glider_present[adapter_name] = present
         self.glider_slot[adapter_name] = torch.where(present, present.long().cumsum(0) - 1, -1)
         self.glider_spans[adapter_name] = spans
         self._bank_cache.pop(adapter_name, None)
         self.glider_k[adapter_name] = min(routing_state.top_k, sum(span is not None for span in spans))
         self.glider_routing[adapter_name] = routing_state
+        # Gates take the base layer's dtype (PEFT's `autocast_adapter_dtype` then upcasts half precision to float32),
+        # or keep the dtype this adapter's gates already have here (a relayout after add_expert / remove_expert).
+        previous = self.glider_gates[adapter_name] if adapter_name in self.glider_gates else None
         gates = torch.zeros(len(experts), self.in_features)
         if routing_state.local_router == "arrow":  # training-free prototypes take the gates' place
             for index, factors in enumerate(experts):
                 if factors is not None:
                     gates[index] = routing.top_right_singular_vector(factors.A.float(), factors.B.float())
         self.glider_gates[adapter_name] = nn.Parameter(gates)
-        self._move_adapter_to_device_of_base_layer(adapter_name, device)
+        self._move_adapter_to_device_of_base_layer(adapter_name, device, gate_dtype=previous.dtype if previous is not None else None)
         self.set_adapter(self.active_adapters)
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+    def _move_adapter_to_device_of_base_layer(
+        self, adapter_name: str, device: Optional[torch.device] = None, gate_dtype: Optional[torch.dtype] = None
+    ) -> None:
         """Put this adapter's tensors where the base layer computes (accelerate's execution device when
-        offloaded, never `meta`); expert factors take the base dtype, gates stay float32."""
+        offloaded, never `meta`); expert factors and gates take the base dtype (gates `gate_dtype` if given)."""
         base_layer = self.get_base_layer()
         device = device or execution_device(base_layer)
         if device is None:
@@ -127,13 +136,16 @@ class GliderLayer(BaseTunerLayer):
             container = getattr(self, name)
             if adapter_name in container:
                 container[adapter_name] = container[adapter_name].to(device, dtype=dtype)
-        for name in ("glider_rank_expert", "glider_present", "glider_slot"):
+        for name in ("glider_rank_expert", "glider_slot"):
             container = getattr(self, name)
             if adapter_name in container:
                 container[adapter_name] = container[adapter_name].to(device)
         if adapter_name in self.glider_gates and self.glider_gates[adapter_name].device.type != "meta":
             gates = self.glider_gates[adapter_name]  # meta under low_cpu_mem_usage: the checkpoint fills it
-            self.glider_gates[adapter_name] = nn.Parameter(gates.data.to(device), requires_grad=gates.requires_grad)
+            gate_dtype = gate_dtype or dtype
+            self.glider_gates[adapter_name] = nn.Parameter(
+                gates.data.to(device, dtype=gate_dtype), requires_grad=gates.requires_grad
+            )
 
     def expert_bank(self, adapter_name: str) -> routing.ExpertBank:
         """The adapter's experts here; built once and reused while its tensors stay the same objects."""
@@ -164,6 +176,26 @@ class GliderLayer(BaseTunerLayer):
             for span in bank.spans
         ]
 
+    def await_checkpoint(self, adapter_name: str) -> None:
+        """Mark the adapter's factors here as placeholders that a checkpoint must fill before any forward."""
+        self.glider_awaiting_checkpoint[adapter_name] = True
+
+    def _note_loaded_factors(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        """load_state_dict pre-hook: a checkpoint that carries an adapter's factors fills its placeholders."""
+        for adapter_name in list(self.glider_awaiting_checkpoint):
+            if f"{prefix}glider_A.{adapter_name}" in state_dict and f"{prefix}glider_B.{adapter_name}" in state_dict:
+                del self.glider_awaiting_checkpoint[adapter_name]
+
+    def _check_weights_loaded(self, adapter_name: str) -> None:
+        if adapter_name in self.glider_awaiting_checkpoint:
+            raise RuntimeError(
+                f"Glider adapter {adapter_name!r} was built from a saved adapter's config, whose experts' weights live "
+                "in its checkpoint, but that checkpoint was never loaded (module "
+                f"{self.module_name!r} still holds zero placeholders). Load the adapter with "
+                "PeftModel.from_pretrained(base_model, path) (or peft_glider.load_glider), or build it from the "
+                "experts' sources with GliderConfig(experts=[...]) instead."
+            )
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise ValueError(MERGE_ERROR)
 
@@ -186,67 +218,67 @@ class GliderLinear(nn.Module, GliderLayer):
     ) -> None:
         super().__init__()
         GliderLayer.__init__(self, base_layer, module_name, save_expert_weights)
+        self.register_load_state_dict_pre_hook(self._note_loaded_factors)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, experts, routing_state, device)
 
     def router_rows(self, adapter_name: str) -> torch.Tensor:
-        """What tokens are compared with, (E, in): standardized gates (Phatgoose) or prototypes (Arrow).
+        """What tokens are compared with, (E, in) float32: standardized gates (Phatgoose) or prototypes (Arrow).
 
-        Cached until the gates change (their version counter moves on every in-place update)."""
+        When gradients are wanted for the gates (training), the rows are computed from them with autograd, so the
+        loss reaches the gates through the routing weights. Otherwise they are cached until the gates change
+        (their version counter moves on every in-place update, an optimizer step included).
+        """
         gates = self.glider_gates[adapter_name]
         state = self.glider_routing[adapter_name]
+        if torch.is_grad_enabled() and gates.requires_grad:
+            return self._rows_from_gates(gates.float(), state)
         try:
-            key = (gates.data_ptr(), gates._version, state.local_router)
+            key = (gates.data_ptr(), gates._version, gates.dtype, state.local_router, state.arrow_temperature)
         except RuntimeError:  # inference tensors keep no version counter: do not cache
             key = None
         cached = self._router_cache.get(adapter_name)
         if key is not None and cached is not None and cached[0] == key:
             return cached[1]
         with torch.no_grad():
-            if state.local_router == "arrow":
-                rows = routing.arrow_rows(gates, state.arrow_temperature)
-            else:
-                rows = routing.phatgoose_rows(gates)
-            rows = rows.detach().clone()
+            rows = self._rows_from_gates(gates.detach().float(), state).clone()
         if key is not None:
             self._router_cache[adapter_name] = (key, rows)
         return rows
+
+    @staticmethod
+    def _rows_from_gates(gates: torch.Tensor, state: RoutingState) -> torch.Tensor:
+        if state.local_router == "arrow":
+            return routing.arrow_rows(gates, state.arrow_temperature)
+        return routing.phatgoose_rows(gates)
 
     def routed_delta(self, x: torch.Tensor, adapter_name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Add the adapter's contribution for input x (..., in) into `out` (N, out), or return it (..., out)."""
         bank = self.expert_bank(adapter_name)
         state = self.glider_routing[adapter_name]
+        call = state.current_call() or _LOCAL_ONLY
         u = x.reshape(-1, self.in_features)  # (N, in)
         if u.shape[0] == 0:  # an empty batch: nothing to route
             return out if out is not None else x.new_zeros(*x.shape[:-1], self.out_features)
         if u.dtype != bank.A.dtype or u.device != bank.A.device:
             u = u.to(bank.A.device, bank.A.dtype)
-        if state.train_expert is not None:
-            gate = self.glider_gates[adapter_name][state.train_expert]
-            return routing.delta_gated_single(u, bank, state.train_expert, gate).view(*x.shape[:-1], self.out_features)
+        if call.gate_training_expert is not None:
+            gate = self.glider_gates[adapter_name][call.gate_training_expert]
+            delta = routing.delta_gated_single(u, bank, call.gate_training_expert, gate)
+            return delta.view(*x.shape[:-1], self.out_features)
         rows = x.shape[0] if x.dim() > 1 else 1
-        router_rows = self.router_rows(adapter_name)
-        k = self.glider_k[adapter_name]
-        global_bias = state.global_bias(rows, u.device)
-        needs_grad = torch.is_grad_enabled() and (
-            u.requires_grad or (global_bias is not None and global_bias.requires_grad)
+        selection, delta = routing.route(
+            u,
+            bank,
+            self.router_rows(adapter_name),
+            standardized=state.local_router != "arrow",
+            k=self.glider_k[adapter_name],
+            global_bias=call.global_bias(rows, u.device),
+            kernel=state.kernel,
+            out=out,
         )
-        kernel = routing.resolve_kernel(state.kernel, u.shape[0], bank, k, u.dtype, needs_grad)
-        if kernel == "native" and routing.can_fuse_routing(router_rows, bank):
-            standardized = state.local_router != "arrow"
-            selection, delta = routing.route_and_apply_native(u, router_rows, standardized, global_bias, k, bank, out)
-        else:
-            scored = u if u.dtype == router_rows.dtype else u.to(router_rows.dtype)
-            if state.local_router == "arrow":
-                local = routing.arrow_dots(scored, router_rows)  # (N, E)
-            else:
-                local = routing.standardized_dots(scored, router_rows)  # (N, E)
-            logits = routing.combine_logits(local, global_bias)
-            present = None if bank.num_present == bank.num_experts else self.glider_present[adapter_name]
-            selection = routing.select_top_k(logits, present, k)
-            delta = routing.apply_experts(u, bank, selection, kernel, out)  # (N, out)
-        if state.trace is not None:
-            state.trace.record(self.module_name, selection.indices.view(rows, -1, selection.indices.shape[-1]))
+        if call.trace is not None:
+            call.trace.record(self.module_name, selection.indices.view(rows, -1, selection.indices.shape[-1]))
         return delta if out is not None else delta.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -258,12 +290,14 @@ class GliderLinear(nn.Module, GliderLayer):
         for adapter_name in self.active_adapters:
             if adapter_name not in self.glider_routing:
                 continue
+            self._check_weights_loaded(adapter_name)
             A = self.glider_A[adapter_name]
+            call = self.glider_routing[adapter_name].current_call()
             if (
                 may_add_in_place
                 and result.dtype == A.dtype
                 and result.device == A.device
-                and self.glider_routing[adapter_name].train_expert is None
+                and (call is None or call.gate_training_expert is None)
             ):
                 self.routed_delta(x, adapter_name, out=result.view(-1, self.out_features))
             else:

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
-from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTuner, _get_in_out_features
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import _get_submodules
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import ExpertEntry, GliderConfig, normalize_expert_entry
-from .experts import GATES_FILE, LoadedExpert, LoraFactors, load_expert
+from .experts import GATES_FILE, LoadedExpert, load_expert
 from .layer import MERGE_ERROR, GliderLayer, GliderLinear, execution_device
+from .library import ExpertLibrary, check_fits
 from .routing import auto_alpha
-from .state import RoutingState, RoutingTrace
+from .state import RoutingState, RoutingTrace, call_routing
 
 if TYPE_CHECKING:
-    from .global_router import GlobalRouter, RouteInfo
+    from .global_router import ExpertDescriptions, GlobalRouter, RouteInfo
 
 
 def _check_adapter_name(adapter_name: str) -> None:
@@ -38,7 +39,12 @@ class GliderModel(BaseTuner):
     All experts live inside one PEFT adapter; `expert_names` gives their routing order.
 
     Routing is local (gate vectors, see `set_gates`) plus `alpha` times the global scores set with
-    `global_scores(...)`; outside that context routing is local only and `alpha` has no effect.
+    `global_scores(...)`; outside that context routing is local only and `alpha` has no effect. What a call routes
+    with (`global_scores`, `route`, `routing_trace`) belongs to the calling thread or task, never to the model, so
+    one model serves concurrent requests.
+
+    In train mode the gates receive gradients through the routing weights (the selected experts' softmax), so a
+    plain PyTorch loop or `transformers.Trainer` fine-tunes the router; the experts' factors are frozen buffers.
     """
 
     prefix: str = "glider_"
@@ -49,7 +55,7 @@ class GliderModel(BaseTuner):
     def __init__(self, model: nn.Module, config, adapter_name: str, low_cpu_mem_usage: bool = False, state_dict=None):
         # Plain per-adapter state (kept by nn.Module re-initialisation in BaseTuner.__init__).
         self._routing_states: dict[str, RoutingState] = {}
-        self._pending_experts: dict[str, dict[str, list[Optional[LoraFactors]]]] = {}
+        self._libraries: dict[str, ExpertLibrary] = {}
         self._global_routers: dict[str, "GlobalRouter"] = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
@@ -57,37 +63,44 @@ class GliderModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: GliderConfig, adapter_name: str) -> None:
         # Model-level container (keyed by adapter name); saved as "base_model.glider_instruction_embeddings".
-        self.glider_instruction_embeddings = BufferDict({}, persistent=True)  # per adapter: (E, e)
+        if not hasattr(self, "glider_instruction_embeddings"):
+            self.glider_instruction_embeddings = BufferDict({}, persistent=True)  # per adapter: (E, e)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
-        """Load (or lay out) the adapter's experts, then let PEFT replace the targeted modules."""
+        """Resolve the adapter's expert library, then let PEFT replace the modules the experts adapt.
+
+        The config given is an input and is never changed: the adapter keeps a completed copy (experts pinned by
+        commit, tensor hash and layout), so one config builds any number of identical models.
+        """
         _check_adapter_name(adapter_name)
-        config: GliderConfig = self.peft_config[adapter_name]
+        config: GliderConfig = copy.deepcopy(self.peft_config[adapter_name])
+        library = ExpertLibrary.resolve(config, model)
         fresh = not config.is_resolved  # built from sources now, not restored from a saved adapter
-        loaded = self._load_experts(model, config)
-        self._pending_experts[adapter_name] = self._factors_per_module(loaded, model)
-        config.target_modules = sorted(self._pending_experts[adapter_name])
+        config.experts = library.entries
+        config.target_modules = library.modules
+        self.peft_config[adapter_name] = config
+        self._libraries[adapter_name] = library
         self._routing_states[adapter_name] = RoutingState(
             top_k=config.top_k,
             local_router=config.local_router,
             arrow_temperature=config.arrow_temperature,
         )
-        try:
-            super().inject_adapter(model, adapter_name, **kwargs)
-        finally:
-            del self._pending_experts[adapter_name]
+        super().inject_adapter(model, adapter_name, **kwargs)
         if config.instruction_embedding_dim is not None:
             self.glider_instruction_embeddings[adapter_name] = torch.zeros(
                 len(config.experts), config.instruction_embedding_dim
             )
-        if fresh and config.local_router == "phatgoose":
-            self._install_shipped_gates(loaded, adapter_name)
+        if library.placeholders:
+            for layer in self.glider_layers(adapter_name).values():
+                layer.await_checkpoint(adapter_name)
+        elif config.local_router == "phatgoose":
+            self._install_shipped_gates(library, adapter_name, warn=fresh)
 
-    def _install_shipped_gates(self, loaded: list[LoadedExpert], adapter_name: str) -> None:
+    def _install_shipped_gates(self, library: ExpertLibrary, adapter_name: str, warn: bool = True) -> None:
         """Set the gates experts carry (glider_gates.safetensors); warn, naming them, about experts without."""
-        self.set_gates({e.name: e.gates for e in loaded if e.gates is not None}, adapter_name)
-        ungated = [e.name for e in loaded if e.gates is None]
-        if ungated:
+        self.set_gates(library.shipped_gates(), adapter_name)
+        ungated = library.ungated()
+        if ungated and warn:
             warnings.warn(
                 f"Experts {ungated} carry no trained gates ({GATES_FILE}): their local routing is uninformed "
                 "until gates are trained (peft_glider.train_missing_gates) or set (GliderModel.set_gates).",
@@ -95,72 +108,8 @@ class GliderModel(BaseTuner):
                 stacklevel=4,
             )
 
-    def _load_experts(self, model: nn.Module, config: GliderConfig) -> list[LoadedExpert]:
-        """The config's experts, in routing order, with their entries completed (commit, sha256, layout).
-
-        A config that is already resolved (a saved adapter) with `save_expert_weights` gets zero placeholders
-        of the saved layout, filled by the checkpoint; otherwise the experts are loaded from their sources.
-        """
-        if config.is_resolved and config.save_expert_weights:
-            modules = dict(model.named_modules())
-            return [self._placeholder_expert(entry, modules) for entry in config.experts]
-        loaded = [
-            load_expert(entry)
-            for entry in tqdm(config.experts, desc="Loading LoRA experts", disable=len(config.experts) < 4)
-        ]
-        for entry, expert in zip(config.experts, loaded):
-            if "sha256" in entry and entry["sha256"] != expert.sha256:
-                raise ValueError(
-                    f"Expert '{expert.name}' changed since this Glider adapter was saved: its tensors hash to "
-                    f"{expert.sha256[:12]}..., the adapter pins {entry['sha256'][:12]}... Pin a 'revision'."
-                )
-            entry.update(commit=expert.commit, sha256=expert.sha256, layout=expert.layout)
-        return loaded
-
-    def _factors_per_module(
-        self, loaded: list[LoadedExpert], model: nn.Module
-    ) -> dict[str, list[Optional[LoraFactors]]]:
-        """Per module, each expert's factors (None where it does not adapt the module), checked to fit."""
-        modules = dict(model.named_modules())
-        per_module: dict[str, list[Optional[LoraFactors]]] = {}
-        for index, expert in enumerate(loaded):
-            for module_name, factors in expert.factors.items():
-                self._check_fits(expert.name, module_name, factors, modules)
-                per_module.setdefault(module_name, [None] * len(loaded))[index] = factors
-            expert.factors = {}  # the layers consume `per_module` one module at a time: no second full copy
-        return per_module
-
-    @staticmethod
-    def _placeholder_expert(entry: dict, modules: Mapping[str, nn.Module]) -> LoadedExpert:
-        factors = {}
-        for module_name, (rank, scaling) in entry["layout"].items():
-            in_features, out_features = _get_in_out_features(modules[module_name]) if module_name in modules else (0, 0)
-            factors[module_name] = LoraFactors(  # zeros, made when the layer is built; the checkpoint fills them
-                scaling=scaling,
-                shapes=((rank, in_features), (out_features, rank)),
-                loader=lambda r=rank, i=in_features, o=out_features: (torch.zeros(r, i), torch.zeros(o, r)),
-            )
-        return LoadedExpert(name=entry["name"], factors=factors, commit=entry.get("commit"), sha256=entry["sha256"])
-
-    @staticmethod
-    def _check_fits(name: str, module_name: str, factors: LoraFactors, modules: Mapping[str, nn.Module]) -> None:
-        module = modules.get(module_name)
-        if module is None:
-            raise ValueError(f"Expert '{name}' adapts module '{module_name}', which the base model does not have.")
-        if isinstance(module, GliderLayer):
-            module = module.get_base_layer()
-        if not isinstance(module, nn.Linear):
-            raise ValueError(
-                f"Expert '{name}' adapts module '{module_name}', a {type(module).__name__}; Glider adapts nn.Linear."
-            )
-        if factors.in_features != module.in_features or factors.out_features != module.out_features:
-            raise ValueError(
-                f"Expert '{name}' does not fit module '{module_name}': its LoRA maps {factors.in_features} -> "
-                f"{factors.out_features} features, the module {module.in_features} -> {module.out_features}."
-            )
-
     def _prepare_adapter_config(self, peft_config: GliderConfig, model_config: dict) -> GliderConfig:
-        return peft_config  # target modules come from the experts (see _prepare_experts)
+        return peft_config  # target modules come from the experts (see inject_adapter)
 
     def _check_new_adapter_config(self, config: GliderConfig) -> None:
         super()._check_new_adapter_config(config)
@@ -168,7 +117,7 @@ class GliderModel(BaseTuner):
             raise ValueError("All Glider adapters of a model must share the same save_expert_weights setting.")
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        experts = self._pending_experts[adapter_name].pop(current_key)  # freed once concatenated into the layer
+        experts = self._libraries[adapter_name].module_factors(current_key)
         state = self._routing_states[adapter_name]
         if isinstance(target, GliderLayer):
             target.update_layer(adapter_name, experts, state)
@@ -192,12 +141,15 @@ class GliderModel(BaseTuner):
         setattr(parent, child_name, new_module)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        # Only the gates are upcast to float32 (they already are); expert factors keep the base model's dtype.
-        for module in self.model.modules():
-            if isinstance(module, GliderLayer) and adapter_name in module.glider_gates:
-                gates = module.glider_gates[adapter_name]
-                if autocast_adapter_dtype and gates.dtype != torch.float32:
-                    module.glider_gates[adapter_name] = nn.Parameter(gates.data.float(), gates.requires_grad)
+        """PEFT's convention for the trainable tensors, the gates: made in the base layer's dtype, upcast from half
+        precision to float32 unless `autocast_adapter_dtype=False`. The frozen expert factors keep the base dtype
+        either way (PEFT's default cast would upcast every buffer, doubling their memory)."""
+        if not autocast_adapter_dtype:
+            return
+        for layer in self.glider_layers(adapter_name).values():
+            gates = layer.glider_gates[adapter_name]
+            if gates.dtype in (torch.float16, torch.bfloat16):
+                layer.glider_gates[adapter_name] = nn.Parameter(gates.data.float(), requires_grad=gates.requires_grad)
 
     # ------------------------------------------------------------------ merging, deleting
 
@@ -210,6 +162,7 @@ class GliderModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._routing_states.pop(adapter_name, None)
+        self._libraries.pop(adapter_name, None)
         self._global_routers.pop(adapter_name, None)
         if adapter_name in self.glider_instruction_embeddings:
             del self.glider_instruction_embeddings[adapter_name]
@@ -245,10 +198,12 @@ class GliderModel(BaseTuner):
         loaded = load_expert(entry)
         modules = dict(self.model.named_modules())
         for module_name, factors in loaded.factors.items():
-            self._check_fits(loaded.name, module_name, factors, modules)
+            check_fits(loaded.name, module_name, factors, modules)
         entry.update(commit=loaded.commit, sha256=loaded.sha256, layout=loaded.layout)
 
         new_index = len(config.experts)
+        library = self._libraries[adapter_name]
+        library.append(loaded)
         self._relayout(adapter_name, keep=list(range(new_index)), added=loaded)
         config.experts.append(entry)
         if embeddings is not None:
@@ -256,7 +211,7 @@ class GliderModel(BaseTuner):
                 [embeddings, instruction_embedding.to(embeddings)], dim=0
             )
         if config.local_router == "phatgoose":
-            self._install_shipped_gates([loaded], adapter_name)
+            self._install_shipped_gates(ExpertLibrary([loaded], [entry], placeholders=False), adapter_name)
         return loaded.name
 
     def remove_expert(self, name: str, adapter_name: Optional[str] = None) -> None:
@@ -272,6 +227,7 @@ class GliderModel(BaseTuner):
             raise ValueError(f"remove_expert: top_k={config.top_k} would exceed the {len(names) - 1} experts left.")
         index = names.index(name)
         keep = [i for i in range(len(names)) if i != index]
+        self._libraries[adapter_name].remove(index)
         self._relayout(adapter_name, keep=keep, added=None)
         del config.experts[index]
         embeddings = self.get_instruction_embeddings(adapter_name)
@@ -299,13 +255,9 @@ class GliderModel(BaseTuner):
             if state.local_router == "phatgoose":  # arrow prototypes are recomputed from the factors
                 with torch.no_grad():
                     layer.glider_gates[adapter_name].copy_(torch.stack(gates))
-        for module_name in new_modules:
+        for module_name in new_modules:  # the library now holds the added expert: only it adapts these modules
             parent, target, target_name = _get_submodules(self.model, module_name)
-            self._pending_experts[adapter_name] = {module_name: [None] * len(keep) + [added.factors[module_name]]}
-            try:
-                self._create_and_replace(config, adapter_name, target, target_name, parent, module_name)
-            finally:
-                del self._pending_experts[adapter_name]
+            self._create_and_replace(config, adapter_name, target, target_name, parent, module_name)
         config.target_modules = sorted(self.glider_layers(adapter_name))
 
     def _drop_layer(self, module_name: str, layer: GliderLayer, adapter_name: str) -> None:
@@ -392,17 +344,21 @@ class GliderModel(BaseTuner):
     def set_instruction_embeddings(self, embeddings: torch.Tensor, adapter_name: Optional[str] = None) -> None:
         """Set the per-expert instruction embeddings `g_e`, a tensor (E, e) in `expert_names` order."""
         adapter_name = self._adapter(adapter_name)
-        config = self.peft_config[adapter_name]
+        embeddings = self._checked_embeddings(embeddings, adapter_name)
+        self.glider_instruction_embeddings[adapter_name] = embeddings
+        self.peft_config[adapter_name].instruction_embedding_dim = embeddings.shape[1]
+
+    def _checked_embeddings(self, embeddings: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        num_experts = len(self.peft_config[adapter_name].experts)
         embeddings = torch.as_tensor(embeddings)
-        if embeddings.dim() != 2 or embeddings.shape[0] != len(config.experts):
+        if embeddings.dim() != 2 or embeddings.shape[0] != num_experts:
             raise ValueError(
-                f"Instruction embeddings must have shape (num_experts={len(config.experts)}, dim), "
+                f"Instruction embeddings must have shape (num_experts={num_experts}, dim), "
                 f"got {tuple(embeddings.shape)}."
             )
         if not torch.isfinite(embeddings).all():
             raise ValueError("Instruction embeddings contain non-finite values.")
-        self.glider_instruction_embeddings[adapter_name] = embeddings.detach().float().clone()
-        config.instruction_embedding_dim = embeddings.shape[1]
+        return embeddings.detach().float().clone()
 
     def get_instruction_embeddings(self, adapter_name: Optional[str] = None) -> Optional[torch.Tensor]:
         """The per-expert instruction embeddings (E, e), or None if none were set."""
@@ -410,6 +366,36 @@ class GliderModel(BaseTuner):
         if adapter_name not in self.glider_instruction_embeddings:
             return None
         return self.glider_instruction_embeddings[adapter_name]
+
+    def set_expert_descriptions(
+        self,
+        descriptions: "ExpertDescriptions",
+        router: Optional["GlobalRouter"] = None,
+        adapter_name: Optional[str] = None,
+    ) -> None:
+        """Store what `GlobalRouter.describe` computed, all or nothing: the instruction texts (in the config's expert
+        entries), their embeddings, the embedder's id and the `alpha="auto"` threshold (when calibrated). With
+        `router`, it becomes the one `route(...)` uses for this adapter."""
+        adapter_name = self._adapter(adapter_name)
+        config: GliderConfig = self.peft_config[adapter_name]
+        if list(descriptions.names) != config.expert_names:
+            raise ValueError(
+                f"The descriptions are for experts {list(descriptions.names)}, the adapter has {config.expert_names}."
+            )
+        embeddings = self._checked_embeddings(descriptions.embeddings, adapter_name)  # checked before any change
+        self.glider_instruction_embeddings[adapter_name] = embeddings
+        config.instruction_embedding_dim = embeddings.shape[1]
+        for entry, text in zip(config.experts, descriptions.instructions):
+            entry["instruction"] = text
+        config.embedder = descriptions.embedder
+        if descriptions.auto_alpha_threshold is not None:
+            config.auto_alpha_threshold = descriptions.auto_alpha_threshold
+        if router is not None:
+            self._global_routers[adapter_name] = router
+
+    def set_global_router(self, router: "GlobalRouter", adapter_name: Optional[str] = None) -> None:
+        """Make `router` the one `route(...)` uses for the adapter."""
+        self._global_routers[self._adapter(adapter_name)] = router
 
     @contextlib.contextmanager
     def global_scores(
@@ -424,10 +410,12 @@ class GliderModel(BaseTuner):
         inherit their query's scores. The logit of expert e becomes `local + alpha_b * scores[b, e]`, with
         `alpha_b` from `alpha` (a number or a (B,) tensor) or else from the config (for `alpha="auto"`, by the
         calibrated threshold rule). Yields the per-row alpha used.
+
+        The scores hold for the calls this thread (or asyncio task) makes inside the context; other threads keep
+        their own. Contexts nest: the inner one wins until it exits, and nothing stays set afterwards.
         """
         adapter_name = self._adapter(adapter_name)
         config: GliderConfig = self.peft_config[adapter_name]
-        state = self._routing_states[adapter_name]
         num_experts = len(config.experts)
         scores = torch.as_tensor(scores)
         if scores.dim() == 1:
@@ -438,14 +426,10 @@ class GliderModel(BaseTuner):
             )
         if not torch.isfinite(scores).all():
             raise ValueError("Global scores contain non-finite values.")
-        scores = scores.detach().float()
+        scores = scores.detach().float().cpu()
         row_alpha = self._row_alpha(config, scores, alpha)
-        previous = state.row_bias
-        state.row_bias = row_alpha[:, None] * scores
-        try:
+        with call_routing(self._routing_states[adapter_name], row_bias=row_alpha[:, None] * scores):
             yield row_alpha
-        finally:
-            state.row_bias = previous
 
     @staticmethod
     def _row_alpha(
@@ -469,15 +453,17 @@ class GliderModel(BaseTuner):
     @contextlib.contextmanager
     def route(
         self,
-        prompts: Optional[list[str]] = None,
-        task_samples: Optional[list] = None,
+        prompts: Optional[Union[str, Sequence[str]]] = None,
+        task_samples: Optional[Sequence] = None,
         router: Optional["GlobalRouter"] = None,
         adapter_name: Optional[str] = None,
     ) -> Iterator["RouteInfo"]:
         """Route the calls inside by the prompts' own instructions (per query) or their task's (`task_samples`).
 
-        Uses `router`, or the `GlobalRouter` that described this adapter's experts. Yields a `RouteInfo` with
-        the instructions, scores, per-row alpha and the time spent in the LLM and the embedder.
+        `prompts` is one prompt (a string) or a list of them, one per batch row. Per task, the rows (`len(prompts)`,
+        or one) share one instruction written from `task_samples`. Uses `router`, or the `GlobalRouter` that
+        described this adapter's experts. Yields a `RouteInfo` with the instructions, scores, per-row alpha and the
+        time spent in the LLM and the embedder. Like `global_scores`, it holds for this thread or task only.
         """
         adapter_name = self._adapter(adapter_name)
         router = router or self._global_routers.get(adapter_name)
@@ -485,20 +471,23 @@ class GliderModel(BaseTuner):
             raise ValueError(
                 "No global router: pass router=GlobalRouter(...) or run GlobalRouter.describe_experts(model, ...)."
             )
-        with router.route(self, prompts, task_samples, adapter_name) as info:
+        embeddings = self.get_instruction_embeddings(adapter_name)
+        if embeddings is None:
+            raise ValueError("The Glider adapter has no instruction embeddings: run describe_experts(...) first.")
+        rows = _route_rows(prompts, task_samples)
+        info = router.score(rows, embeddings, self.peft_config[adapter_name].embedder)
+        with self.global_scores(info.scores, adapter_name=adapter_name) as row_alpha:
+            info.alpha = row_alpha
             yield info
 
     @contextlib.contextmanager
     def routing_trace(self, adapter_name: Optional[str] = None) -> Iterator[RoutingTrace]:
-        """Record which experts each token picks at each module during the calls inside (off otherwise)."""
+        """Record which experts each token picks at each module during the calls inside (off otherwise); only the
+        calls of this thread or task are recorded."""
         adapter_name = self._adapter(adapter_name)
-        state = self._routing_states[adapter_name]
-        previous = state.trace
-        state.trace = RoutingTrace(expert_names=self.peft_config[adapter_name].expert_names)
-        try:
-            yield state.trace
-        finally:
-            state.trace = previous
+        trace = RoutingTrace(expert_names=self.peft_config[adapter_name].expert_names)
+        with call_routing(self._routing_states[adapter_name], trace=trace):
+            yield trace
 
     def set_kernel(self, kernel: str, adapter_name: Optional[str] = None) -> None:
         """Force a kernel for the experts' products ("concat", "gather", "sparse" or "native", the compiled one that
@@ -514,3 +503,16 @@ class GliderModel(BaseTuner):
         """The shared routing state (top_k, alpha, kernel) of an adapter."""
         return self._routing_states[self._adapter(adapter_name)]
 
+
+
+def _route_rows(prompts: Optional[Union[str, Sequence[str]]], task_samples: Optional[Sequence]) -> list[list]:
+    """The samples each batch row is routed by: its own prompt (per query) or the task's samples (per task)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if task_samples is not None:
+        if isinstance(task_samples, str):
+            task_samples = [task_samples]
+        return [list(task_samples)] * (len(prompts) if prompts else 1)
+    if not prompts:
+        raise ValueError("route() needs prompts (per-query routing) or task_samples (per-task routing).")
+    return [[prompt] for prompt in prompts]

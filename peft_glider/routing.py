@@ -144,6 +144,8 @@ class ExpertBank:
         self.uniform_rank = ranks.pop() if len(ranks) == 1 else None  # None for mixed ranks
         self.uniform_scaling = scalings.pop() if len(scalings) == 1 else None  # None for mixed scalings
         self.expert_scaling = torch.tensor(expert_scaling, dtype=self.A.dtype, device=self.A.device)  # (E,)
+        # (E,) bool: the experts adapting this module, or None when all do (nothing to mask before top-k).
+        self.present = None if self.num_present == self.num_experts else self.expert_slot >= 0
         # Each expert's first row and rank (0 where absent), for the compiled kernel.
         self.expert_row_start = torch.tensor([0 if span is None else span[0] for span in self.spans])  # (E,)
         self.expert_rank = torch.tensor([0 if span is None else span[1] - span[0] for span in self.spans])  # (E,)
@@ -378,10 +380,42 @@ def choose_kernel(num_tokens: int, bank: ExpertBank, k: int, dtype: torch.dtype,
 _KERNEL_FUNCTIONS = {"concat": delta_concat, "gather": delta_gather, "sparse": delta_sparse, "native": delta_native}
 
 
+def route(
+    u: torch.Tensor,
+    bank: ExpertBank,
+    router_rows: torch.Tensor,
+    standardized: bool,
+    k: int,
+    global_bias: torch.Tensor | None = None,
+    kernel: str = "auto",
+    out: torch.Tensor | None = None,
+) -> tuple[Selection, torch.Tensor]:
+    """GLIDER at one module for one call: the single entry point of a Glider layer.
+
+    Local scores of the tokens u (N, d) against the router rows (E, d) (`phatgoose_rows` when `standardized`, else
+    `arrow_rows`), plus the global bias (B, E) per group of rows (`combine_logits`), experts absent here masked,
+    top-k and softmax (`select_top_k`), then the selected experts' products by the kernel resolved once for this
+    call (`resolve_kernel`; the compiled one routes too). Adds into `out` (N, o) (zeros if None) and returns the
+    selection with it.
+
+    Differentiable in the router rows (the gates reach the loss through the chosen experts' softmax weights) and
+    in u: when gradients are needed the kernel is one that carries them.
+    """
+    needs_grad = torch.is_grad_enabled() and (u.requires_grad or router_rows.requires_grad)
+    chosen = resolve_kernel(kernel, u.shape[0], bank, k, u.dtype, needs_grad)
+    if chosen == "native" and can_fuse_routing(router_rows, bank):
+        return route_and_apply_native(u, router_rows, standardized, global_bias, k, bank, out)
+    scored = u if u.dtype == router_rows.dtype else u.to(router_rows.dtype)
+    local = standardized_dots(scored, router_rows) if standardized else arrow_dots(scored, router_rows)  # (N, E)
+    selection = select_top_k(combine_logits(local, global_bias), bank.present, k)
+    return selection, _KERNEL_FUNCTIONS[chosen](u, bank, selection, out)
+
+
 def apply_experts(
     x: torch.Tensor, bank: ExpertBank, selection: Selection, kernel: str = "auto", out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Add `sum_j w_j * s_j * B_j A_j x` over each token's selected experts into `out` (zeros if None). x (N, d).
+    """Add `sum_j w_j * s_j * B_j A_j x` over each token's selected experts (a selection made elsewhere) into
+    `out` (zeros if None). x (N, d).
 
     A forced kernel that cannot run this call (`runnable_kernels`: `gather` or `sparse` with mixed ranks, `sparse`
     or `native` in half precision or with gradients, `native` unbuilt or off CPU) falls back to `concat`, which

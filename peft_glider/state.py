@@ -1,10 +1,20 @@
-"""Per-adapter routing state shared by all Glider layers of a model (not a module; nothing in the state dict)."""
+"""Routing state: the settings an adapter's layers share, and what one call routes with.
+
+`RoutingState` holds an adapter's router settings (top_k, local router, kernel); the model owns it.
+`CallRouting` holds what a single call routes with (global scores, a trace, the expert under gate training). It
+lives in a `contextvars.ContextVar`, never on the model: every thread (and every asyncio task) sees only the
+routing it set itself, nested contexts restore exactly what they found, and nothing stays set after a context
+exits, exceptions included.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 
@@ -49,20 +59,32 @@ class RoutingTrace:
         }
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: it keys the per-call routing of its adapter
 class RoutingState:
-    """Router settings and the per-call routing inputs of one Glider adapter, shared by its layers."""
+    """Router settings of one Glider adapter, shared by its layers (per-call inputs live in `CallRouting`)."""
 
     top_k: int
     local_router: str = "phatgoose"
     arrow_temperature: float = 1.0
     kernel: str = "auto"
-    row_bias: Optional[torch.Tensor] = None  # (B, E) alpha_b * global score, set by GliderModel.global_scores(...)
+
+    def current_call(self) -> Optional["CallRouting"]:
+        """What the current call (this thread or task) routes this adapter with; None for plain local routing."""
+        return _CALL_ROUTING.get().get(self)
+
+
+@dataclass(frozen=True)
+class CallRouting:
+    """What one call routes an adapter with; set by `call_routing`, read by the adapter's layers."""
+
+    row_bias: Optional[torch.Tensor] = None  # (B, E) alpha_b * global score, on the CPU, float32
     trace: Optional[RoutingTrace] = None
-    train_expert: Optional[int] = None  # set during Phatgoose gate training: only this expert, sigmoid-gated
+    gate_training_expert: Optional[int] = None  # Phatgoose gate training: only this expert, sigmoid-gated
+    # The bias per device, moved once per call and shared by the layers (not by other calls).
+    _bias_on_device: dict = field(default_factory=dict, compare=False, repr=False)
 
     def global_bias(self, rows: int, device: torch.device) -> Optional[torch.Tensor]:
-        """The global bias for a call with `rows` batch rows, (B, E) as set, or None for local-only routing.
+        """The global bias for a layer call with `rows` batch rows, (B, E) on `device`, or None (local only).
 
         A bias set for B rows follows batch expansion: generate() repeats each row (num_beams,
         num_return_sequences) with repeat_interleave, and an encoder-decoder's decoder sees B * beams rows, so
@@ -76,4 +98,26 @@ class RoutingState:
                 f"Global scores were set for {set_rows} rows, but a Glider layer received a batch of {rows} "
                 "rows, which is not a multiple of it (rows may only be expanded by beams or return sequences)."
             )
-        return self.row_bias if self.row_bias.device == device else self.row_bias.to(device)
+        bias = self._bias_on_device.get(device)
+        if bias is None:
+            bias = self._bias_on_device[device] = self.row_bias.to(device)
+        return bias
+
+
+_CALL_ROUTING: contextvars.ContextVar[Mapping[RoutingState, CallRouting]] = contextvars.ContextVar(
+    "peft_glider_call_routing", default={}
+)
+
+
+@contextlib.contextmanager
+def call_routing(state: RoutingState, **changes) -> Iterator[CallRouting]:
+    """Route the adapter of `state` with `changes` (fields of `CallRouting`) for the calls inside this context,
+    in this thread or task only; other fields keep what an enclosing context set."""
+    current = _CALL_ROUTING.get()
+    previous = current.get(state, CallRouting())
+    routing = dataclasses.replace(previous, **changes, _bias_on_device={})
+    token = _CALL_ROUTING.set({**current, state: routing})
+    try:
+        yield routing
+    finally:
+        _CALL_ROUTING.reset(token)

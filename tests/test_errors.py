@@ -100,7 +100,7 @@ def test_global_scores_of_wrong_shape_or_value(llama_experts):
     with pytest.raises(ValueError, match="not a multiple"):
         with glider.global_scores(torch.zeros(2, 4)):
             model(input_ids=input_ids(batch=3))
-    assert glider.routing_state().row_bias is None  # restored after the error
+    assert glider.routing_state().current_call() is None  # nothing left set after the error
 
 
 def test_gates_of_wrong_shape_unknown_or_non_finite(llama_experts):

@@ -128,7 +128,7 @@ def test_endpoint_failure_is_never_a_silent_zero_score(tmp_path, library, embedd
         with pytest.raises(InstructionWriterError):
             with library.base_model.route(["What is 3 plus 4?"], router=router):
                 pass
-    assert library.base_model.routing_state().row_bias is None
+    assert library.base_model.routing_state().current_call() is None
 
 
 def test_auto_alpha_separates_held_in_from_held_out(tmp_path, library, embedder):

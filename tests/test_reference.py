@@ -122,7 +122,7 @@ def test_routing_is_invariant_to_token_scale(tmp_path):
     layer = glider.glider_layers()[MODULE]
     x = torch.randn(5, layer.in_features)
     gates = layer.glider_gates["default"]
-    present = layer.glider_present["default"]
+    present = layer.expert_bank("default").present
     small = routing.select_top_k(routing.local_scores(x, gates), present, 2)
     large = routing.select_top_k(routing.local_scores(37.0 * x + 0.0, gates), present, 2)
     assert torch.equal(small.indices, large.indices)

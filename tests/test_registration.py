@@ -26,7 +26,7 @@ def test_member_is_a_real_enum_member():
 
 def test_registration_is_idempotent():
     members_before = list(PeftType)
-    assert _registration.register() is PeftType.GLIDER
+    assert _registration.register(GliderConfig, GliderModel) is PeftType.GLIDER
     importlib.reload(peft_glider)
     assert list(PeftType) == members_before
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.GLIDER].__name__ == "GliderConfig"

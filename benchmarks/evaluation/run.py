@@ -223,7 +223,8 @@ class Pipeline:
             threshold = glider.peft_config["default"].auto_alpha_threshold
             routing[source] = {"auto_alpha_threshold": threshold, "tasks": {}}
             for task in self.tasks:
-                info = router.score(glider, [[e.pair() for e in self.splits[task].query_samples]])
+                query = [[e.pair() for e in self.splits[task].query_samples]]
+                info = router.score(query, glider.get_instruction_embeddings(), glider.peft_config["default"].embedder)
                 with glider.global_scores(info.scores) as auto:
                     auto_alpha = float(auto[0])
                 cosines = dict(zip(glider.expert_names, info.scores[0].tolist()))

@@ -2,7 +2,7 @@
 
 from .cache import JsonCache, default_cache_dir
 from .embedders import Embedder, SentenceTransformerEmbedder
-from .router import GlobalRouter, RouteInfo, default_writer
+from .router import ExpertDescriptions, GlobalRouter, RouteInfo, default_writer
 from .writers import (
     InstructionWriter,
     InstructionWriterError,
@@ -14,6 +14,7 @@ from .writers import (
 
 __all__ = [
     "Embedder",
+    "ExpertDescriptions",
     "GlobalRouter",
     "InstructionWriter",
     "InstructionWriterError",

