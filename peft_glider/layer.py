@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Optional, Sequence
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
@@ -32,6 +34,18 @@ def execution_device(module: nn.Module) -> Optional[torch.device]:
 
 
 _LOCAL_ONLY = CallRouting()  # a call outside any routing context: local scores only
+
+# Fused optimizers (AdamW(fused=True), transformers' default on CPU) update parameters without moving their version
+# counters, so cached router rows also key on how many optimizer steps have run in this process.
+_optimizer_steps = itertools.count()
+_steps_taken = [0]
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _steps_taken[0] = next(_optimizer_steps) + 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class GliderLayer(BaseTunerLayer):
@@ -226,15 +240,15 @@ class GliderLinear(nn.Module, GliderLayer):
         """What tokens are compared with, (E, in) float32: standardized gates (Phatgoose) or prototypes (Arrow).
 
         When gradients are wanted for the gates (training), the rows are computed from them with autograd, so the
-        loss reaches the gates through the routing weights. Otherwise they are cached until the gates change
-        (their version counter moves on every in-place update, an optimizer step included).
+        loss reaches the gates through the routing weights. Otherwise they are cached until the gates change: their
+        version counter moves on every in-place update, and any optimizer step (fused ones move no counter) counts.
         """
         gates = self.glider_gates[adapter_name]
         state = self.glider_routing[adapter_name]
         if torch.is_grad_enabled() and gates.requires_grad:
             return self._rows_from_gates(gates.float(), state)
         try:
-            key = (gates.data_ptr(), gates._version, gates.dtype, state.local_router, state.arrow_temperature)
+            key = (gates.data_ptr(), gates._version, _steps_taken[0], gates.dtype, state.local_router, state.arrow_temperature)
         except RuntimeError:  # inference tensors keep no version counter: do not cache
             key = None
         cached = self._router_cache.get(adapter_name)
