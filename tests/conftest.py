@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 import peft_glider  # noqa: F401  (registers GLIDER)
+from peft_glider.global_router import Embedder
 
 LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 T5_MODULES = ["q", "k", "v", "o", "wi", "wo"]
@@ -145,3 +146,18 @@ def tiny_chat_model():
     config = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return LlamaForCausalLM(config), tokenizer
+
+
+class LetterEmbedder(Embedder):
+    """A deterministic, dependency-free embedder: normalized letter counts (enough to tell tasks apart)."""
+
+    name = "test/letters"
+    dim = 26
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        vectors = torch.zeros(len(texts), self.dim)
+        for row, text in enumerate(texts):
+            for char in text.lower():
+                if "a" <= char <= "z":
+                    vectors[row, ord(char) - 97] += 1
+        return torch.nn.functional.normalize(vectors + 1e-3, dim=-1)

@@ -11,33 +11,15 @@ from __future__ import annotations
 import contextlib
 import threading
 import zlib
-from typing import Sequence
-
 import pytest
 import torch
-from conftest import random_gates, tiny_llama
+from conftest import LetterEmbedder, random_gates, tiny_llama
 from peft import get_peft_model
 
 from peft_glider import GliderConfig, GlobalRouter, SamplesWriter
-from peft_glider.global_router import Embedder
 
 THREADS, CALLS, INTERLEAVED = 4, 50, 10
 MODES = ("scores", "route", "trace", "plain", "scores+trace")
-
-
-class LetterEmbedder(Embedder):
-    """A deterministic, dependency-free embedder: normalized letter counts (enough to tell tasks apart)."""
-
-    name = "test/letters"
-    dim = 26
-
-    def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        vectors = torch.zeros(len(texts), self.dim)
-        for row, text in enumerate(texts):
-            for char in text.lower():
-                if "a" <= char <= "z":
-                    vectors[row, ord(char) - 97] += 1
-        return torch.nn.functional.normalize(vectors + 1e-3, dim=-1)
 
 
 TASKS = {

@@ -19,6 +19,7 @@ from .embedders import Embedder, SentenceTransformerEmbedder
 from .writers import (
     PROMPT_VERSION,
     InstructionWriter,
+    InstructionWriterError,
     LocalModelWriter,
     Sample,
     SamplesWriter,

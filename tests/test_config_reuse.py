@@ -1,0 +1,97 @@
+"""Configs are inputs: building twice from one config, from a saved adapter's config, or adding an adapter with a
+used config gives the experts of a fresh build (or a clear refusal); and PEFT's conventions hold."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import input_ids, random_gates, tiny_llama
+from peft import PeftConfig, PeftModel, get_peft_model
+
+from peft_glider import GliderConfig, save_gates
+
+
+def logits(model, ids=None):
+    with torch.no_grad():
+        return model(input_ids=input_ids() if ids is None else ids).logits
+
+
+def test_one_config_builds_identical_models_and_is_not_changed(llama_experts):
+    config = GliderConfig(experts=llama_experts, top_k=2)
+    before = config.to_dict()
+    first = get_peft_model(tiny_llama(), config)
+    second = get_peft_model(tiny_llama(), config)
+    assert config.to_dict() == before and not config.is_resolved
+    fresh = get_peft_model(tiny_llama(), GliderConfig(experts=llama_experts, top_k=2))
+    torch.testing.assert_close(logits(second), logits(fresh), atol=0, rtol=0)
+    torch.testing.assert_close(logits(first), logits(fresh), atol=0, rtol=0)
+    assert (logits(fresh) - logits(tiny_llama())).abs().max() > 1e-4  # the experts are really there
+
+
+def test_a_used_config_on_another_base_equals_a_fresh_build(llama_experts):
+    config = GliderConfig(experts=llama_experts)
+    get_peft_model(tiny_llama(), config)
+    other = get_peft_model(tiny_llama(seed=1), config)
+    fresh = get_peft_model(tiny_llama(seed=1), GliderConfig(experts=llama_experts))
+    torch.testing.assert_close(logits(other), logits(fresh), atol=0, rtol=0)
+
+
+def test_add_adapter_with_a_used_config_equals_the_first_adapter(llama_experts):
+    config = GliderConfig(experts=llama_experts)
+    model = get_peft_model(tiny_llama(), config)
+    expected = logits(model)
+    model.add_adapter("b", config)
+    model.set_adapter("b")
+    torch.testing.assert_close(logits(model), expected, atol=0, rtol=0)
+    assert model.peft_config["b"] is not model.peft_config["default"]
+
+
+def test_a_saved_self_contained_config_without_its_checkpoint_is_refused_clearly(tmp_path, llama_experts):
+    model = get_peft_model(tiny_llama(), GliderConfig(experts=llama_experts))
+    model.save_pretrained(tmp_path / "glider")
+    rebuilt = get_peft_model(tiny_llama(), PeftConfig.from_pretrained(tmp_path / "glider"))
+    with pytest.raises(RuntimeError, match="checkpoint was never loaded.*PeftModel.from_pretrained"):
+        logits(rebuilt)
+    # the normal path fills the placeholders and routes
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "glider")
+    torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+
+
+def test_a_saved_router_only_config_rebuilds_the_fresh_model_with_shipped_gates(tmp_path, llama_experts):
+    probe = get_peft_model(tiny_llama(), GliderConfig(experts=llama_experts))
+    for expert, (folder, gates) in zip(probe.base_model.expert_names, zip(llama_experts, random_gates(probe.base_model, seed=7).values())):
+        save_gates(gates, folder)  # each expert ships its trained gates
+    model = get_peft_model(tiny_llama(), GliderConfig(experts=llama_experts, save_expert_weights=False))
+    model.save_pretrained(tmp_path / "glider")
+    rebuilt = get_peft_model(tiny_llama(), PeftConfig.from_pretrained(tmp_path / "glider"))
+    torch.testing.assert_close(logits(rebuilt), logits(model), atol=0, rtol=0)
+    assert (logits(model) - logits(probe)).abs().max() > 1e-4  # the shipped gates change the routing
+
+
+def test_autocast_adapter_dtype_decides_the_gates_dtype(llama_experts, tmp_path):
+    base = tiny_llama().to(torch.bfloat16)
+    default = get_peft_model(base, GliderConfig(experts=llama_experts))
+    layer = next(iter(default.base_model.glider_layers().values()))
+    assert layer.glider_gates["default"].dtype == torch.float32 and layer.glider_A["default"].dtype == torch.bfloat16
+    kept = get_peft_model(tiny_llama().to(torch.bfloat16), GliderConfig(experts=llama_experts), autocast_adapter_dtype=False)
+    layer = next(iter(kept.base_model.glider_layers().values()))
+    assert layer.glider_gates["default"].dtype == torch.bfloat16 and layer.glider_A["default"].dtype == torch.bfloat16
+    assert logits(kept).dtype == torch.bfloat16
+    kept.save_pretrained(tmp_path / "glider")
+    loaded = PeftModel.from_pretrained(tiny_llama().to(torch.bfloat16), tmp_path / "glider", autocast_adapter_dtype=False)
+    assert next(iter(loaded.base_model.glider_layers().values())).glider_gates["default"].dtype == torch.bfloat16
+
+
+def test_loading_a_second_glider_adapter_warns_about_nothing_peft_does_not(tmp_path, llama_experts):
+    model = get_peft_model(tiny_llama(), GliderConfig(experts=llama_experts[:2]))
+    model.base_model.set_gates(random_gates(model.base_model, seed=1))
+    model.save_pretrained(tmp_path / "glider")
+    target = get_peft_model(tiny_llama(), GliderConfig(experts=llama_experts[2:]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        target.load_adapter(str(tmp_path / "glider"), adapter_name="second")
+    assert not [w for w in caught if "Unsupported layer type" in str(w.message)]
+    target.set_adapter("second")
+    torch.testing.assert_close(logits(target), logits(model), atol=0, rtol=0)
