@@ -131,7 +131,7 @@ class GliderLayer(BaseTunerLayer):
             for index, factors in enumerate(experts):
                 if factors is not None:
                     gates[index] = routing.top_right_singular_vector(factors.A.float(), factors.B.float())
-        self.glider_gates[adapter_name] = nn.Parameter(gates)
+        self.glider_gates[adapter_name] = nn.Parameter(gates, requires_grad=previous is None or previous.requires_grad)
         self._move_adapter_to_device_of_base_layer(adapter_name, device, gate_dtype=previous.dtype if previous is not None else None)
         self.set_adapter(self.active_adapters)
 
@@ -204,10 +204,9 @@ class GliderLayer(BaseTunerLayer):
         if adapter_name in self.glider_awaiting_checkpoint:
             raise RuntimeError(
                 f"Glider adapter {adapter_name!r} was built from a saved adapter's config, whose experts' weights live "
-                "in its checkpoint, but that checkpoint was never loaded (module "
-                f"{self.module_name!r} still holds zero placeholders). Load the adapter with "
-                "PeftModel.from_pretrained(base_model, path) (or peft_glider.load_glider), or build it from the "
-                "experts' sources with GliderConfig(experts=[...]) instead."
+                f"in its checkpoint, but that checkpoint was never loaded (module {self.module_name!r} still holds "
+                "zero placeholders). Call the PeftModel (its forward and generate load the experts from their "
+                "sources), or load the adapter with PeftModel.from_pretrained(base_model, path)."
             )
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

@@ -35,11 +35,16 @@ class ExpertLibrary:
         self.placeholders = placeholders
 
     @classmethod
-    def resolve(cls, config: GliderConfig, model: nn.Module) -> "ExpertLibrary":
-        """The config's experts (the config is not modified), checked to fit `model`."""
+    def resolve(cls, config: GliderConfig, model: nn.Module, placeholders: Optional[bool] = None) -> "ExpertLibrary":
+        """The config's experts (the config is not modified), checked to fit `model`.
+
+        `placeholders`: lay out zeros for a checkpoint to fill (default: for a resolved, self-contained config) or
+        load the experts from their sources (pinned commits and hashes checked, when the config has them).
+        """
         entries = [dict(entry) for entry in config.experts]
         modules = dict(model.named_modules())
-        placeholders = config.is_resolved and config.save_expert_weights
+        if placeholders is None:
+            placeholders = config.is_resolved and config.save_expert_weights
         if placeholders:
             experts = [placeholder_expert(entry, modules) for entry in entries]
         else:

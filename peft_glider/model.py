@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import warnings
 from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence, Union
 
@@ -22,6 +23,9 @@ from .state import RoutingState, RoutingTrace, call_routing
 
 if TYPE_CHECKING:
     from .global_router import ExpertDescriptions, GlobalRouter, RouteInfo
+
+
+_PLACEHOLDER_LOCK = threading.Lock()  # one loader of placeholders at a time (module level: models stay copyable)
 
 
 def _check_adapter_name(adapter_name: str) -> None:
@@ -69,16 +73,20 @@ class GliderModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         """Resolve the adapter's expert library, then let PEFT replace the modules the experts adapt.
 
-        The config given is an input and is never changed: the adapter keeps a completed copy (experts pinned by
-        commit, tensor hash and layout), so one config builds any number of identical models.
+        As in PEFT, the adapter keeps the config object it was given; its expert entries are completed with what
+        pins them (commit, tensor hash, layout), which does not change their meaning: building again from it, or
+        from a saved adapter's config, gives the same experts (see `_enable_peft_forward_hooks`). A config object
+        already used by another adapter of this model is copied, so adapters never share one.
         """
         _check_adapter_name(adapter_name)
-        config: GliderConfig = copy.deepcopy(self.peft_config[adapter_name])
+        config: GliderConfig = self.peft_config[adapter_name]
+        if any(other is config for name, other in self.peft_config.items() if name != adapter_name):
+            config = self.peft_config[adapter_name] = copy.deepcopy(config)
         library = ExpertLibrary.resolve(config, model)
         fresh = not config.is_resolved  # built from sources now, not restored from a saved adapter
-        config.experts = library.entries
+        for entry, resolved in zip(config.experts, library.entries):
+            entry.update(resolved)
         config.target_modules = library.modules
-        self.peft_config[adapter_name] = config
         self._libraries[adapter_name] = library
         self._routing_states[adapter_name] = RoutingState(
             top_k=config.top_k,
@@ -95,6 +103,42 @@ class GliderModel(BaseTuner):
                 layer.await_checkpoint(adapter_name)
         elif config.local_router == "phatgoose":
             self._install_shipped_gates(library, adapter_name, warn=fresh)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
+        """PEFT enters this around every `PeftModel` forward and generate call. An active adapter built from a saved
+        adapter's config whose checkpoint was never loaded into it (e.g. `get_peft_model(base,
+        PeftConfig.from_pretrained(path))`) still holds zero placeholders: its experts are loaded from their sources
+        at the pinned commits, as a fresh build would, before the call routes anything."""
+        for adapter_name in self.active_adapters:
+            if adapter_name in self._routing_states:
+                self._load_placeholders_from_sources(adapter_name)
+        yield
+
+    def _load_placeholders_from_sources(self, adapter_name: str) -> None:
+        with _PLACEHOLDER_LOCK:
+            waiting = {
+                name: layer
+                for name, layer in self.glider_layers(adapter_name).items()
+                if adapter_name in layer.glider_awaiting_checkpoint
+            }
+            if not waiting:
+                return
+            config: GliderConfig = self.peft_config[adapter_name]
+            try:
+                library = ExpertLibrary.resolve(config, self.model, placeholders=False)
+            except (OSError, ValueError) as error:
+                raise RuntimeError(
+                    f"Glider adapter {adapter_name!r} comes from a saved adapter's config, but its checkpoint was never "
+                    "loaded and its experts could not be loaded from their sources either. Load it with "
+                    f"PeftModel.from_pretrained(base_model, path) (or peft_glider.load_glider). Cause: {error}"
+                ) from error
+            state = self._routing_states[adapter_name]
+            for name, layer in waiting.items():
+                layer.update_layer(adapter_name, library.module_factors(name), state)
+                del layer.glider_awaiting_checkpoint[adapter_name]
+            if config.local_router == "phatgoose":
+                self._install_shipped_gates(library, adapter_name, warn=False)
 
     def _install_shipped_gates(self, library: ExpertLibrary, adapter_name: str, warn: bool = True) -> None:
         """Set the gates experts carry (glider_gates.safetensors); warn, naming them, about experts without."""

@@ -3,6 +3,7 @@ used config gives the experts of a fresh build (or a clear refusal); and PEFT's 
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import pytest
@@ -18,12 +19,14 @@ def logits(model, ids=None):
         return model(input_ids=input_ids() if ids is None else ids).logits
 
 
-def test_one_config_builds_identical_models_and_is_not_changed(llama_experts):
+def test_one_config_builds_identical_models_and_only_gains_its_pins(llama_experts):
     config = GliderConfig(experts=llama_experts, top_k=2)
-    before = config.to_dict()
     first = get_peft_model(tiny_llama(), config)
-    second = get_peft_model(tiny_llama(), config)
-    assert config.to_dict() == before and not config.is_resolved
+    assert first.peft_config["default"] is config  # PEFT's convention: the model keeps the config it was given
+    pinned = [dict(entry) for entry in config.experts]
+    assert all({"commit", "sha256", "layout"} <= set(entry) for entry in pinned)
+    second = get_peft_model(tiny_llama(), config)  # a pinned config: the same experts, from their sources
+    assert [dict(entry) for entry in config.experts] == pinned
     fresh = get_peft_model(tiny_llama(), GliderConfig(experts=llama_experts, top_k=2))
     torch.testing.assert_close(logits(second), logits(fresh), atol=0, rtol=0)
     torch.testing.assert_close(logits(first), logits(fresh), atol=0, rtol=0)
@@ -48,15 +51,23 @@ def test_add_adapter_with_a_used_config_equals_the_first_adapter(llama_experts):
     assert model.peft_config["b"] is not model.peft_config["default"]
 
 
-def test_a_saved_self_contained_config_without_its_checkpoint_is_refused_clearly(tmp_path, llama_experts):
+def test_a_saved_self_contained_config_without_its_checkpoint_loads_its_experts_from_their_sources(tmp_path, llama_experts):
     model = get_peft_model(tiny_llama(), GliderConfig(experts=llama_experts))
     model.save_pretrained(tmp_path / "glider")
     rebuilt = get_peft_model(tiny_llama(), PeftConfig.from_pretrained(tmp_path / "glider"))
-    with pytest.raises(RuntimeError, match="checkpoint was never loaded.*PeftModel.from_pretrained"):
-        logits(rebuilt)
-    # the normal path fills the placeholders and routes
+    torch.testing.assert_close(logits(rebuilt), logits(model), atol=0, rtol=0)
+    with torch.no_grad():  # generate goes through the same PEFT hook
+        get_peft_model(tiny_llama(), PeftConfig.from_pretrained(tmp_path / "glider")).generate(
+            input_ids=input_ids(), max_new_tokens=2, do_sample=False
+        )
+    # the normal path fills the placeholders from the checkpoint, without the sources
+    for folder in llama_experts:
+        shutil.rmtree(folder)
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "glider")
     torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+    orphan = get_peft_model(tiny_llama(), PeftConfig.from_pretrained(tmp_path / "glider"))
+    with pytest.raises(RuntimeError, match="checkpoint was never loaded and its experts could not be loaded"):
+        logits(orphan)
 
 
 def test_a_saved_router_only_config_rebuilds_the_fresh_model_with_shipped_gates(tmp_path, llama_experts):
