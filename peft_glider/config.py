@@ -87,6 +87,9 @@ class GliderConfig(PeftConfig):
         arrow_temperature: T of the Arrow scores.
         save_expert_weights: Save the experts' LoRA weights inside the Glider adapter (self-contained). When
             False, only the router is saved and the experts are fetched again from their sources on load.
+        train_expert_factors: Opt in to fine-tuning the experts' LoRA factors along with the gates (they become
+            trainable parameters). Off by default: the factors are frozen buffers and only the router learns.
+            Needs `save_expert_weights=True`, since trained factors no longer match their sources.
         target_modules: Filled in from the experts (union of the modules they adapt); not set by hand.
         instruction_embedding_dim: Dimension of the per-expert instruction embeddings, once they are set.
         format_version: Version of the saved layout.
@@ -102,6 +105,7 @@ class GliderConfig(PeftConfig):
     local_router: Literal["phatgoose", "arrow"] = field(default="phatgoose", metadata={"help": "Local router."})
     arrow_temperature: float = field(default=1.0, metadata={"help": "Temperature T of Arrow scores |u.v|/T."})
     save_expert_weights: bool = field(default=True, metadata={"help": "Save expert weights with the adapter."})
+    train_expert_factors: bool = field(default=False, metadata={"help": "Also train the experts' LoRA factors."})
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Filled in from the experts."})
     instruction_embedding_dim: Optional[int] = field(default=None, metadata={"help": "Set with the embeddings."})
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Version of the saved layout."})
@@ -128,6 +132,11 @@ class GliderConfig(PeftConfig):
             raise ValueError(f"local_router must be one of {LOCAL_ROUTERS}, got {self.local_router!r}.")
         if not isinstance(self.arrow_temperature, (int, float)) or not self.arrow_temperature > 0:
             raise ValueError(f"arrow_temperature must be a positive number, got {self.arrow_temperature!r}.")
+        if self.train_expert_factors and not self.save_expert_weights:
+            raise ValueError(
+                "train_expert_factors=True needs save_expert_weights=True: trained factors no longer match the "
+                "experts' sources, so they must be saved with the adapter."
+            )
         if self.target_modules is not None:
             self.target_modules = sorted(self.target_modules)
         if self.format_version > FORMAT_VERSION:

@@ -66,7 +66,9 @@ class GliderLayer(BaseTunerLayer):
         "_bank_cache",
     )
 
-    def __init__(self, base_layer: nn.Module, module_name: str, save_expert_weights: bool) -> None:
+    def __init__(
+        self, base_layer: nn.Module, module_name: str, save_expert_weights: bool, train_expert_factors: bool = False
+    ) -> None:
         self.base_layer = base_layer
         self.module_name = module_name  # as in base_model.named_modules(), e.g. "model.layers.0.self_attn.q_proj"
         in_features, out_features = _get_in_out_features(self.get_base_layer())
@@ -76,8 +78,14 @@ class GliderLayer(BaseTunerLayer):
             )
         self.in_features, self.out_features = in_features, out_features
         self.glider_gates = nn.ParameterDict({})  # (E, in) trainable gate vectors
-        self.glider_A = BufferDict({}, persistent=save_expert_weights)  # (R, in) concatenated A factors
-        self.glider_B = BufferDict({}, persistent=save_expert_weights)  # (R, out) concatenated B factors, transposed
+        if train_expert_factors:  # opted in: the factors are trainable parameters, like the gates
+            self.adapter_layer_names = ("glider_gates", "glider_A", "glider_B")
+            self.glider_A = nn.ParameterDict({})
+            self.glider_B = nn.ParameterDict({})
+        else:  # frozen buffers, saved only in self-contained adapters
+            self.glider_A = BufferDict({}, persistent=save_expert_weights)
+            self.glider_B = BufferDict({}, persistent=save_expert_weights)
+        # glider_A: (R, in) the experts' A factors concatenated; glider_B: (R, out) their B factors, transposed
         self.glider_rank_expert = BufferDict({}, persistent=False)  # (R,) expert of each rank row
         self.glider_rank_scaling = BufferDict({}, persistent=False)  # (R,) scaling of each rank row
         self.glider_slot = BufferDict({}, persistent=False)  # (E,) position among present experts, -1 if absent
@@ -183,8 +191,8 @@ class GliderLayer(BaseTunerLayer):
             None
             if span is None
             else LoraFactors(
-                A=bank.A[span[0] : span[1]].clone(),
-                B=bank.BT[span[0] : span[1]].T.clone(),
+                A=bank.A[span[0] : span[1]].detach().clone(),
+                B=bank.BT[span[0] : span[1]].T.detach().clone(),
                 scaling=float(bank.rank_scaling[span[0]]),
             )
             for span in bank.spans
@@ -228,9 +236,10 @@ class GliderLinear(nn.Module, GliderLayer):
         routing_state: RoutingState,
         save_expert_weights: bool = True,
         device: Optional[torch.device] = None,
+        train_expert_factors: bool = False,
     ) -> None:
         super().__init__()
-        GliderLayer.__init__(self, base_layer, module_name, save_expert_weights)
+        GliderLayer.__init__(self, base_layer, module_name, save_expert_weights, train_expert_factors)
         self.register_load_state_dict_pre_hook(self._note_loaded_factors)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, experts, routing_state, device)

@@ -157,8 +157,9 @@ class GliderModel(BaseTuner):
 
     def _check_new_adapter_config(self, config: GliderConfig) -> None:
         super()._check_new_adapter_config(config)
-        if len({c.save_expert_weights for c in self.peft_config.values()}) > 1:
-            raise ValueError("All Glider adapters of a model must share the same save_expert_weights setting.")
+        for setting in ("save_expert_weights", "train_expert_factors"):
+            if len({getattr(c, setting) for c in self.peft_config.values()}) > 1:
+                raise ValueError(f"All Glider adapters of a model must share the same {setting} setting.")
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         experts = self._libraries[adapter_name].module_factors(current_key)
@@ -174,6 +175,7 @@ class GliderModel(BaseTuner):
             routing_state=state,
             save_expert_weights=config.save_expert_weights,
             device=execution_device(target),
+            train_expert_factors=config.train_expert_factors,
         )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)

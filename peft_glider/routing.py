@@ -398,10 +398,12 @@ def route(
     call (`resolve_kernel`; the compiled one routes too). Adds into `out` (N, o) (zeros if None) and returns the
     selection with it.
 
-    Differentiable in the router rows (the gates reach the loss through the chosen experts' softmax weights) and
-    in u: when gradients are needed the kernel is one that carries them.
+    Differentiable in the router rows (the gates reach the loss through the chosen experts' softmax weights), in u
+    and in the factors (when trainable): when gradients are needed the kernel is one that carries them.
     """
-    needs_grad = torch.is_grad_enabled() and (u.requires_grad or router_rows.requires_grad)
+    needs_grad = torch.is_grad_enabled() and (
+        u.requires_grad or router_rows.requires_grad or bank.A.requires_grad or bank.BT.requires_grad
+    )
     chosen = resolve_kernel(kernel, u.shape[0], bank, k, u.dtype, needs_grad)
     if chosen == "native" and can_fuse_routing(router_rows, bank):
         return route_and_apply_native(u, router_rows, standardized, global_bias, k, bank, out)
@@ -422,7 +424,9 @@ def apply_experts(
     runs everywhere.
     """
     n, k = selection.indices.shape
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or selection.weights.requires_grad)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or selection.weights.requires_grad or bank.A.requires_grad or bank.BT.requires_grad
+    )
     kernel = resolve_kernel(kernel, n, bank, k, x.dtype, needs_grad)
     return _KERNEL_FUNCTIONS[kernel](x, bank, selection, out)
 

@@ -104,3 +104,30 @@ def test_routing_gradient_matches_finite_differences():
         return routing.route(u, bank, routing.phatgoose_rows(gates), True, 2, bias)[1]
 
     assert torch.autograd.gradcheck(delta, (gates,), eps=1e-6, atol=1e-6)
+
+
+def test_opting_in_trains_the_expert_factors_too_and_they_round_trip(tmp_path, llama_experts):
+    from peft import PeftModel
+
+    with pytest.raises(ValueError, match="train_expert_factors=True needs save_expert_weights=True"):
+        GliderConfig(experts=llama_experts, train_expert_factors=True, save_expert_weights=False)
+    model = get_peft_model(tiny_llama(), GliderConfig(experts=llama_experts, top_k=2, train_expert_factors=True))
+    glider = model.base_model
+    glider.set_gates(random_gates(glider, seed=1))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any("glider_A" in n for n in trainable) and any("glider_B" in n for n in trainable)
+    assert any("glider_gates" in n for n in trainable)
+    gates, factors = snapshot(glider)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ids = input_ids(batch=4, length=9)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+    after, factors_after = snapshot(glider)
+    assert any(not torch.equal(factors[m], factors_after[m]) for m in factors)
+    expected = model(input_ids=ids).logits.detach()
+    model.save_pretrained(tmp_path / "glider")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "glider")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-5, rtol=0)  # other kernels
