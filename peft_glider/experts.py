@@ -50,7 +50,8 @@ class LoraFactors:
         """Lazy factors: a copy that reads them on first access and holds them alone (self when given as tensors)."""
         if self._loader is None:
             return self
-        return LoraFactors(scaling=self.scaling, shapes=((self.rank, self.in_features), (self.out_features, self.rank)), loader=self._loader)
+        shapes = ((self.rank, self.in_features), (self.out_features, self.rank))
+        return LoraFactors(scaling=self.scaling, shapes=shapes, loader=self._loader)
 
     def _load(self) -> None:
         if self._A is None:
@@ -81,6 +82,11 @@ class LoadedExpert:
     def layout(self) -> dict[str, list]:
         """JSON-native layout saved in the config: module name -> [rank, scaling]."""
         return {module: [f.rank, f.scaling] for module, f in sorted(self.factors.items())}
+
+    @property
+    def pins(self) -> dict[str, Any]:
+        """What a config entry records to pin this expert: resolved commit, tensor hash and layout."""
+        return {"commit": self.commit, "sha256": self.sha256, "layout": self.layout}
 
 
 class SafetensorsReader:

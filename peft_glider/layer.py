@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Optional, Sequence
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import routing
 from .experts import LoraFactors
@@ -37,12 +36,11 @@ _LOCAL_ONLY = CallRouting()  # a call outside any routing context: local scores 
 
 # Fused optimizers (AdamW(fused=True), transformers' default on CPU) update parameters without moving their version
 # counters, so cached router rows also key on how many optimizer steps have run in this process.
-_optimizer_steps = itertools.count()
-_steps_taken = [0]
+_optimizer_steps = [0]
 
 
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    _steps_taken[0] = next(_optimizer_steps) + 1
+    _optimizer_steps[0] += 1
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
@@ -139,8 +137,12 @@ class GliderLayer(BaseTunerLayer):
             for index, factors in enumerate(experts):
                 if factors is not None:
                     gates[index] = routing.top_right_singular_vector(factors.A.float(), factors.B.float())
-        self.glider_gates[adapter_name] = nn.Parameter(gates, requires_grad=previous is None or previous.requires_grad)
-        self._move_adapter_to_device_of_base_layer(adapter_name, device, gate_dtype=previous.dtype if previous is not None else None)
+        if previous is None:
+            self.glider_gates[adapter_name] = nn.Parameter(gates)
+            self._move_adapter_to_device_of_base_layer(adapter_name, device)
+        else:
+            self.glider_gates[adapter_name] = nn.Parameter(gates, requires_grad=previous.requires_grad)
+            self._move_adapter_to_device_of_base_layer(adapter_name, device, gate_dtype=previous.dtype)
         self.set_adapter(self.active_adapters)
 
     def _move_adapter_to_device_of_base_layer(
@@ -256,7 +258,8 @@ class GliderLinear(nn.Module, GliderLayer):
         if torch.is_grad_enabled() and gates.requires_grad:
             return self._rows_from_gates(gates.float(), state)
         try:
-            key = (gates.data_ptr(), gates._version, _steps_taken[0], gates.dtype, state.local_router, state.arrow_temperature)
+            key = (gates.data_ptr(), gates._version, _optimizer_steps[0], gates.dtype, state.local_router,
+                   state.arrow_temperature)
         except RuntimeError:  # inference tensors keep no version counter: do not cache
             key = None
         cached = self._router_cache.get(adapter_name)
@@ -274,11 +277,16 @@ class GliderLinear(nn.Module, GliderLayer):
             return routing.arrow_rows(gates, state.arrow_temperature)
         return routing.phatgoose_rows(gates)
 
-    def routed_delta(self, x: torch.Tensor, adapter_name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Add the adapter's contribution for input x (..., in) into `out` (N, out), or return it (..., out)."""
+    def routed_delta(
+        self, x: torch.Tensor, adapter_name: str, out: Optional[torch.Tensor] = None, call: Optional[CallRouting] = None
+    ) -> torch.Tensor:
+        """Add the adapter's contribution for input x (..., in) into `out` (N, out), or return it (..., out).
+
+        `call`: what this call routes with (`RoutingState.current_call()`, read once by `forward`); None: local only.
+        """
         bank = self.expert_bank(adapter_name)
         state = self.glider_routing[adapter_name]
-        call = state.current_call() or _LOCAL_ONLY
+        call = call or _LOCAL_ONLY
         u = x.reshape(-1, self.in_features)  # (N, in)
         if u.shape[0] == 0:  # an empty batch: nothing to route
             return out if out is not None else x.new_zeros(*x.shape[:-1], self.out_features)
@@ -321,9 +329,9 @@ class GliderLinear(nn.Module, GliderLayer):
                 and result.device == A.device
                 and (call is None or call.gate_training_expert is None)
             ):
-                self.routed_delta(x, adapter_name, out=result.view(-1, self.out_features))
+                self.routed_delta(x, adapter_name, out=result.view(-1, self.out_features), call=call)
             else:
-                result = result + self.routed_delta(x, adapter_name).to(result.device, result.dtype)
+                result = result + self.routed_delta(x, adapter_name, call=call).to(result.device, result.dtype)
         return result
 
     def __repr__(self) -> str:

@@ -1,7 +1,7 @@
 """The expert library of one Glider adapter: its experts resolved from a config and checked against the base model.
 
-A config whose experts are not yet resolved (a new adapter) loads them from their sources and pins them (commit,
-tensor hash, layout). A resolved config of a self-contained saved adapter lays out zero placeholders of the saved
+A config whose experts are not yet resolved (a new adapter) loads them from their sources, to be pinned (commit,
+tensor hash, layout: `LoadedExpert.pins`). A resolved config of a self-contained saved adapter lays out zero placeholders of the saved
 layout, which the adapter's checkpoint fills; a router-only one reloads its experts from their sources at the pinned
 commits and checks their hashes. Factors are read lazily, one module at a time, and not kept by the library.
 """
@@ -24,14 +24,11 @@ class ExpertLibrary:
 
     Args:
         experts: The loaded experts (lazy factors), in routing order.
-        entries: Their config entries as resolved, completed with `commit`, `sha256` and `layout` (the adapter's
-            config takes them over).
         placeholders: Whether the factors are zero placeholders that a checkpoint must fill.
     """
 
-    def __init__(self, experts: list[LoadedExpert], entries: list[dict[str, Any]], placeholders: bool) -> None:
+    def __init__(self, experts: list[LoadedExpert], placeholders: bool) -> None:
         self.experts = experts
-        self.entries = entries
         self.placeholders = placeholders
 
     @classmethod
@@ -41,24 +38,20 @@ class ExpertLibrary:
         `placeholders`: lay out zeros for a checkpoint to fill (default: for a resolved, self-contained config) or
         load the experts from their sources (pinned commits and hashes checked, when the config has them).
         """
-        entries = [dict(entry) for entry in config.experts]
         modules = dict(model.named_modules())
         if placeholders is None:
             placeholders = config.is_resolved and config.save_expert_weights
         if placeholders:
-            experts = [placeholder_expert(entry, modules) for entry in entries]
+            experts = [placeholder_expert(entry, modules) for entry in config.experts]
         else:
-            experts = [
-                load_expert(entry)
-                for entry in tqdm(entries, desc="Loading LoRA experts", disable=len(entries) < 4)
-            ]
+            entries = config.experts
+            experts = [load_expert(entry) for entry in tqdm(entries, desc="Loading LoRA experts", disable=len(entries) < 4)]
             for entry, expert in zip(entries, experts):
                 check_pinned_hash(entry, expert)
-                entry.update(commit=expert.commit, sha256=expert.sha256, layout=expert.layout)
         for expert in experts:
             for module_name, factors in expert.factors.items():
                 check_fits(expert.name, module_name, factors, modules)
-        return cls(experts, entries, placeholders)
+        return cls(experts, placeholders)
 
     @property
     def modules(self) -> list[str]:
@@ -68,20 +61,12 @@ class ExpertLibrary:
     def module_factors(self, module_name: str) -> list[Optional[LoraFactors]]:
         """Each expert's factors at `module_name` (None where it does not adapt it), read when first accessed and
         not kept here: the layer built from them holds the only copy."""
-        if module_name not in self.modules:
+        if not any(module_name in expert.factors for expert in self.experts):
             raise KeyError(f"No expert of this Glider adapter adapts module {module_name!r}.")
         return [
             expert.factors[module_name].unloaded() if module_name in expert.factors else None
             for expert in self.experts
         ]
-
-    def shipped_gates(self) -> dict[str, dict[str, torch.Tensor]]:
-        """`{expert: {module: gate}}` for the experts that carry trained gates (glider_gates.safetensors)."""
-        return {expert.name: expert.gates for expert in self.experts if expert.gates is not None}
-
-    def ungated(self) -> list[str]:
-        """Names of the experts that carry no trained gates."""
-        return [expert.name for expert in self.experts if expert.gates is None]
 
     def append(self, expert: LoadedExpert) -> None:
         """Add an expert after the others (its entry goes into the adapter's config)."""

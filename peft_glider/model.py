@@ -60,6 +60,7 @@ class GliderModel(BaseTuner):
         # Plain per-adapter state (kept by nn.Module re-initialisation in BaseTuner.__init__).
         self._routing_states: dict[str, RoutingState] = {}
         self._libraries: dict[str, ExpertLibrary] = {}
+        self._awaiting_checkpoint: set[str] = set()  # adapters whose layers were laid out as placeholders
         self._global_routers: dict[str, "GlobalRouter"] = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
@@ -84,8 +85,8 @@ class GliderModel(BaseTuner):
             config = self.peft_config[adapter_name] = copy.deepcopy(config)
         library = ExpertLibrary.resolve(config, model)
         fresh = not config.is_resolved  # built from sources now, not restored from a saved adapter
-        for entry, resolved in zip(config.experts, library.entries):
-            entry.update(resolved)
+        for entry, expert in zip(config.experts, library.experts):
+            entry.update(expert.pins)
         config.target_modules = library.modules
         self._libraries[adapter_name] = library
         self._routing_states[adapter_name] = RoutingState(
@@ -101,8 +102,9 @@ class GliderModel(BaseTuner):
         if library.placeholders:
             for layer in self.glider_layers(adapter_name).values():
                 layer.await_checkpoint(adapter_name)
+            self._awaiting_checkpoint.add(adapter_name)
         elif config.local_router == "phatgoose":
-            self._install_shipped_gates(library, adapter_name, warn=fresh)
+            self._install_shipped_gates(library.experts, adapter_name, warn=fresh)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
@@ -111,7 +113,7 @@ class GliderModel(BaseTuner):
         PeftConfig.from_pretrained(path))`) still holds zero placeholders: its experts are loaded from their sources
         at the pinned commits, as a fresh build would, before the call routes anything."""
         for adapter_name in self.active_adapters:
-            if adapter_name in self._routing_states:
+            if adapter_name in self._awaiting_checkpoint:  # only until the first call: no walk over the model after
                 self._load_placeholders_from_sources(adapter_name)
         yield
 
@@ -122,7 +124,8 @@ class GliderModel(BaseTuner):
                 for name, layer in self.glider_layers(adapter_name).items()
                 if adapter_name in layer.glider_awaiting_checkpoint
             }
-            if not waiting:
+            if not waiting:  # its checkpoint filled every placeholder
+                self._awaiting_checkpoint.discard(adapter_name)
                 return
             config: GliderConfig = self.peft_config[adapter_name]
             try:
@@ -137,13 +140,14 @@ class GliderModel(BaseTuner):
             for name, layer in waiting.items():
                 layer.update_layer(adapter_name, library.module_factors(name), state)
                 del layer.glider_awaiting_checkpoint[adapter_name]
+            self._awaiting_checkpoint.discard(adapter_name)
             if config.local_router == "phatgoose":
-                self._install_shipped_gates(library, adapter_name, warn=False)
+                self._install_shipped_gates(library.experts, adapter_name, warn=False)
 
-    def _install_shipped_gates(self, library: ExpertLibrary, adapter_name: str, warn: bool = True) -> None:
+    def _install_shipped_gates(self, experts: list[LoadedExpert], adapter_name: str, warn: bool = True) -> None:
         """Set the gates experts carry (glider_gates.safetensors); warn, naming them, about experts without."""
-        self.set_gates(library.shipped_gates(), adapter_name)
-        ungated = library.ungated()
+        self.set_gates({e.name: e.gates for e in experts if e.gates is not None}, adapter_name)
+        ungated = [e.name for e in experts if e.gates is None]
         if ungated and warn:
             warnings.warn(
                 f"Experts {ungated} carry no trained gates ({GATES_FILE}): their local routing is uninformed "
@@ -209,6 +213,7 @@ class GliderModel(BaseTuner):
         super().delete_adapter(adapter_name)
         self._routing_states.pop(adapter_name, None)
         self._libraries.pop(adapter_name, None)
+        self._awaiting_checkpoint.discard(adapter_name)
         self._global_routers.pop(adapter_name, None)
         if adapter_name in self.glider_instruction_embeddings:
             del self.glider_instruction_embeddings[adapter_name]
@@ -245,7 +250,7 @@ class GliderModel(BaseTuner):
         modules = dict(self.model.named_modules())
         for module_name, factors in loaded.factors.items():
             check_fits(loaded.name, module_name, factors, modules)
-        entry.update(commit=loaded.commit, sha256=loaded.sha256, layout=loaded.layout)
+        entry.update(loaded.pins)
 
         new_index = len(config.experts)
         library = self._libraries[adapter_name]
@@ -257,7 +262,7 @@ class GliderModel(BaseTuner):
                 [embeddings, instruction_embedding.to(embeddings)], dim=0
             )
         if config.local_router == "phatgoose":
-            self._install_shipped_gates(ExpertLibrary([loaded], [entry], placeholders=False), adapter_name)
+            self._install_shipped_gates([loaded], adapter_name)
         return loaded.name
 
     def remove_expert(self, name: str, adapter_name: Optional[str] = None) -> None:

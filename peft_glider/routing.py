@@ -380,6 +380,11 @@ def choose_kernel(num_tokens: int, bank: ExpertBank, k: int, dtype: torch.dtype,
 _KERNEL_FUNCTIONS = {"concat": delta_concat, "gather": delta_gather, "sparse": delta_sparse, "native": delta_native}
 
 
+def _needs_grad(bank: ExpertBank, *inputs: torch.Tensor) -> bool:
+    """Whether a call must carry gradients: to its inputs, or to the experts' factors when they are trainable."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, bank.A, bank.BT))
+
+
 def route(
     u: torch.Tensor,
     bank: ExpertBank,
@@ -401,9 +406,7 @@ def route(
     Differentiable in the router rows (the gates reach the loss through the chosen experts' softmax weights), in u
     and in the factors (when trainable): when gradients are needed the kernel is one that carries them.
     """
-    needs_grad = torch.is_grad_enabled() and (
-        u.requires_grad or router_rows.requires_grad or bank.A.requires_grad or bank.BT.requires_grad
-    )
+    needs_grad = _needs_grad(bank, u, router_rows)
     chosen = resolve_kernel(kernel, u.shape[0], bank, k, u.dtype, needs_grad)
     if chosen == "native" and can_fuse_routing(router_rows, bank):
         return route_and_apply_native(u, router_rows, standardized, global_bias, k, bank, out)
@@ -424,10 +427,7 @@ def apply_experts(
     runs everywhere.
     """
     n, k = selection.indices.shape
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or selection.weights.requires_grad or bank.A.requires_grad or bank.BT.requires_grad
-    )
-    kernel = resolve_kernel(kernel, n, bank, k, x.dtype, needs_grad)
+    kernel = resolve_kernel(kernel, n, bank, k, x.dtype, _needs_grad(bank, x, selection.weights))
     return _KERNEL_FUNCTIONS[kernel](x, bank, selection, out)
 
 

@@ -282,7 +282,7 @@ class GlobalRouter:
         unique: dict[str, int] = {}
         row_keys = []
         for samples in rows:  # rows of one task share a single instruction and embedding
-            key = cache_key(_as_json([_valid_sample(s) for s in list(samples)[: self.samples_per_instruction]]))
+            key = cache_key(_as_json(list(samples)[: self.samples_per_instruction]))  # ASCII JSON: any text
             row_keys.append(unique.setdefault(key, len(unique)))
         distinct = [list(rows[row_keys.index(i)]) for i in range(len(unique))]
         labels = [f"query row {row_keys.index(i)}" for i in range(len(unique))]

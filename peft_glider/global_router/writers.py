@@ -50,6 +50,11 @@ def instruction_prompt(samples: Sequence[Sample]) -> str:
     )
 
 
+def chat_messages(system_prompt: str, samples: Sequence[Sample]) -> list[dict[str, str]]:
+    """The chat an LLM writer is sent: the system prompt, then `instruction_prompt(samples)`."""
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": instruction_prompt(samples)}]
+
+
 class InstructionWriter(ABC):
     """Writes one instruction for a task shown by a few samples."""
 
@@ -138,10 +143,7 @@ class OpenAIWriter(InstructionWriter):
     def write(self, samples: Sequence[Sample]) -> str:
         import openai
 
-        messages = [
-            {"role": "system", "content": self.system_prompt},
-            {"role": "user", "content": instruction_prompt(samples)},
-        ]
+        messages = chat_messages(self.system_prompt, samples)
         where = f"endpoint {self.base_url or 'api.openai.com'} (model {self.model!r})"
         for attempt in range(self.max_retries + 1):
             try:
@@ -228,10 +230,7 @@ class LocalModelWriter(InstructionWriter):
     def write(self, samples: Sequence[Sample]) -> str:
         import torch
 
-        messages = [
-            {"role": "system", "content": self.system_prompt},
-            {"role": "user", "content": instruction_prompt(samples)},
-        ]
+        messages = chat_messages(self.system_prompt, samples)
         inputs = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
