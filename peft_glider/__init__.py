@@ -7,6 +7,7 @@ Importing this package registers the PEFT method `GLIDER`, so that `get_peft_mod
 from ._registration import register
 from .config import GliderConfig
 from .experts import save_gates
+from .hub import install_peft_model_hooks, push_to_hub
 from .global_router import (
     ExpertDescriptions,
     GlobalRouter,
@@ -29,6 +30,7 @@ from .model import GliderModel
 from .state import RoutingTrace
 
 register(config_cls=GliderConfig, model_cls=GliderModel)
+install_peft_model_hooks()
 
 __version__ = "0.1.0.dev0"
 
@@ -48,6 +50,7 @@ __all__ = [
     "RoutingTrace",
     "__version__",
     "load_glider",
+    "push_to_hub",
     "save_gates",
     "train_expert_gates",
     "train_gates",

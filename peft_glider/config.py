@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -18,8 +19,9 @@ LOCAL_ROUTERS = ("phatgoose", "arrow")
 
 #: Keys a user may give in an expert entry.
 USER_EXPERT_KEYS = ("source", "name", "revision", "subfolder")
-#: Keys added when an expert is resolved (pinning it) or described (its instruction text).
-RESOLVED_EXPERT_KEYS = ("commit", "sha256", "layout", "instruction")
+#: Keys added when an expert is resolved (pinning it), described (its instruction text) or its gates are set
+#: (how: "shipped" with the expert or "trained" here, see `GliderModel.set_gates`).
+RESOLVED_EXPERT_KEYS = ("commit", "sha256", "layout", "instruction", "gates")
 
 ExpertEntry = Union[str, dict[str, Any]]
 
@@ -50,9 +52,7 @@ def normalize_expert_entry(entry: ExpertEntry, position: int) -> dict[str, Any]:
     if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
         raise ValueError(f"experts[{position}] needs a non-empty 'source' (a Hub id or a local folder).")
     normalized = dict(entry)
-    normalized["source"] = os.fspath(source)
-    if os.path.isdir(normalized["source"]):
-        normalized["source"] = os.path.abspath(normalized["source"])
+    normalized["source"] = os.fspath(source)  # as given: a relative folder stays relative (portable)
     name = normalized.get("name") or default_expert_name(os.fspath(source), normalized.get("subfolder"))
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"experts[{position}] has an empty name.")
@@ -82,6 +82,7 @@ class GliderConfig(PeftConfig):
         auto_alpha_threshold: Calibrated by `GlobalRouter.describe_experts` on the experts' own samples.
         embedder: Id of the sentence embedder of the instruction embeddings (set with them); a router with
             another embedder is refused.
+        instruction_writer: What wrote the experts' instructions (the writer's id, set with them), for the card.
         local_router: `"phatgoose"`: learned gate vectors, scored `LN(u) . LN(gate) / sqrt(d)`. `"arrow"`:
             training-free prototypes (top right singular vector of each expert's `B A`), scored `|u . v| / T`.
         arrow_temperature: T of the Arrow scores.
@@ -102,6 +103,7 @@ class GliderConfig(PeftConfig):
     alpha_held_out: float = field(default=3.0, metadata={"help": "alpha='auto': weight for held-out queries."})
     auto_alpha_threshold: Optional[float] = field(default=None, metadata={"help": "alpha='auto': calibrated."})
     embedder: Optional[str] = field(default=None, metadata={"help": "Embedding model of the instructions."})
+    instruction_writer: Optional[str] = field(default=None, metadata={"help": "What wrote the instructions."})
     local_router: Literal["phatgoose", "arrow"] = field(default="phatgoose", metadata={"help": "Local router."})
     arrow_temperature: float = field(default=1.0, metadata={"help": "Temperature T of Arrow scores |u.v|/T."})
     save_expert_weights: bool = field(default=True, metadata={"help": "Save expert weights with the adapter."})
@@ -149,6 +151,24 @@ class GliderConfig(PeftConfig):
     def expert_names(self) -> list[str]:
         """Expert names in routing order."""
         return [entry["name"] for entry in self.experts]
+
+    @property
+    def local_expert_names(self) -> list[str]:
+        """Experts resolved from local folders (no Hub commit pins them): only this machine has them."""
+        return [entry["name"] for entry in self.experts if "layout" in entry and entry.get("commit") is None]
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Write `adapter_config.json`; warn when the adapter is router-only and needs local expert folders."""
+        local = [] if self.save_expert_weights else self.local_expert_names
+        if local:
+            warnings.warn(
+                f"Saving a router-only Glider adapter (save_expert_weights=False) whose experts {local} are local "
+                "folders: it loads only where those folders exist at the same paths. Build with "
+                "save_expert_weights=True for a self-contained adapter.",
+                UserWarning,
+                stacklevel=3,
+            )
+        super().save_pretrained(save_directory, **kwargs)
 
     @property
     def is_resolved(self) -> bool:

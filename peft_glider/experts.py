@@ -14,10 +14,11 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 from peft import PeftConfig
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType, load_peft_weights
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, PeftType, load_peft_weights
 from peft.utils.other import get_pattern_key
 
-GATES_FILE = "glider_gates.safetensors"
+from .hub import GATES_FILE, download_adapter
+
 _GATES_FORMAT = {"format": "glider-gates", "version": "1"}
 _PEFT_PREFIX = "base_model.model."
 _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
@@ -108,10 +109,14 @@ class SafetensorsReader:
         self.path = path
         with open(path, "rb") as handle:
             header_size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_size))
+            header = json.loads(handle.read(header_size))  # a cut header fails to parse (ValueError)
         header.pop("__metadata__", None)
         self._entries = header
         self._data_start = 8 + header_size
+        data_size = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+        file_size = os.path.getsize(path)
+        if self._data_start + data_size > file_size:
+            raise ValueError(f"the file has {file_size} bytes, its header describes {self._data_start + data_size}")
         self.keys = list(header)
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -133,22 +138,13 @@ class SafetensorsReader:
 def _resolve_folder(entry: dict[str, Any]) -> tuple[str, Optional[str]]:
     """Return (local folder holding the adapter files, resolved commit or None for local sources)."""
     source, subfolder = entry["source"], entry.get("subfolder")
-    revision = entry.get("commit") or entry.get("revision")  # a saved adapter pins the commit it resolved
     if os.path.isdir(source):
         folder = os.path.join(source, subfolder) if subfolder else source
+        if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            raise OSError(f"Expert '{entry['name']}': local folder {folder!r} has no {CONFIG_NAME}: not a PEFT adapter.")
         return folder, None
-    from huggingface_hub import snapshot_download
-
-    patterns = [f"{subfolder.strip('/')}/*"] if subfolder else None
-    try:
-        snapshot = snapshot_download(source, revision=revision, allow_patterns=patterns)
-    except Exception as err:  # noqa: BLE001 - re-raised with the expert named
-        raise OSError(
-            f"Expert '{entry['name']}': could not resolve source {source!r} (revision {revision!r}) as a local "
-            f"folder or a Hub repository: {err}"
-        ) from err
-    folder = os.path.join(snapshot, subfolder) if subfolder else snapshot
-    return folder, os.path.basename(os.path.normpath(snapshot))
+    revision = entry.get("commit") or entry.get("revision")  # a saved adapter pins the commit it resolved
+    return download_adapter(source, revision, subfolder, what=f"Expert '{entry['name']}'")
 
 
 def tensor_sha256(factors: Mapping[str, LoraFactors]) -> str:
@@ -171,7 +167,8 @@ def tensor_sha256(factors: Mapping[str, LoraFactors]) -> str:
 def _check_lora_config(name: str, config: PeftConfig) -> None:
     peft_type = getattr(config, "peft_type", None)
     if peft_type != PeftType.LORA:
-        raise ValueError(f"Expert '{name}' is a {peft_type} adapter; Glider routes among LoRA adapters only.")
+        kind = getattr(peft_type, "value", peft_type)
+        raise ValueError(f"Expert '{name}' is a PEFT adapter of type {kind}; Glider routes among LoRA adapters only.")
     unsupported = {
         "use_dora": bool(getattr(config, "use_dora", False)),
         "lora_bias": bool(getattr(config, "lora_bias", False)),
@@ -249,7 +246,13 @@ def load_expert(entry: dict[str, Any]) -> LoadedExpert:
     _check_lora_config(name, config)
     weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
     if os.path.exists(weights):
-        reader = SafetensorsReader(weights)
+        try:
+            reader = SafetensorsReader(weights)
+        except (OSError, ValueError, KeyError) as err:  # a short read, a cut header or cut data
+            raise OSError(
+                f"Expert '{name}': {weights} is truncated or not a safetensors file ({err}): delete it (for a Hub "
+                "expert, its entry in the Hub cache) and download it again."
+            ) from err
         factors = _factors(name, config, _module_keys(name, reader.keys), reader.shape, reader.read)
     else:
         state = load_peft_weights(folder, device="cpu")

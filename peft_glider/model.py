@@ -15,7 +15,8 @@ from peft.utils import _get_submodules
 from torch import nn
 
 from .config import ExpertEntry, GliderConfig, normalize_expert_entry
-from .experts import GATES_FILE, LoadedExpert, load_expert
+from .experts import LoadedExpert, load_expert
+from .hub import GATES_FILE
 from .layer import MERGE_ERROR, GliderLayer, GliderLinear, execution_device
 from .library import ExpertLibrary, check_fits
 from .routing import auto_alpha
@@ -146,7 +147,7 @@ class GliderModel(BaseTuner):
 
     def _install_shipped_gates(self, experts: list[LoadedExpert], adapter_name: str, warn: bool = True) -> None:
         """Set the gates experts carry (glider_gates.safetensors); warn, naming them, about experts without."""
-        self.set_gates({e.name: e.gates for e in experts if e.gates is not None}, adapter_name)
+        self.set_gates({e.name: e.gates for e in experts if e.gates is not None}, adapter_name, how="shipped with the expert")
         ungated = [e.name for e in experts if e.gates is None]
         if ungated and warn:
             warnings.warn(
@@ -345,13 +346,17 @@ class GliderModel(BaseTuner):
         return self.peft_config[self._adapter(None)].expert_names
 
     def set_gates(
-        self, gates: Mapping[str, Mapping[str, torch.Tensor]], adapter_name: Optional[str] = None
+        self,
+        gates: Mapping[str, Mapping[str, torch.Tensor]],
+        adapter_name: Optional[str] = None,
+        how: str = "set",
     ) -> None:
         """Set learned gate vectors: `{expert_name: {module_name: tensor(in_features)}}`.
 
         Module names are as in `base_model.named_modules()` (e.g. `"model.layers.0.self_attn.q_proj"`).
         Gates not given keep their values. Raises on unknown experts or modules, modules the expert does not
-        adapt, wrong shapes and non-finite values, before changing anything.
+        adapt, wrong shapes and non-finite values, before changing anything. `how` says where the gates come from;
+        it is recorded in each expert's config entry (`"gates"`) and shown on the model card.
         """
         adapter_name = self._adapter(adapter_name)
         names = self.peft_config[adapter_name].expert_names
@@ -380,6 +385,8 @@ class GliderModel(BaseTuner):
             for layer, index, vector in updates:
                 gate_rows = layer.glider_gates[adapter_name]
                 gate_rows[index] = vector.to(gate_rows.device, gate_rows.dtype)
+        for expert in gates:
+            self.peft_config[adapter_name].experts[names.index(expert)]["gates"] = how
 
     def get_gates(self, adapter_name: Optional[str] = None) -> dict[str, dict[str, torch.Tensor]]:
         """The gate vectors, in the form `set_gates` takes (only modules each expert adapts)."""
@@ -439,6 +446,7 @@ class GliderModel(BaseTuner):
         for entry, text in zip(config.experts, descriptions.instructions):
             entry["instruction"] = text
         config.embedder = descriptions.embedder
+        config.instruction_writer = descriptions.writer
         if descriptions.auto_alpha_threshold is not None:
             config.auto_alpha_threshold = descriptions.auto_alpha_threshold
         if router is not None:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import os
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import: the Hub is never contacted by the tests
+from hub_server import TOKEN, HubServer
+
+# Before any Hugging Face import: the Hub is never contacted by the tests. Offline by default; the `hub` fixture
+# goes online against a loopback server speaking the Hub's API, named here since huggingface_hub reads
+# HF_ENDPOINT once, when first imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+HUB = HubServer()
+os.environ["HF_ENDPOINT"] = HUB.start()
+os.environ["HF_HUB_DISABLE_XET"] = "1"
 
 from pathlib import Path
 from typing import Callable, Sequence
@@ -161,3 +169,16 @@ class LetterEmbedder(Embedder):
                 if "a" <= char <= "z":
                     vectors[row, ord(char) - 97] += 1
         return torch.nn.functional.normalize(vectors + 1e-3, dim=-1)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch) -> HubServer:
+    """The loopback Hub, emptied, with the client online, authenticated and caching under `tmp_path/hub-cache`."""
+    import huggingface_hub.constants as hub_constants
+
+    HUB.reset()
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    return HUB

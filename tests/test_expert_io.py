@@ -38,5 +38,5 @@ def test_reader_names_a_truncated_file(tmp_path):
     path = tmp_path / "adapter_model.safetensors"
     save_file({"w": torch.randn(64, 64)}, str(path))
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(OSError, match="'w' is truncated"):
-        SafetensorsReader(str(path)).read("w")
+    with pytest.raises(ValueError, match=r"the file has \d+ bytes, its header describes \d+"):
+        SafetensorsReader(str(path))

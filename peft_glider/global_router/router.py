@@ -52,6 +52,7 @@ class ExpertDescriptions:
     embeddings: torch.Tensor  # (E, e) the instructions' embeddings
     embedder: str  # id of the embedder that made them
     auto_alpha_threshold: Optional[float] = None  # the alpha="auto" threshold, when calibrated
+    writer: Optional[str] = None  # id of the writer that wrote the instructions
 
 
 def default_writer() -> InstructionWriter:
@@ -199,7 +200,7 @@ class GlobalRouter:
         threshold = None
         if calibrate:
             threshold = self.calibrate_auto_alpha(expert_samples, names, embeddings, calibrate_for)
-        return ExpertDescriptions(names, texts, embeddings, self.embedder.name, threshold)
+        return ExpertDescriptions(names, texts, embeddings, self.embedder.name, threshold, self.writer.name)
 
     def describe_experts(
         self,

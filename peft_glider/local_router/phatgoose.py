@@ -153,6 +153,9 @@ def train_gates(
                 keep = torch.ones(param.shape[0], dtype=torch.bool, device=param.device)
                 keep[index] = False
                 param[keep] = saved.to(param.device)[keep]
+    glider.peft_config[adapter].experts[index]["gates"] = (
+        f"trained ({args.steps} steps, learning rate {args.learning_rate:g}, {len(examples)} examples)"
+    )
     return {name: layer.glider_gates[adapter][index].detach().cpu().clone() for name, layer in layers.items()}
 
 

@@ -1,0 +1,175 @@
+"""The model card of a Glider adapter: Hub metadata, the experts table, the router settings, usage.
+
+Built with `huggingface_hub`'s `ModelCard` from the templates in `templates/` (Jinja, as the Hub's own card
+templates). A card that already exists (written by the user, or on the Hub before a push) keeps its text and
+metadata: its tags are extended and the Glider section, between HTML comment markers, is replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import jinja2
+from huggingface_hub import ModelCard, ModelCardData
+
+from .config import GliderConfig
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+TEMPLATES = Path(__file__).parent / "templates"
+_SECTION = re.compile(r"<!-- peft-glider:start.*?<!-- peft-glider:end -->", re.DOTALL)
+_CARD_FILE = "README.md"
+
+
+def _cell(text: Any, limit: int = 300) -> str:
+    """Text for one Markdown table cell: one line, no column breaks, at most `limit` characters."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _modules(layout: dict[str, list]) -> str:
+    """`{"model.layers.0.self_attn.q_proj": ...}` -> "q_proj, v_proj (4 modules)"."""
+    kinds = Counter(name.rsplit(".", 1)[-1] for name in layout)
+    return f"{', '.join(sorted(kinds))} ({len(layout)} modules)"
+
+
+def _expert_rows(config: GliderConfig, trained: dict[str, bool]) -> list[dict[str, str]]:
+    rows = []
+    for entry in config.experts:
+        source = entry["source"] + (f" (subfolder `{entry['subfolder']}`)" if entry.get("subfolder") else "")
+        if config.local_router == "arrow":
+            gates = "— (Arrow)"
+        else:
+            gates = entry.get("gates", "set") if trained[entry["name"]] else "none (zeros: uninformed)"
+        layout = entry.get("layout", {})
+        rows.append({
+            "name": _cell(entry["name"]),
+            "source": _cell(source),
+            "commit": f"`{entry['commit'][:12]}`" if entry.get("commit") else "local folder",
+            "ranks": ", ".join(str(r) for r in sorted({rank for rank, _ in layout.values()})),
+            "modules": _modules(layout) if layout else "",
+            "gates": _cell(gates),
+            "instruction": _cell(entry.get("instruction", "—")),
+        })
+    return rows
+
+
+def _alpha(config: GliderConfig) -> str:
+    if config.alpha != "auto":
+        return f"{config.alpha:g}"
+    if config.auto_alpha_threshold is None:
+        return "auto (threshold not calibrated yet)"
+    return (
+        f"auto: a query whose best global score reaches {config.auto_alpha_threshold:.3f} gets "
+        f"{config.alpha_held_in:g}, others {config.alpha_held_out:g}"
+    )
+
+
+def _adapter_view(name: str, config: GliderConfig, trained: dict[str, bool]) -> dict[str, Any]:
+    has_instructions = config.instruction_embedding_dim is not None
+    writer = (config.instruction_writer or "unknown").split("@", 1)[0]  # an endpoint URL stays private
+    if config.local_router == "phatgoose":
+        gates_made = (
+            "Phatgoose gate vectors, one per expert and adapted module, trained with the expert frozen "
+            "(`peft_glider.train_gates`) or shipped with the expert (`glider_gates.safetensors`); per expert above."
+        )
+    else:
+        gates_made = "none: Arrow prototypes (top right singular vector of each expert's `B A`), computed on load."
+    return {
+        "name": name,
+        "experts": _expert_rows(config, trained),
+        "top_k": config.top_k,
+        "alpha": _alpha(config),
+        "local_router": (
+            "phatgoose (learned gates)" if config.local_router == "phatgoose"
+            else f"arrow (prototypes, temperature {config.arrow_temperature:g})"
+        ),
+        "embedder": f"`{config.embedder}`" if config.embedder else "none (no instructions stored)",
+        "weights": (
+            "saved in this adapter (self-contained)" if config.save_expert_weights
+            else "not saved: fetched from their sources at the pinned commits and checked against their tensor "
+            "hashes (router-only adapter)"
+        ),
+        "gates_made": gates_made,
+        "instructions_made": (
+            f"written by `{writer}` from a few samples of each expert's task, embedded with `{config.embedder}`."
+            if has_instructions
+            else "none yet: routing is local only until `GlobalRouter.describe_experts(...)` writes them."
+        ),
+    }
+
+
+def base_model_id(model: "PeftModel") -> Optional[str]:
+    """The base model's id or path, as PEFT records it, or None when the model was built from a bare config."""
+    for config in model.peft_config.values():
+        if config.base_model_name_or_path:
+            return config.base_model_name_or_path
+    return getattr(getattr(model.get_base_model(), "config", None), "_name_or_path", None) or None
+
+
+def glider_card(model: "PeftModel", existing: Optional[ModelCard] = None, repo_id: Optional[str] = None,
+                title: Optional[str] = None, extra_tags: Optional[list[str]] = None) -> ModelCard:
+    """The model card of `model`'s Glider adapters: `existing` updated (its Glider section replaced), or a new one."""
+    from peft import PeftModelForCausalLM
+    from peft import __version__ as peft_version
+    from transformers import PreTrainedModel
+
+    glider = model.base_model
+    adapters = []
+    for name, config in model.peft_config.items():
+        if isinstance(config, GliderConfig):
+            gates = glider.get_gates(name)
+            trained = {expert: any(bool(g.any()) for g in per_module.values()) for expert, per_module in gates.items()}
+            adapters.append(_adapter_view(name, config, trained))
+    base = base_model_id(model)
+    section = jinja2.Template((TEMPLATES / "glider_section.md").read_text(), keep_trailing_newline=True).render(
+        adapters=adapters,
+        base_model=base,
+        repo_id=repo_id or "path/or/hub-id/of/this-adapter",
+        embedder=next((c.embedder for c in model.peft_config.values() if c.instruction_embedding_dim), None),
+        peft_version=peft_version,
+        glider_version=version("peft-glider"),
+    ).strip()
+
+    data = existing.data if existing is not None else ModelCardData()
+    data.library_name = "peft"
+    if base:
+        data.base_model = base
+    tags = {"peft", "glider", "lora", *(data.tags or []), *(extra_tags or [])}
+    if base:
+        tags.add(f"base_model:adapter:{base}")
+    if isinstance(model.get_base_model(), PreTrainedModel):
+        tags.add("transformers")
+    data.tags = sorted(tags)
+    if not data.pipeline_tag and isinstance(model, PeftModelForCausalLM):
+        data.pipeline_tag = "text-generation"
+
+    if existing is None:
+        return ModelCard.from_template(
+            data, template_path=str(TEMPLATES / "model_card.md"), title=title or "Glider adapter",
+            glider_section=section,
+        )
+    card = existing
+    if _SECTION.search(card.text):
+        card.text = _SECTION.sub(lambda _: section, card.text)
+    else:
+        card.text = card.text.rstrip() + "\n\n" + section + "\n"
+    return card
+
+
+def write_model_card(model: "PeftModel", folder: str, repo_id: Optional[str] = None,
+                     extra_tags: Optional[list[str]] = None) -> None:
+    """Write or update `README.md` in `folder` with the Glider card (atomically: no half-written card)."""
+    path = os.path.join(folder, _CARD_FILE)
+    existing = ModelCard.load(path) if os.path.exists(path) else None
+    title = (repo_id or os.path.basename(os.path.normpath(folder))).split("/")[-1]
+    card = glider_card(model, existing, repo_id=repo_id, title=title, extra_tags=extra_tags)
+    partial = path + ".partial"
+    card.save(partial)
+    os.replace(partial, path)
