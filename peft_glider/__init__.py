@@ -6,6 +6,7 @@ Importing this package registers the PEFT method `GLIDER`, so that `get_peft_mod
 
 from ._registration import register
 from .config import GliderConfig
+from .expert_training import LoraTrainingArguments, train_lora_expert
 from .experts import save_gates
 from .hub import install_peft_model_hooks, push_to_hub
 from .global_router import (
@@ -43,6 +44,7 @@ __all__ = [
     "GliderModel",
     "GlobalRouter",
     "LocalModelWriter",
+    "LoraTrainingArguments",
     "OpenAIWriter",
     "RouteInfo",
     "SamplesWriter",
@@ -54,6 +56,7 @@ __all__ = [
     "save_gates",
     "train_expert_gates",
     "train_gates",
+    "train_lora_expert",
     "train_missing_gates",
     "untrained_experts",
 ]

