@@ -51,6 +51,7 @@ __all__ = [
     "SentenceTransformerEmbedder",
     "RoutingTrace",
     "__version__",
+    "install_peft_model_hooks",
     "load_glider",
     "push_to_hub",
     "save_gates",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -11,6 +10,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from ._registration import GLIDER_NAME
+from ._warnings import warn_user
 
 #: Bumped when the saved layout changes incompatibly; additive changes keep it.
 FORMAT_VERSION = 1
@@ -78,7 +78,8 @@ class GliderConfig(PeftConfig):
         alpha: Weight of the global (instruction) score against the local (gate) score. The paper used 100 when
             the query's task is among the experts' tasks and 3 otherwise. `"auto"` decides per row: a row whose
             best global score reaches `auto_alpha_threshold` gets `alpha_held_in`, the others `alpha_held_out`.
-        alpha_held_in, alpha_held_out: The two weights `alpha="auto"` chooses between.
+        alpha_held_in: The weight `alpha="auto"` gives a query that matches an expert's task.
+        alpha_held_out: The weight `alpha="auto"` gives any other query.
         auto_alpha_threshold: Calibrated by `GlobalRouter.describe_experts` on the experts' own samples.
         embedder: Id of the sentence embedder of the instruction embeddings (set with them); a router with
             another embedder is refused.
@@ -161,12 +162,10 @@ class GliderConfig(PeftConfig):
         """Write `adapter_config.json`; warn when the adapter is router-only and needs local expert folders."""
         local = [] if self.save_expert_weights else self.local_expert_names
         if local:
-            warnings.warn(
+            warn_user(
                 f"Saving a router-only Glider adapter (save_expert_weights=False) whose experts {local} are local "
                 "folders: it loads only where those folders exist at the same paths. Build with "
-                "save_expert_weights=True for a self-contained adapter.",
-                UserWarning,
-                stacklevel=3,
+                "save_expert_weights=True for a self-contained adapter."
             )
         super().save_pretrained(save_directory, **kwargs)
 

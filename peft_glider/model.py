@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
-import warnings
 from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -21,6 +20,7 @@ from .layer import MERGE_ERROR, GliderLayer, GliderLinear, execution_device
 from .library import ExpertLibrary, check_fits
 from .routing import auto_alpha
 from .state import RoutingState, RoutingTrace, call_routing
+from ._warnings import warn_user
 
 if TYPE_CHECKING:
     from .global_router import ExpertDescriptions, GlobalRouter, RouteInfo
@@ -150,11 +150,9 @@ class GliderModel(BaseTuner):
         self.set_gates({e.name: e.gates for e in experts if e.gates is not None}, adapter_name, how="shipped with the expert")
         ungated = [e.name for e in experts if e.gates is None]
         if ungated and warn:
-            warnings.warn(
+            warn_user(
                 f"Experts {ungated} carry no trained gates ({GATES_FILE}): their local routing is uninformed "
-                "until gates are trained (peft_glider.train_missing_gates) or set (GliderModel.set_gates).",
-                UserWarning,
-                stacklevel=4,
+                "until gates are trained (peft_glider.train_missing_gates) or set (GliderModel.set_gates)."
             )
 
     def _prepare_adapter_config(self, peft_config: GliderConfig, model_config: dict) -> GliderConfig:

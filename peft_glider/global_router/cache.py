@@ -6,9 +6,10 @@ import hashlib
 import json
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
+
+from .._warnings import warn_user
 
 
 def default_cache_dir() -> Path:
@@ -67,13 +68,12 @@ class JsonCache:
         try:
             value = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)["value"]
         except (ValueError, KeyError, TypeError, OSError) as error:
-            warnings.warn(f"Ignoring corrupt cache file {path} ({error}); it will be rewritten.", stacklevel=3)
+            warn_user(f"Ignoring corrupt cache file {path} ({error}); it will be rewritten.")
             return None
         if valid is not None and not valid(value):
-            warnings.warn(
+            warn_user(
                 f"Ignoring cache file {path}: it holds a {type(value).__name__} that is not a valid {kind} entry; "
-                "it will be rewritten.",
-                stacklevel=3,
+                "it will be rewritten."
             )
             return None
         return value
@@ -95,8 +95,7 @@ class JsonCache:
                 os.unlink(partial)
             if not self._write_failed:
                 self._write_failed = True
-                warnings.warn(
+                warn_user(
                     f"Cannot write the global router's cache in {self.folder} ({error}); going on without caching. "
-                    "Set PEFT_GLIDER_CACHE or cache_dir to a writable folder.",
-                    stacklevel=3,
+                    "Set PEFT_GLIDER_CACHE or cache_dir to a writable folder."
                 )

@@ -196,7 +196,8 @@ class LocalModelWriter(InstructionWriter):
         gguf_file: The GGUF file inside the folder, for GGUF models.
         cache_dir: Where a dequantized GGUF model is saved for fast reloads.
         max_new_tokens: Length limit of an instruction.
-        model, tokenizer: An already loaded chat model and its tokenizer, instead of a path.
+        model: An already loaded chat model, instead of a path.
+        tokenizer: The tokenizer of `model`.
         system_prompt: The system message.
     """
 

