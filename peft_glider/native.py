@@ -67,6 +67,120 @@ def _library() -> ctypes.CDLL:
     return _LIBRARY
 
 
+def check_layout(A: torch.Tensor, BT: torch.Tensor, row_start: torch.Tensor, rank: torch.Tensor,
+                 scaling: torch.Tensor) -> None:
+    """Check the experts' operands the C functions read (once per set of experts: `routing.ExpertBank` does it
+    when it is built): contiguous CPU tensors of the right dtypes and shapes, each expert's rows inside A and BT.
+    Raises `ValueError` naming the operand."""
+    total_rank, o = BT.shape
+    num_experts = row_start.shape[0]
+    for name, tensor, dtype, shape in (
+        ("A", A, torch.float32, (total_rank, A.shape[-1])),
+        ("BT", BT, torch.float32, (total_rank, o)),
+        ("row_start", row_start, torch.int64, (num_experts,)),
+        ("rank", rank, torch.int64, (num_experts,)),
+        ("scaling", scaling, torch.float32, (num_experts,)),
+    ):
+        if tensor.device.type != "cpu" or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"native kernel: {name} must be a {dtype} CPU tensor of shape {shape}, got {tensor.dtype} "
+                f"{tuple(tensor.shape)} on {tensor.device}."
+            )
+        if not tensor.is_contiguous():
+            raise ValueError(f"native kernel: {name} must be contiguous.")
+    if num_experts and bool(((row_start < 0) | (rank < 0) | (row_start + rank > total_rank)).any()):
+        raise ValueError("native kernel: an expert's rows (row_start, rank) fall outside A and BT.")
+
+
+def check_tokens(x: torch.Tensor, out: torch.Tensor, A: torch.Tensor, BT: torch.Tensor,
+                 indices: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> None:
+    """Check one call's operands (every call: a few attribute reads): x (N, d) and out (N, o) float32 CPU with
+    contiguous rows, indices (N, k) int64 and weights (N, k) float32 contiguous. Raises `ValueError`."""
+    n = x.shape[0]
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[1] != A.shape[1] or x.stride(-1) != 1:
+        raise ValueError(f"native kernel: x must be float32 CPU (N, {A.shape[1]}) with contiguous rows.")
+    if out.dtype != torch.float32 or out.device.type != "cpu" or out.shape != (n, BT.shape[1]) or out.stride(-1) != 1:
+        raise ValueError(f"native kernel: out must be float32 CPU ({n}, {BT.shape[1]}) with contiguous rows.")
+    if indices is not None and (
+        indices.dtype != torch.int64 or weights.dtype != torch.float32 or indices.shape[0] != n
+        or weights.shape != indices.shape or not indices.is_contiguous() or not weights.is_contiguous()
+    ):  # fmt: skip
+        raise ValueError(f"native kernel: indices (int64) and weights (float32) must be contiguous ({n}, k).")
+
+
+def _add_selected_experts(x, A, BT, row_start, rank, scaling, indices, weights, out, simd) -> None:
+    n, k = indices.shape
+    _library().glider_add_selected_experts(
+        x.data_ptr(), n, x.shape[1], x.stride(0),
+        A.data_ptr(), BT.data_ptr(), BT.shape[1],
+        row_start.data_ptr(), rank.data_ptr(), scaling.data_ptr(),
+        indices.data_ptr(), weights.data_ptr(), k,
+        out.data_ptr(), out.stride(0), torch.get_num_threads(), int(simd),
+    )  # fmt: skip
+
+
+def _route_and_add(x, rows, standardize, eps, bias, k, A, BT, row_start, rank, scaling, out, simd):
+    n, d = x.shape
+    num_experts = rows.shape[0]
+    if rows.dtype != torch.float32 or tuple(rows.shape) != (row_start.shape[0], d) or not rows.is_contiguous():
+        raise ValueError(f"native kernel: rows must be contiguous float32 (E, {d}), one per expert.")
+    if not 1 <= k <= num_experts or num_experts > MAX_EXPERTS:
+        raise ValueError(f"native kernel: k={k} must lie in [1, {num_experts}] and E <= {MAX_EXPERTS}.")
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.shape[1] != num_experts
+                             or bias.shape[0] == 0 or n % bias.shape[0]):
+        raise ValueError(f"native kernel: bias must be contiguous float32 (B, {num_experts}) with B dividing {n}.")
+    indices = torch.empty(n, k, dtype=torch.int64)
+    weights = torch.empty(n, k, dtype=torch.float32)
+    group = 1 if bias is None else n // bias.shape[0]
+    _library().glider_route_and_add(
+        x.data_ptr(), n, d, x.stride(0),
+        rows.data_ptr(), num_experts, int(standardize), eps, 0 if bias is None else bias.data_ptr(), group,
+        A.data_ptr(), BT.data_ptr(), BT.shape[1],
+        row_start.data_ptr(), rank.data_ptr(), scaling.data_ptr(),
+        k, indices.data_ptr(), weights.data_ptr(),
+        out.data_ptr(), out.stride(0), torch.get_num_threads(), int(simd),
+    )  # fmt: skip
+    return indices, weights
+
+
+# The C library is called through ctypes rather than built as a torch C++ extension: building against torch's
+# headers would make torch a build requirement (pip's isolated build would fetch a multi-GB wheel). Registered as
+# torch operators all the same, with fake implementations, so torch.compile traces a Glider model; in eager mode
+# the functions below call the library directly (a custom op's Python dispatch costs ~100x the C call itself).
+
+
+@torch.library.custom_op("peft_glider::add_selected_experts", mutates_args=("out",), device_types="cpu")
+def _add_selected_experts_op(
+    x: torch.Tensor, A: torch.Tensor, BT: torch.Tensor, row_start: torch.Tensor, rank: torch.Tensor,
+    scaling: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, simd: bool,
+) -> None:  # fmt: skip
+    check_layout(A, BT, row_start, rank, scaling)
+    check_tokens(x, out, A, BT, indices, weights)
+    _add_selected_experts(x, A, BT, row_start, rank, scaling, indices, weights, out, simd)
+
+
+@_add_selected_experts_op.register_fake
+def _(x, A, BT, row_start, rank, scaling, indices, weights, out, simd) -> None:
+    return None
+
+
+@torch.library.custom_op("peft_glider::route_and_add", mutates_args=("out",), device_types="cpu")
+def _route_and_add_op(
+    x: torch.Tensor, rows: torch.Tensor, standardize: bool, eps: float, bias: Optional[torch.Tensor], k: int,
+    A: torch.Tensor, BT: torch.Tensor, row_start: torch.Tensor, rank: torch.Tensor, scaling: torch.Tensor,
+    out: torch.Tensor, simd: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    check_layout(A, BT, row_start, rank, scaling)
+    check_tokens(x, out, A, BT)
+    return _route_and_add(x, rows, standardize, eps, bias, k, A, BT, row_start, rank, scaling, out, simd)
+
+
+@_route_and_add_op.register_fake
+def _(x, rows, standardize, eps, bias, k, A, BT, row_start, rank, scaling, out, simd):
+    n = x.shape[0]
+    return x.new_empty(n, k, dtype=torch.int64), x.new_empty(n, k, dtype=torch.float32)
+
+
 def add_selected_experts(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -78,21 +192,23 @@ def add_selected_experts(
     weights: torch.Tensor,
     out: torch.Tensor,
     simd: bool = True,
+    layout_checked: bool = False,
 ) -> torch.Tensor:
     """`out[n] += sum_j weights[n, j] * scaling[e] * BT_e.T @ (A_e @ x[n])` with `e = indices[n, j]`, in place.
 
     x (N, d) and out (N, o): float32, rows contiguous (any row stride); A (R, d), BT (R, o): an expert's rows are
-    `row_start[e]` to `row_start[e] + rank[e]` (int64, (E,)); scaling (E,) float32; indices (N, k) int64 and
-    weights (N, k) float32, contiguous. `simd=False` runs the portable loops instead of the AVX2 forms.
+    `row_start[e]` to `row_start[e] + rank[e]` (int64, (E,)); scaling (E,) float32; indices (N, k) int64 (expert
+    indices, trusted: they come from top-k) and weights (N, k) float32, contiguous. `simd=False` runs the portable
+    loops instead of the AVX2 forms. `layout_checked`: the experts' operands passed `check_layout` already.
+    Under torch.compile, the operator `torch.ops.peft_glider.add_selected_experts`.
     """
-    n, k = indices.shape
-    _library().glider_add_selected_experts(
-        x.data_ptr(), n, x.shape[1], x.stride(0),
-        A.data_ptr(), BT.data_ptr(), BT.shape[1],
-        row_start.data_ptr(), rank.data_ptr(), scaling.data_ptr(),
-        indices.data_ptr(), weights.data_ptr(), k,
-        out.data_ptr(), out.stride(0), torch.get_num_threads(), int(simd),
-    )  # fmt: skip
+    if torch.compiler.is_compiling():
+        torch.ops.peft_glider.add_selected_experts(x, A, BT, row_start, rank, scaling, indices, weights, out, simd)
+        return out
+    if not layout_checked:
+        check_layout(A, BT, row_start, rank, scaling)
+    check_tokens(x, out, A, BT, indices, weights)
+    _add_selected_experts(x, A, BT, row_start, rank, scaling, indices, weights, out, simd)
     return out
 
 
@@ -110,24 +226,20 @@ def route_and_add(
     scaling: torch.Tensor,
     out: torch.Tensor,
     simd: bool = True,
+    layout_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route each token and add its experts' deltas into `out`, in one pass: local scores against `rows` (E, d)
     (`rows . x / std(x)` for standardized rows, else `|rows . x|`), plus `bias` (B, E) for B consecutive groups of
     tokens (or None), top-k among experts with `rank > 0`, softmax, then as `add_selected_experts`.
 
     Returns the selected experts (N, k) int64 and their weights (N, k) float32. Same tensor requirements as
-    `add_selected_experts`; rows and bias float32, contiguous; E <= `MAX_EXPERTS`.
+    `add_selected_experts`; rows and bias float32, contiguous; E <= `MAX_EXPERTS`. Under torch.compile, the
+    operator `torch.ops.peft_glider.route_and_add`.
     """
-    n = x.shape[0]
-    indices = torch.empty(n, k, dtype=torch.int64)
-    weights = torch.empty(n, k, dtype=torch.float32)
-    group = 1 if bias is None else n // bias.shape[0]
-    _library().glider_route_and_add(
-        x.data_ptr(), n, x.shape[1], x.stride(0),
-        rows.data_ptr(), rows.shape[0], int(standardize), eps, 0 if bias is None else bias.data_ptr(), group,
-        A.data_ptr(), BT.data_ptr(), BT.shape[1],
-        row_start.data_ptr(), rank.data_ptr(), scaling.data_ptr(),
-        k, indices.data_ptr(), weights.data_ptr(),
-        out.data_ptr(), out.stride(0), torch.get_num_threads(), int(simd),
-    )  # fmt: skip
-    return indices, weights
+    if torch.compiler.is_compiling():
+        return torch.ops.peft_glider.route_and_add(x, rows, standardize, eps, bias, k, A, BT, row_start, rank,
+                                                   scaling, out, simd)
+    if not layout_checked:
+        check_layout(A, BT, row_start, rank, scaling)
+    check_tokens(x, out, A, BT)
+    return _route_and_add(x, rows, standardize, eps, bias, k, A, BT, row_start, rank, scaling, out, simd)

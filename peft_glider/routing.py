@@ -6,7 +6,10 @@ experts' ranks at one module (the experts' A factors are concatenated along the 
 
 from __future__ import annotations
 
+import collections
+import importlib.util
 import math
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import native
+from ._warnings import warn_user
 
 LN_EPS = 1e-5
 
@@ -35,7 +39,7 @@ def _consume_csr_beta_warning() -> None:
         _csr_warning_consumed = True
 
 #: The kernels this module offers for the experts' products; "auto" picks one per call from the shapes.
-KERNELS = ("auto", "concat", "gather", "sparse", "native")
+KERNELS = ("auto", "concat", "gather", "sparse", "native", "triton")
 
 
 def standardize(x: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
@@ -171,10 +175,24 @@ class ExpertBank:
             and self.A.is_contiguous()
             and self.BT.is_contiguous()
         )
+        if self.native_ready:  # checked once here; each call then checks only its tokens
+            native.check_layout(self.A, self.BT, self.expert_row_start, self.expert_rank, self.expert_scaling)
         if self.uniform_rank is not None:  # per-expert blocks of the factors, for gathering
             self.A_blocks = self.A.view(self.num_present, self.uniform_rank, -1)  # (P, r, d)
             self.BT_blocks = self.BT.view(self.num_present, self.uniform_rank, -1)  # (P, r, o)
-        self._kernel_choice: dict[tuple, str] = {}
+        self._kernel_choice = KernelChoices()
+        self._device_layout: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def device_layout(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each expert's first row and rank (int32) and scaling on `device`, for the Triton kernel (copied once)."""
+        layout = self._device_layout.get(device)
+        if layout is None:
+            layout = self._device_layout[device] = (
+                self.expert_row_start.to(device=device, dtype=torch.int32),
+                self.expert_rank.to(device=device, dtype=torch.int32),
+                self.expert_scaling.to(device=device, dtype=torch.float32),
+            )
+        return layout
 
 
 def _weights_as(selection: Selection, dtype: torch.dtype) -> torch.Tensor:
@@ -291,7 +309,39 @@ def delta_native(
     x, target = _native_operands(x, out)
     native.add_selected_experts(
         x, bank.A, bank.BT, bank.expert_row_start, bank.expert_rank, bank.expert_scaling,
-        selection.indices.contiguous(), weights.contiguous(), target,
+        selection.indices.contiguous(), weights.contiguous(), target, layout_checked=True,
+    )  # fmt: skip
+    return _native_result(out, target)
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether the Triton kernel can run on `device`: CUDA with `triton` importable (or any device under Triton's
+    interpreter, `TRITON_INTERPRET=1`, which the tests use on CPU)."""
+    global _TRITON_IMPORTABLE
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    if _TRITON_IMPORTABLE is None:
+        _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
+
+
+_TRITON_IMPORTABLE: bool | None = None
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def delta_triton(
+    x: torch.Tensor, bank: ExpertBank, selection: Selection, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The grouped Triton kernel (`triton_kernels.py`): pairs sorted by expert, each tile of pairs applying one
+    expert's factors, float32 accumulation; adds into `out` (N, o). For CUDA, in float32, float16 or bfloat16,
+    without gradients; any ranks and scalings."""
+    from . import triton_kernels
+
+    out = _output(x, bank, out)
+    x, target = (x if x.stride(-1) == 1 else x.contiguous()), (out if out.stride(-1) == 1 else torch.zeros_like(out))
+    row_start, rank, scaling = bank.device_layout(x.device)
+    triton_kernels.add_selected_experts(
+        x, bank.A, bank.BT, row_start, rank, scaling, selection.indices, selection.weights, target, bank.max_rank,
     )  # fmt: skip
     return _native_result(out, target)
 
@@ -328,7 +378,7 @@ def route_and_apply_native(
         global_bias = global_bias.to(torch.float32).contiguous()
     indices, weights = native.route_and_add(
         x, rows, standardized, LN_EPS, global_bias, k,
-        bank.A, bank.BT, bank.expert_row_start, bank.expert_rank, bank.expert_scaling, target,
+        bank.A, bank.BT, bank.expert_row_start, bank.expert_rank, bank.expert_scaling, target, layout_checked=True,
     )  # fmt: skip
     return Selection(indices=indices, weights=weights), _native_result(out, target)
 
@@ -364,17 +414,21 @@ def runnable_kernels(bank: ExpertBank, dtype: torch.dtype, needs_grad: bool = Fa
             kernels.append("sparse")
     if bank.native_ready and dtype == torch.float32 and not needs_grad:
         kernels.append("native")
+    if dtype in _TRITON_DTYPES and not needs_grad and bank.A.dtype == bank.BT.dtype and triton_available(bank.A.device):
+        kernels.append("triton")
     return tuple(kernels)
 
 
 def kernel_costs(
     num_tokens: int, bank: ExpertBank, k: int, dtype: torch.dtype, needs_grad: bool = False
 ) -> dict[str, float]:
-    """Modelled time of each kernel that can run this call (`runnable_kernels`), in microseconds."""
+    """Modelled time of each kernel that can run this call (`runnable_kernels`) on CPU, in microseconds."""
     width = bank.A.shape[1] + bank.BT.shape[1]  # d + o
     total_rank = bank.A.shape[0]
     costs = {}
     for kernel in runnable_kernels(bank, dtype, needs_grad):
+        if kernel == "triton":  # a GPU kernel (on CPU only under Triton's interpreter, never picked by "auto")
+            continue
         if kernel == "concat":
             macs = num_tokens * total_rank * width
             costs[kernel] = _FIXED_US[kernel] + macs / _MACS_PER_US[kernel] + total_rank * width / _FACTOR_READS_PER_US
@@ -384,17 +438,69 @@ def kernel_costs(
     return costs
 
 
+#: On CUDA, below this many concatenated rank rows, `concat`'s two GEMMs over every expert are launch-bound and
+#: cost no more than the grouped kernel's sort and schedule (a conservative rule, not yet fitted on a GPU).
+CUDA_CONCAT_MAX_RANK_ROWS = 256
+
+
+def choose_kernel_cuda(bank: ExpertBank, dtype: torch.dtype, needs_grad: bool) -> str:
+    """The documented rule for CUDA (docs/routing.md): `concat` for small libraries or with gradients, else the
+    grouped Triton kernel, else `gather` (it reads only the selected experts)."""
+    kernels = runnable_kernels(bank, dtype, needs_grad)
+    if bank.A.shape[0] <= CUDA_CONCAT_MAX_RANK_ROWS:
+        return "concat"
+    if "triton" in kernels:
+        return "triton"
+    return "gather" if "gather" in kernels else "concat"
+
+
+class KernelChoices:
+    """A bounded memory of kernel choices per call shape: token counts bucketed to powers of two, least recently
+    used entries dropped past `capacity` (one entry per prompt length would grow without bound)."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self._choices: collections.OrderedDict[tuple, str] = collections.OrderedDict()
+
+    @staticmethod
+    def key(num_tokens: int, k: int, dtype: torch.dtype, needs_grad: bool, device_type: str) -> tuple:
+        return (1 << max(num_tokens - 1, 0).bit_length(), k, dtype, needs_grad, device_type)
+
+    def get(self, key: tuple) -> str | None:
+        choice = self._choices.get(key)
+        if choice is not None:
+            self._choices.move_to_end(key)
+        return choice
+
+    def put(self, key: tuple, choice: str) -> None:
+        self._choices[key] = choice
+        if len(self._choices) > self.capacity:
+            self._choices.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._choices)
+
+
 def choose_kernel(num_tokens: int, bank: ExpertBank, k: int, dtype: torch.dtype, needs_grad: bool = False) -> str:
-    """The cheapest kernel for this call by `kernel_costs` (remembered per bank and call shape)."""
-    key = (num_tokens, k, dtype, needs_grad)
+    """The kernel for this call, by device: on CPU the cheapest by `kernel_costs` (at the bucket's token count),
+    on CUDA `choose_kernel_cuda`'s rule. Remembered per bank in a bounded `KernelChoices`."""
+    device_type = bank.A.device.type
+    key = KernelChoices.key(num_tokens, k, dtype, needs_grad, device_type)
     choice = bank._kernel_choice.get(key)
     if choice is None:
-        costs = kernel_costs(num_tokens, bank, k, dtype, needs_grad)
-        choice = bank._kernel_choice[key] = min(costs, key=costs.get)
+        if device_type == "cuda":
+            choice = choose_kernel_cuda(bank, dtype, needs_grad)
+        else:
+            costs = kernel_costs(key[0], bank, k, dtype, needs_grad)
+            choice = min(costs, key=costs.get)
+        bank._kernel_choice.put(key, choice)
     return choice
 
 
-_KERNEL_FUNCTIONS = {"concat": delta_concat, "gather": delta_gather, "sparse": delta_sparse, "native": delta_native}
+_KERNEL_FUNCTIONS = {
+    "concat": delta_concat, "gather": delta_gather, "sparse": delta_sparse, "native": delta_native,
+    "triton": delta_triton,
+}  # fmt: skip
 
 
 def _needs_grad(bank: ExpertBank, *inputs: torch.Tensor) -> bool:
@@ -424,6 +530,8 @@ def route(
     and in the factors (when trainable): when gradients are needed the kernel is one that carries them.
     """
     needs_grad = _needs_grad(bank, u, router_rows)
+    if not _warned_no_native and not needs_grad and u.dtype == torch.float32 and u.device.type == "cpu":
+        _warn_without_native()
     chosen = resolve_kernel(kernel, u.shape[0], bank, k, u.dtype, needs_grad)
     if chosen == "native" and can_fuse_routing(router_rows, bank):
         return route_and_apply_native(u, router_rows, standardized, global_bias, k, bank, out)
@@ -431,6 +539,21 @@ def route(
     local = standardized_dots(scored, router_rows) if standardized else arrow_dots(scored, router_rows)  # (N, E)
     selection = select_top_k(combine_logits(local, global_bias), bank.present, k)
     return selection, _KERNEL_FUNCTIONS[chosen](u, bank, selection, out)
+
+
+_warned_no_native = False
+
+
+def _warn_without_native() -> None:
+    """Once per process: float32 CPU inference without the compiled kernel runs, correctly, on the slower torch
+    kernels."""
+    global _warned_no_native
+    _warned_no_native = True
+    if not native.available():
+        warn_user(
+            "peft-glider's compiled CPU kernel is not built (no C compiler, or no OpenMP, at install time): float32 "
+            "CPU inference runs on the pure-torch kernels, correct but slower. Reinstall with gcc or clang to build it."
+        )
 
 
 def apply_experts(
