@@ -105,6 +105,17 @@ def _adapter_view(name: str, config: GliderConfig, trained: dict[str, bool]) -> 
     }
 
 
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def hub_model_id(name_or_path: Optional[str]) -> Optional[str]:
+    """`name_or_path` when it reads as a Hub id (not a local folder), else None: the Hub's `base_model` metadata
+    takes ids only."""
+    if not name_or_path or os.path.isdir(name_or_path) or not _HUB_ID.match(name_or_path):
+        return None
+    return name_or_path
+
+
 def base_model_id(model: "PeftModel") -> Optional[str]:
     """The base model's id or path, as PEFT records it, or None when the model was built from a bare config."""
     for config in model.peft_config.values():
@@ -139,11 +150,12 @@ def glider_card(model: "PeftModel", existing: Optional[ModelCard] = None, repo_i
 
     data = existing.data if existing is not None else ModelCardData()
     data.library_name = "peft"
-    if base:
-        data.base_model = base
+    hub_base = hub_model_id(base)  # a local folder is named in the text, not in the metadata
+    if hub_base:
+        data.base_model = hub_base
     tags = {"peft", "glider", "lora", *(data.tags or []), *(extra_tags or [])}
-    if base:
-        tags.add(f"base_model:adapter:{base}")
+    if hub_base:
+        tags.add(f"base_model:adapter:{hub_base}")
     if isinstance(model.get_base_model(), PreTrainedModel):
         tags.add("transformers")
     data.tags = sorted(tags)

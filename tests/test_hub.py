@@ -251,3 +251,14 @@ def test_bad_hub_experts_name_the_expert_and_the_cause(case, tmp_path, hub, monk
     assert not incomplete_files(cache)
     if case in ("missing", "private", "gated", "revision"):
         assert not list(cache.glob(f"models--team--{entry['source'].split('/')[1]}/snapshots/*/*"))
+
+
+def test_a_local_base_model_is_named_in_the_card_text_not_in_its_metadata(tmp_path):
+    from peft_glider.card import glider_card
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    expert = make_expert(tiny_llama, tmp_path / "e", seed=1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), GliderConfig(experts=[expert], top_k=1))
+    card = glider_card(model)
+    assert card.data.base_model is None and not [t for t in card.data.tags if t.startswith("base_model:")]
+    assert str(tmp_path / "base") in card.text
