@@ -246,13 +246,19 @@ def test_pipeline_end_to_end_then_a_rerun_recomputes_nothing(tmp_path: Path, mon
     assert set(results["accuracy"]) == {
         "Base (zero-shot)", methods.ORACLE, "Uniform merge", "PEFT Arrow (k=2)", methods.PHATGOOSE.name,
         methods.GLIDER_HELD_IN.name, methods.GLIDER_HELD_OUT.name, methods.GLIDER_AUTO.name, "GLIDER α=auto · samples",
+        methods.GLIDER_ARROW.name,
     }
+    for method, scores in results["accuracy"].items():  # per-example hits behind every accuracy, for the intervals
+        assert {t: sum(h) / len(h) for t, h in results["hits"][method].items()} == scores, method
+    report = (out / "results.md").read_text()
+    assert "## Paired comparisons" in report and f"| {methods.GLIDER_ARROW.name} − Uniform merge |" in report
+    assert "**Average** [95% CI]" in report
     assert set(results["accuracy"][methods.ORACLE]) == {"alpha", "beta", "gamma"}
     for method, scores in results["accuracy"].items():
         if method != methods.ORACLE:
             assert set(scores) == {"alpha", "beta", "gamma", "delta"}, method
         assert all(value in {i / 5 for i in range(6)} for value in scores.values()), method
-    for row in (methods.GLIDER_AUTO.name, "GLIDER α=auto · samples"):
+    for row in (methods.GLIDER_AUTO.name, "GLIDER α=auto · samples", methods.GLIDER_ARROW.name):
         assert set(results["resolved_alpha"][row].values()) <= {100.0, 3.0}
     for task, alpha in results["resolved_alpha"][methods.GLIDER_AUTO.name].items():
         fixed = methods.GLIDER_HELD_IN.name if alpha == 100.0 else methods.GLIDER_HELD_OUT.name
@@ -324,3 +330,21 @@ def test_bbc_articles_become_five_way_topic_questions(tmp_path: Path):
     assert [e.options for e in examples] == [("sport", "tech")] * 2 and [e.correct for e in examples] == [{0}, {1}]
     assert examples[0].input.split("\n")[0] == " ".join(("Arsenal win " * 50).split()[:BBC_WORDS])
     assert examples[1].input.endswith("Which topic is this news article about: sport or tech?")
+
+
+def test_bootstrap_intervals_and_paired_differences():
+    from benchmarks.evaluation.stats import bootstrap_average, paired_difference
+
+    generator = torch.Generator().manual_seed(0)
+    tasks = ["a", "b"]
+    weak = {t: (torch.rand(100, generator=generator) < 0.4).int().tolist() for t in tasks}
+    strong = {t: [1 if w or i % 3 == 0 else 0 for i, w in enumerate(weak[t])] for t in tasks}  # weak's hits and more
+    average, low, high = bootstrap_average(weak, tasks)
+    assert low < average < high and high - low < 0.25
+    assert average == sum(sum(weak[t]) / 100 for t in tasks) / 2
+    difference, low, high = paired_difference(strong, weak, tasks)
+    assert difference > 0 and low > 0  # better on the same examples, beyond the noise
+    assert paired_difference(weak, weak, tasks) == (0.0, 0.0, 0.0)
+    assert bootstrap_average(weak, ["a", "missing"]) is None
+    with pytest.raises(ValueError, match="different examples"):
+        paired_difference(weak, {"a": [1], "b": [1]}, tasks)

@@ -27,6 +27,7 @@ PHATGOOSE = GliderRow("Phatgoose (α=0)", None, 0.0)
 GLIDER_HELD_IN = GliderRow("GLIDER α=100 · LLM", "llm", 100.0)  # the paper's alpha for held-in tasks
 GLIDER_HELD_OUT = GliderRow("GLIDER α=3 · LLM", "llm", 3.0)  # ... and for held-out tasks
 GLIDER_AUTO = GliderRow("GLIDER α=auto · LLM", "llm", "auto")
+GLIDER_ARROW = GliderRow("GLIDER α=auto · LLM · Arrow local", "llm", "auto")  # no gate training
 
 
 def glider_rows(sources: list[str]) -> list[GliderRow]:
@@ -83,10 +84,12 @@ def arrow_model(load_base: Callable[[], Any], folders: dict[str, str]) -> Any:
     return model.eval()
 
 
-def glider_model(load_base: Callable[[], Any], folders: dict[str, str]) -> Any:
-    """Our tuner over the experts (their trained gates ship in their folders); alpha is set per pass."""
-    model = get_peft_model(load_base(), GliderConfig(experts=list(folders.values()), top_k=TOP_K, alpha="auto"))
-    ungated = untrained_experts(model)
+def glider_model(load_base: Callable[[], Any], folders: dict[str, str], local_router: str = "phatgoose") -> Any:
+    """Our tuner over the experts (their trained gates ship in their folders, or Arrow prototypes computed from
+    the weights); alpha is set per pass."""
+    config = GliderConfig(experts=list(folders.values()), top_k=TOP_K, alpha="auto", local_router=local_router)
+    model = get_peft_model(load_base(), config)
+    ungated = untrained_experts(model) if local_router == "phatgoose" else []
     if ungated:
         raise RuntimeError(f"Expert(s) {ungated} carry no trained gates: rebuild the library.")
     return model.eval()

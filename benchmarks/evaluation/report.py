@@ -4,22 +4,47 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .methods import GLIDER_AUTO, GLIDER_HELD_IN, GLIDER_HELD_OUT, ORACLE, PHATGOOSE
+from .methods import GLIDER_ARROW, GLIDER_AUTO, GLIDER_HELD_IN, GLIDER_HELD_OUT, ORACLE, PHATGOOSE
 from .run import averages
+from .stats import bootstrap_average, paired_difference
 
 
 def _pct(value: Optional[float]) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def _interval(values: Optional[tuple[float, float, float]]) -> str:
+    return "" if values is None else f" [{100 * values[1]:.1f}, {100 * values[2]:.1f}]"
+
+
 def _table(results: dict, tasks: list[str], half: int) -> list[str]:
-    lines = ["| Method | " + " | ".join(tasks) + " | **Average** |", "|---" * (len(tasks) + 2) + "|"]
+    lines = ["| Method | " + " | ".join(tasks) + " | **Average** [95% CI] |", "|---" * (len(tasks) + 2) + "|"]
+    hits = results.get("hits", {})
     for method, scores in results["accuracy"].items():
         if not any(task in scores for task in tasks):
             continue
         cells = [_pct(scores.get(task)) for task in tasks]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | **{_pct(averages(results, method)[half])}** |")
+        interval = _interval(bootstrap_average(hits.get(method, {}), tasks))
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | **{_pct(averages(results, method)[half])}**{interval} |")
     return lines
+
+
+def paired_comparisons(results: dict) -> list[str]:
+    """GLIDER rows against each baseline on the same examples: the difference of averages in points, with its 95%
+    bootstrap interval (an interval above zero: GLIDER is better beyond the sampling noise)."""
+    hits = results.get("hits", {})
+    glider_rows = [row.name for row in (GLIDER_AUTO, GLIDER_ARROW) if row.name in hits]
+    baselines = [m for m in results["accuracy"] if m in hits and m not in glider_rows and not m.startswith("GLIDER")]
+    lines = ["| Comparison | Held-in (points) [95% CI] | Held-out (points) [95% CI] |", "|---|---|---|"]
+    for row in glider_rows:
+        for baseline in baselines:
+            cells = []
+            for tasks in (results["held_in"], results["held_out"]):
+                difference = paired_difference(hits[row], hits[baseline], tasks)
+                cells.append("–" if difference is None else
+                             f"{100 * difference[0]:+.1f} [{100 * difference[1]:+.1f}, {100 * difference[2]:+.1f}]")
+            lines.append(f"| {row} − {baseline} | {cells[0]} | {cells[1]} |")
+    return lines if len(lines) > 2 else []
 
 
 def _training_seconds(timings: dict) -> float:
@@ -59,6 +84,9 @@ def markdown(results: dict) -> str:
     lines += ["## Held-in tasks (an expert was trained on each)", ""] + _table(results, results["held_in"], 0)
     if results["held_out"]:
         lines += ["", "## Held-out tasks (no expert)", ""] + _table(results, results["held_out"], 1)
+    comparisons = paired_comparisons(results)
+    if comparisons:
+        lines += ["", "## Paired comparisons (same examples, bootstrap over each task's examples)", ""] + comparisons
     lines += ["", "## Targets", "", "| Target | Met | Measured |", "|---|---|---|"]
     lines += [f"| {name} | {'yes' if met else 'no'} | {measured} |" for name, met, measured in targets(results)]
     lines += ["", "## Global router", ""]

@@ -138,7 +138,8 @@ class Pipeline:
         trace_context = glider.routing_trace() if glider is not None else contextlib.nullcontext()
         with trace_context as trace:
             hits = rank_classify(model, self.tokenizer, self.splits[task].eval, desc=entry_key)
-        entry = {"accuracy": sum(hits) / len(hits), "n": len(hits), "seconds": time.perf_counter() - start}
+        entry = {"accuracy": sum(hits) / len(hits), "n": len(hits), "hits": [int(hit) for hit in hits],
+                 "seconds": time.perf_counter() - start}
         if trace is not None:
             counts = trace.counts(first_choice_only=True).float()
             entry["first_choice_share"] = dict(zip(trace.expert_names, (counts / counts.sum()).tolist()))
@@ -168,21 +169,23 @@ class Pipeline:
         )
         library_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        accuracy: dict[str, dict[str, float]] = {}
+        self.accuracy, self.hits = {}, {}
 
         base = self.load_base()
-        accuracy["Base (zero-shot)"] = {t: self.score("base", base, t)["accuracy"] for t in self.tasks}
-        accuracy[methods.ORACLE] = {
-            t: self.score("oracle", methods.oracle_model(self.load_base, folders[t]), t)["accuracy"] for t in held_in
-        }
+        for task in self.tasks:
+            self.record("Base (zero-shot)", task, self.score("base", base, task))
+        for task in held_in:
+            self.record(methods.ORACLE, task, self.score("oracle", methods.oracle_model(self.load_base, folders[task]), task))
         merged = methods.merged_model(self.load_base, folders)
-        accuracy["Uniform merge"] = {t: self.score("merge", merged, t)["accuracy"] for t in self.tasks}
+        for task in self.tasks:
+            self.record("Uniform merge", task, self.score("merge", merged, task))
         del merged
         arrow = methods.arrow_model(self.load_base, folders)
-        accuracy[f"PEFT Arrow (k={methods.TOP_K})"] = {t: self.score("arrow", arrow, t)["accuracy"] for t in self.tasks}
+        for task in self.tasks:
+            self.record(f"PEFT Arrow (k={methods.TOP_K})", task, self.score("arrow", arrow, task))
         del arrow
-        glider_accuracy, routing, alphas, shares = self.run_glider(folders)
-        accuracy.update(glider_accuracy)
+        routing, alphas, shares = self.run_glider(folders)
+        accuracy = self.accuracy
         eval_seconds = time.perf_counter() - start
 
         return {
@@ -190,6 +193,7 @@ class Pipeline:
             "held_in": held_in,
             "held_out": held_out,
             "accuracy": accuracy,
+            "hits": self.hits,
             "resolved_alpha": alphas,
             "global_routing": routing,
             "first_choice_share": shares,
@@ -202,21 +206,28 @@ class Pipeline:
             "versions": versions(),
         }
 
-    def run_glider(self, folders: dict[str, str]) -> tuple[dict, dict, dict, dict]:
-        """Phatgoose and every GLIDER row. A row with alpha="auto" resolves, per task, to alpha 100 or 3; a pass
-        is scored once per (source, alpha) and shared by the rows that resolve to it."""
+    def record(self, method: str, task: str, entry: dict) -> None:
+        """Keep a scored entry's accuracy (and its per-example hits, for the intervals) under its table row."""
+        self.accuracy.setdefault(method, {})[task] = entry["accuracy"]
+        if "hits" in entry:  # entries cached before hits were kept have none
+            self.hits.setdefault(method, {})[task] = entry["hits"]
+
+    def run_glider(self, folders: dict[str, str]) -> tuple[dict, dict, dict]:
+        """Phatgoose and every GLIDER row (`record`ed). A row with alpha="auto" resolves, per task, to alpha 100 or
+        3; a pass is scored once per (source, alpha) and shared by the rows that resolve to it. The last row uses
+        the Arrow local router (no gate training) with the LLM's instructions at alpha="auto"."""
         model = methods.glider_model(self.load_base, folders)
         glider = model.base_model
         routers = self.routers()
         rows = methods.glider_rows(list(routers))
         expert_samples = {task: [e.pair() for e in self.splits[task].expert_samples] for task in folders}
-        accuracy: dict[str, dict[str, float]] = {row.name: {} for row in rows}
         alphas: dict[str, dict[str, float]] = {row.name: {} for row in rows}
         shares: dict[str, dict[str, dict]] = {}
         routing: dict[str, dict] = {}
         for task in self.tasks:  # Phatgoose: local routers only
             entry = self.score("phatgoose", model, task, glider)
-            accuracy[rows[0].name][task], alphas[rows[0].name][task] = entry["accuracy"], 0.0
+            self.record(rows[0].name, task, entry)
+            alphas[rows[0].name][task] = 0.0
             shares.setdefault("phatgoose", {})[task] = entry["first_choice_share"]
         for source, router in routers.items():
             router.describe_experts(model, expert_samples, calibrate_for="task")  # tasks are routed per task
@@ -237,9 +248,29 @@ class Pipeline:
                     key = f"glider:{source}:alpha={alpha:g}"
                     with glider.global_scores(info.scores, alpha=alpha):
                         entry = self.score(f"glider:{router.writer.name}:alpha={alpha:g}", model, task, glider)
-                    accuracy[row.name][task], alphas[row.name][task] = entry["accuracy"], alpha
+                    self.record(row.name, task, entry)
+                    alphas[row.name][task] = alpha
                     shares.setdefault(key, {})[task] = entry["first_choice_share"]
-        return accuracy, routing, alphas, shares
+        del model
+        self.run_glider_arrow(folders, routers["llm"], expert_samples, alphas)
+        return routing, alphas, shares
+
+    def run_glider_arrow(self, folders: dict[str, str], router: GlobalRouter, expert_samples: dict,
+                         alphas: dict) -> None:
+        """GLIDER over Arrow prototypes: the same global scores and alpha="auto", no gate training at all."""
+        model = methods.glider_model(self.load_base, folders, local_router="arrow")
+        glider = model.base_model
+        router.describe_experts(model, expert_samples, calibrate_for="task")  # the cached instructions
+        row = methods.GLIDER_ARROW
+        alphas[row.name] = {}
+        for task in self.tasks:
+            query = [[e.pair() for e in self.splits[task].query_samples]]
+            info = router.score(query, glider.get_instruction_embeddings(), glider.peft_config["default"].embedder)
+            with glider.global_scores(info.scores) as auto:
+                alpha = float(auto[0])
+                entry = self.score(f"glider-arrow:{router.writer.name}:alpha={alpha:g}", model, task, glider)
+            self.record(row.name, task, entry)
+            alphas[row.name][task] = alpha
 
 
 def versions() -> dict[str, str]:
