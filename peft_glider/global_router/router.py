@@ -115,6 +115,10 @@ class GlobalRouter:
 
     # ------------------------------------------------------------------ building blocks
 
+    def _instant(self) -> bool:
+        """Whether writing needs no progress bar: the samples themselves are the instructions (no LLM)."""
+        return isinstance(self.writer, SamplesWriter)
+
     def write_instructions(
         self, tasks: Sequence[Sequence[Sample]], info: RouteInfo, labels: Optional[Sequence[str]] = None
     ) -> list[str]:
@@ -194,7 +198,7 @@ class GlobalRouter:
             raise KeyError(f"describe_experts: no samples for expert(s) {missing}.")
         info = RouteInfo(instructions=[], scores=torch.empty(0))
         texts = []
-        for name in tqdm(names, desc="Writing expert instructions", disable=len(names) < 4):
+        for name in tqdm(names, desc="Writing expert instructions", disable=self._instant()):
             texts += self.write_instructions([expert_samples[name]], info, [f"expert {name!r}"])
         embeddings = self.embed(texts, info)
         threshold = None
@@ -240,7 +244,7 @@ class GlobalRouter:
         _check_calibrate_for(calibrate_for)
         info = RouteInfo(instructions=[], scores=torch.empty(0))
         matched, unmatched = [], []
-        for index, name in enumerate(names):
+        for index, name in enumerate(tqdm(names, desc="Calibrating alpha='auto'", disable=self._instant())):
             samples = list(expert_samples[name])
             probes = samples[self.samples_per_instruction :][: self.samples_per_instruction] or samples
             if calibrate_for == "task":
