@@ -270,4 +270,5 @@ def load_chat_model(path: str, gguf_file: Optional[str] = None, cache_dir: Optio
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         os.replace(partial, saved)
+        model.name_or_path = saved  # the same identity as when it is reloaded from there (writer cache keys)
     return model, tokenizer
