@@ -339,10 +339,9 @@ def delta_triton(
 
     out = _output(x, bank, out)
     x, target = (x if x.stride(-1) == 1 else x.contiguous()), (out if out.stride(-1) == 1 else torch.zeros_like(out))
-    row_start, rank, scaling = bank.device_layout(x.device)
     triton_kernels.add_selected_experts(
-        x, bank.A, bank.BT, row_start, rank, scaling, selection.indices, selection.weights, target, bank.max_rank,
-    )  # fmt: skip
+        x, bank.A, bank.BT, bank.device_layout(x.device), selection.indices, selection.weights, target, bank.max_rank
+    )
     return _native_result(out, target)
 
 

@@ -119,9 +119,7 @@ def add_selected_experts(
     x: torch.Tensor,
     A: torch.Tensor,
     BT: torch.Tensor,
-    row_start: torch.Tensor,
-    rank: torch.Tensor,
-    scaling: torch.Tensor,
+    layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # (row_start, rank, scaling), see ExpertBank.device_layout
     indices: torch.Tensor,
     weights: torch.Tensor,
     out: torch.Tensor,
@@ -129,11 +127,12 @@ def add_selected_experts(
 ) -> torch.Tensor:
     """`out[n] += sum_j weights[n, j] * scaling[e] * BT_e.T @ (A_e @ x[n])` with `e = indices[n, j]`, in place.
 
-    Same operands as the compiled CPU kernel (`native.add_selected_experts`), on the device of `x`: x (N, d) and
-    out (N, o) with contiguous rows; A (R, d) and BT (R, o) in one dtype (float32, float16 or bfloat16); row_start,
-    rank (E,) int32 and scaling (E,) on that device; indices (N, k) int64; weights (N, k); `max_rank` the largest
-    rank. Accumulates in float32; float32 operands are multiplied in full precision (no TF32), like torch's default.
+    The operands of the compiled CPU kernel (`native.add_selected_experts`), on the device of `x`: x (N, d) and
+    out (N, o) with contiguous rows; A (R, d) and BT (R, o) in one dtype (float32, float16 or bfloat16); the layout:
+    each expert's first row and rank (E,) int32 and its scaling (E,) on that device; indices (N, k) int64; weights
+    (N, k); `max_rank` the largest rank. Accumulates in float32; float32 operands are multiplied in full precision (no TF32), like torch's default.
     """
+    row_start, rank, scaling = layout
     n, k = indices.shape
     num_experts = row_start.shape[0]
     if n == 0:

@@ -45,9 +45,9 @@ def check_kernel(device: str, dtype: torch.dtype, tokens: int, k: int, ranks: li
     expected = out.double() + reference(x, A, BT, starts, ranks, scaling, indices, weights)
     to = dict(device=device)
     result = triton_kernels.add_selected_experts(
-        x.to(**to), A.to(**to), BT.to(**to), torch.tensor(starts, dtype=torch.int32, **to),
-        torch.tensor(ranks, dtype=torch.int32, **to), scaling.to(**to), indices.to(**to), weights.to(**to),
-        out.to(**to), max(ranks),
+        x.to(**to), A.to(**to), BT.to(**to),
+        (torch.tensor(starts, dtype=torch.int32, **to), torch.tensor(ranks, dtype=torch.int32, **to), scaling.to(**to)),
+        indices.to(**to), weights.to(**to), out.to(**to), max(ranks),
     ).cpu().double()
     scale = expected.abs().max().item()
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: the sum is rounded into bfloat16 once
