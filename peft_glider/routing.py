@@ -460,21 +460,31 @@ class KernelChoices:
     def __init__(self, capacity: int = 64) -> None:
         self.capacity = capacity
         self._choices: collections.OrderedDict[tuple, str] = collections.OrderedDict()
+        self._lock = threading.Lock()  # a model serves threads: lookups reorder, insertions evict
+
+    def __getstate__(self) -> dict:  # models are copied and pickled: a lock is not, a fresh one is made
+        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @staticmethod
     def key(num_tokens: int, k: int, dtype: torch.dtype, needs_grad: bool, device_type: str) -> tuple:
         return (1 << max(num_tokens - 1, 0).bit_length(), k, dtype, needs_grad, device_type)
 
     def get(self, key: tuple) -> str | None:
-        choice = self._choices.get(key)
-        if choice is not None:
-            self._choices.move_to_end(key)
-        return choice
+        with self._lock:
+            choice = self._choices.get(key)
+            if choice is not None:
+                self._choices.move_to_end(key)
+            return choice
 
     def put(self, key: tuple, choice: str) -> None:
-        self._choices[key] = choice
-        if len(self._choices) > self.capacity:
-            self._choices.popitem(last=False)
+        with self._lock:
+            self._choices[key] = choice
+            if len(self._choices) > self.capacity:
+                self._choices.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._choices)

@@ -124,6 +124,11 @@ def test_kernel_choices_are_bounded_and_bucketed(tmp_path):
     assert routing.KernelChoices.key(300, 1, torch.float32, False, "cpu")[0] == 512
     assert "triton" not in routing.kernel_costs(64, bank, 1, torch.float32)  # auto never picks it on CPU
     assert routing.choose_kernel_cuda(bank, torch.float32, False) == "concat"  # a small library: the rule's answer
+    import copy
+    import pickle
+
+    for clone in (copy.deepcopy(choices), pickle.loads(pickle.dumps(choices))):  # models are copied and pickled
+        assert len(clone) == len(choices) and clone.get(next(iter(clone._choices))) is not None
 
 
 if __name__ == "__main__":
