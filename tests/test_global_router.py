@@ -200,3 +200,59 @@ def test_auto_alpha_calibrated_for_per_task_routing(library, embedder):
         )
     assert torch.equal(glider.get_instruction_embeddings(), before[0])  # nothing was written before the refusal
     assert library.peft_config["default"].auto_alpha_threshold == before[1]
+
+
+def test_hybrid_writer_embeds_the_instruction_with_its_samples():
+    from peft_glider.global_router import HybridWriter
+
+    class Fixed(SamplesWriter):
+        name = "fixed"
+
+        def write(self, samples):
+            return "The task is to add numbers."
+
+    hybrid = HybridWriter(Fixed())
+    text = hybrid.write([("1 + 2", "3"), ("4 + 5", "9")])
+    assert text.startswith("The task is to add numbers.\n\nExample 1\nInput: 1 + 2\nOutput: 3")
+    assert hybrid.cache_id != Fixed().cache_id and hybrid.name == "hybrid:fixed"
+
+
+def test_leave_one_out_calibration_models_a_look_alike_unseen_task():
+    from conftest import LetterEmbedder
+
+    router = GlobalRouter(SamplesWriter(), LetterEmbedder(), cache_dir=None, samples_per_instruction=1)
+    samples = {  # two look-alike tasks (a/b letters) and one apart (x/y/z)
+        "alpha": ["aaab", "aaba", "abaa"], "beta": ["bbba", "bbab", "babb"], "zeta": ["xyz", "zyx", "yzx"],
+    }
+    names = list(samples)
+    described = router.describe(samples, names, calibrate=False)
+    midpoint = router.calibrate_auto_alpha(samples, names, described.embeddings, rule="midpoint")
+    leave_one_out = router.calibrate_auto_alpha(samples, names, described.embeddings, rule="leave-one-out")
+    assert leave_one_out > midpoint  # the closest other expert, not the typical one, stands for an unseen task
+    with pytest.raises(ValueError, match="rule must be one of"):
+        router.calibrate_auto_alpha(samples, names, described.embeddings, rule="median")
+    with pytest.raises(ValueError, match="auto_alpha_rule must be one of"):
+        GlobalRouter(SamplesWriter(), LetterEmbedder(), cache_dir=None, auto_alpha_rule="max")
+
+
+def test_a_hybrid_source_reuses_the_cached_instructions_of_its_writer(tmp_path):
+    from conftest import LetterEmbedder
+
+    from peft_glider.global_router import HybridWriter, InstructionWriter, RouteInfo
+
+    class Counting(InstructionWriter):
+        name = "counting"
+        calls = 0
+
+        def write(self, samples):
+            Counting.calls += 1
+            return f"The task is to echo {len(samples)} things."
+
+    samples = [[("a", "b"), ("c", "d")], [("e", "f")]]
+    plain = GlobalRouter(Counting(), LetterEmbedder(), cache_dir=tmp_path)
+    hybrid = GlobalRouter(HybridWriter(Counting()), LetterEmbedder(), cache_dir=tmp_path)
+    texts = plain.write_instructions(samples, RouteInfo([], torch.empty(0)))
+    info = RouteInfo([], torch.empty(0))
+    composed = hybrid.write_instructions(samples, info)
+    assert Counting.calls == 2 and info.llm_calls == 0  # the hybrid source wrote nothing new
+    assert composed[0] == texts[0] + "\n\nExample 1\nInput: a\nOutput: b\n\nExample 2\nInput: c\nOutput: d"

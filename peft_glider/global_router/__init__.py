@@ -2,8 +2,10 @@
 
 from .cache import JsonCache, default_cache_dir
 from .embedders import Embedder, SentenceTransformerEmbedder
-from .router import ExpertDescriptions, GlobalRouter, RouteInfo, default_writer
+from .router import AUTO_ALPHA_RULES, ExpertDescriptions, GlobalRouter, RouteInfo, default_writer
 from .writers import (
+    FEW_SHOT_SYSTEM_PROMPT,
+    HybridWriter,
     InstructionWriter,
     InstructionWriterError,
     LocalModelWriter,
@@ -13,9 +15,12 @@ from .writers import (
 )
 
 __all__ = [
+    "AUTO_ALPHA_RULES",
     "Embedder",
+    "FEW_SHOT_SYSTEM_PROMPT",
     "ExpertDescriptions",
     "GlobalRouter",
+    "HybridWriter",
     "InstructionWriter",
     "InstructionWriterError",
     "JsonCache",

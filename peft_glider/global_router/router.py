@@ -18,6 +18,7 @@ from .cache import JsonCache, cache_key, default_cache_dir
 from .embedders import Embedder, SentenceTransformerEmbedder
 from .writers import (
     PROMPT_VERSION,
+    HybridWriter,
     InstructionWriter,
     InstructionWriterError,
     LocalModelWriter,
@@ -63,6 +64,10 @@ def default_writer() -> InstructionWriter:
     return LocalModelWriter(cache_dir=str(default_cache_dir()))
 
 
+#: How `calibrate_auto_alpha` models a query of an unseen task (see there).
+AUTO_ALPHA_RULES = ("midpoint", "leave-one-out")
+
+
 def _check_calibrate_for(calibrate_for: str) -> None:
     if calibrate_for not in ("query", "task"):
         raise ValueError(f"calibrate_for must be 'query' or 'task', got {calibrate_for!r}.")
@@ -99,6 +104,7 @@ class GlobalRouter:
         cache_dir: Folder for cached instructions and embeddings (None: no cache). A second run with the same
             writer (model, prompt and generation settings), embedder and samples makes no LLM call.
         samples_per_instruction: Samples shown to the writer per instruction (the paper used 3).
+        auto_alpha_rule: How the `alpha="auto"` threshold is calibrated (`calibrate_auto_alpha`).
     """
 
     def __init__(
@@ -107,11 +113,15 @@ class GlobalRouter:
         embedder: Optional[Embedder] = None,
         cache_dir: Optional[Union[str, Path]] = "default",
         samples_per_instruction: int = 3,
+        auto_alpha_rule: str = "midpoint",
     ) -> None:
+        if auto_alpha_rule not in AUTO_ALPHA_RULES:
+            raise ValueError(f"auto_alpha_rule must be one of {AUTO_ALPHA_RULES}, got {auto_alpha_rule!r}.")
         self.writer = writer or default_writer()
         self.embedder = embedder or SentenceTransformerEmbedder()
         self.cache = JsonCache(default_cache_dir() if cache_dir == "default" else cache_dir)
         self.samples_per_instruction = samples_per_instruction
+        self.auto_alpha_rule = auto_alpha_rule
 
     # ------------------------------------------------------------------ building blocks
 
@@ -124,26 +134,30 @@ class GlobalRouter:
     ) -> list[str]:
         """One instruction per task (each a list of samples), through the cache; time and calls go to `info`.
 
-        `labels` name the tasks in errors (e.g. "expert 'math'"); a writer that returns no text is an error.
+        `labels` name the tasks in errors (e.g. "expert 'math'"); a writer that returns no text is an error. A
+        `HybridWriter`'s instruction is cached under its inner writer's key (one LLM call serves both sources),
+        then the samples are appended.
         """
+        hybrid = isinstance(self.writer, HybridWriter)
+        writer = self.writer.writer if hybrid else self.writer
         texts = []
         for position, samples in enumerate(tasks):
             samples = [_valid_sample(sample) for sample in list(samples)[: self.samples_per_instruction]]
-            key = cache_key("instruction", PROMPT_VERSION, self.writer.cache_id, instruction_prompt(samples))
+            key = cache_key("instruction", PROMPT_VERSION, writer.cache_id, instruction_prompt(samples))
             text = self.cache.get("instructions", key, _is_instruction)
             if text is None:
                 start = time.perf_counter()
-                text = self.writer.write(samples)
+                text = writer.write(samples)
                 info.llm_seconds += time.perf_counter() - start
                 info.llm_calls += 1
                 if not _is_instruction(text):
                     label = labels[position] if labels else f"task {position}"
                     raise InstructionWriterError(
-                        f"The instruction writer {self.writer.name!r} returned {text!r} for {label}: an instruction "
+                        f"The instruction writer {writer.name!r} returned {text!r} for {label}: an instruction "
                         "must be non-empty text."
                     )
                 self.cache.put("instructions", key, text)
-            texts.append(text)
+            texts.append(self.writer.compose(text, samples) if hybrid else text)
         return texts
 
     def embed(self, texts: Sequence[str], info: RouteInfo) -> torch.Tensor:
@@ -233,15 +247,24 @@ class GlobalRouter:
         names: Sequence[str],
         embeddings: torch.Tensor,
         calibrate_for: str = "query",
+        rule: Optional[str] = None,
     ) -> float:
         """The `alpha="auto"` threshold: midway between how similar a query of an expert's own task is to that
-        expert (median) and to the other experts (median).
+        expert (median) and how similar it is to experts of other tasks (median), by `rule` (default: the
+        router's `auto_alpha_rule`):
+
+        - `"midpoint"`: every other expert's cosine counts as "other";
+        - `"leave-one-out"`: only the closest other expert's, i.e. what the query would score if its own expert
+          were missing from the library: a look-alike unseen task. No held-out task is looked at.
 
         Each expert's next few samples (after those its instruction was written from) are written as queries
         exactly as they will be routed: each input alone (`calibrate_for="query"`), or all of them as one task
         (`"task"`). A query of an unseen task resembles no expert as much as its own task's queries resemble theirs.
         """
         _check_calibrate_for(calibrate_for)
+        rule = rule or self.auto_alpha_rule
+        if rule not in AUTO_ALPHA_RULES:
+            raise ValueError(f"rule must be one of {AUTO_ALPHA_RULES}, got {rule!r}.")
         info = RouteInfo(instructions=[], scores=torch.empty(0))
         matched, unmatched = [], []
         for index, name in enumerate(tqdm(names, desc="Calibrating alpha='auto'", disable=self._instant())):
@@ -255,7 +278,10 @@ class GlobalRouter:
             vectors = self.embed(self.write_instructions(queries, info, labels), info)
             cosines = F.cosine_similarity(vectors[:, None], embeddings[None], dim=-1)  # (probes, E)
             matched += cosines[:, index].tolist()
-            unmatched += [value for e, column in enumerate(cosines.T) if e != index for value in column.tolist()]
+            others = torch.cat([cosines[:, :index], cosines[:, index + 1 :]], dim=1)  # (probes, E - 1)
+            if others.shape[1] == 0:
+                continue
+            unmatched += (others.max(dim=1).values if rule == "leave-one-out" else others.reshape(-1)).tolist()
         if not unmatched:  # a single expert: every query counts as held-in above the lowest own-task similarity
             return min(matched)
         return (statistics.median(matched) + statistics.median(unmatched)) / 2

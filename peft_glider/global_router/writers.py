@@ -19,6 +19,17 @@ from .cache import source_identity
 Sample = Union[str, tuple[str, str]]
 
 SYSTEM_PROMPT = "You describe tasks for a router that picks the right specialist model for each task."
+#: A system prompt that shows a small writer what a good instruction looks like (two worked examples, one
+#: sentence, no lists): 135M-parameter writers otherwise drift into numbered lists or copy the samples.
+FEW_SHOT_SYSTEM_PROMPT = (
+    "You describe tasks for a router that picks the right specialist model for each task. Answer with one sentence "
+    "that starts with 'The task is to' and says what the task asks and what knowledge it needs. Never write lists, "
+    "numbers or the examples themselves.\n"
+    "Example: for questions like 'Is the following sentence plausible? \"The striker scored a touchdown.\"', "
+    "answer: The task is to judge whether a sentence about sports is plausible, using knowledge of sports rules.\n"
+    "Example: for inputs like 'Translate to French: good night', answer: The task is to translate short English "
+    "phrases into French."
+)
 PROMPT_VERSION = "1"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # part of every cache key: change it when the prompt changes
 
@@ -70,6 +81,31 @@ class InstructionWriter(ABC):
     @abstractmethod
     def write(self, samples: Sequence[Sample]) -> str:
         """Return the instruction text (non-empty) for the task the samples show."""
+
+
+class HybridWriter(InstructionWriter):
+    """An LLM's instruction followed by the samples it was written from, embedded as one text: the instruction
+    names the task, and the samples anchor it when a small writer's instruction is vague or degenerate.
+
+    Args:
+        writer: The writer of the instruction part.
+    """
+
+    def __init__(self, writer: InstructionWriter) -> None:
+        self.writer = writer
+        self.name = f"hybrid:{writer.name}"
+
+    @property
+    def cache_id(self) -> str:
+        return f"hybrid:{self.writer.cache_id}"
+
+    def write(self, samples: Sequence[Sample]) -> str:
+        return self.compose(self.writer.write(samples), samples)
+
+    @staticmethod
+    def compose(instruction: str, samples: Sequence[Sample]) -> str:
+        """The text embedded: the instruction, then the samples it was written from."""
+        return f"{instruction}\n\n{format_samples(samples)}"
 
 
 class SamplesWriter(InstructionWriter):
@@ -199,6 +235,7 @@ class LocalModelWriter(InstructionWriter):
         model: An already loaded chat model, instead of a path.
         tokenizer: The tokenizer of `model`.
         system_prompt: The system message.
+        no_repeat_ngram_size: Forbid repeating any n-gram of this size (0: off), against a small model's loops.
     """
 
     def __init__(
@@ -210,6 +247,7 @@ class LocalModelWriter(InstructionWriter):
         model: Any = None,
         tokenizer: Any = None,
         system_prompt: str = SYSTEM_PROMPT,
+        no_repeat_ngram_size: int = 0,
     ) -> None:
         if model is None:
             if model_name_or_path is None:
@@ -218,7 +256,7 @@ class LocalModelWriter(InstructionWriter):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise InstructionWriterError("The local instruction writer needs a tokenizer with a chat template.")
         self.model, self.tokenizer, self.max_new_tokens = model.eval(), tokenizer, max_new_tokens
-        self.system_prompt = system_prompt
+        self.system_prompt, self.no_repeat_ngram_size = system_prompt, no_repeat_ngram_size
         source = str(model_name_or_path or getattr(model, "name_or_path", "") or type(model).__name__)
         gguf = f":{gguf_file}" if gguf_file else ""
         self.name = f"local:{os.path.basename(source.rstrip('/'))}{gguf}"
@@ -227,6 +265,8 @@ class LocalModelWriter(InstructionWriter):
     @property
     def cache_id(self) -> str:
         settings = {"system": self.system_prompt, "max_new_tokens": self.max_new_tokens, "decoding": "greedy"}
+        if self.no_repeat_ngram_size:  # only when set: earlier cache entries keep their keys
+            settings["no_repeat_ngram_size"] = self.no_repeat_ngram_size
         return f"{self._source}:{json.dumps(settings, sort_keys=True)}"
 
     def write(self, samples: Sequence[Sample]) -> str:
@@ -240,6 +280,7 @@ class LocalModelWriter(InstructionWriter):
             output = self.model.generate(
                 **inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                **({"no_repeat_ngram_size": self.no_repeat_ngram_size} if self.no_repeat_ngram_size else {}),
             )
         text = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         return _clean(text, f"The local model {self.name}")
