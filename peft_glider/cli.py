@@ -344,9 +344,9 @@ def _add_command(sub: Any, name: str, handler: Callable, summary: str, example: 
 
 
 def _add_router_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--writer", choices=["local", "openai", "samples"], default="local",
-                        help="who writes instructions: SmolLM2 offline (local), an OpenAI-compatible endpoint, or "
-                             "the raw samples (default: local)")
+    parser.add_argument("--writer", choices=["samples", "local", "openai"], default="samples",
+                        help="what the global router embeds: the raw samples (default, measured best offline), "
+                             "instructions by SmolLM2 offline (local), or by an OpenAI-compatible endpoint")
     parser.add_argument("--model", help="the writer's model: an endpoint model name, or a local chat model folder")
     parser.add_argument("--endpoint-url", help="base URL of the OpenAI-compatible endpoint (key from OPENAI_API_KEY)")
     parser.add_argument("--embedder", help="sentence-transformers model (default: all-MiniLM-L6-v2)")
