@@ -59,11 +59,12 @@ def plot_global_scores(
     prompts: Sequence[str],
     expert_names: Sequence[str],
     path: Optional[Union[str, "os.PathLike"]] = None,
-    title: str = "Global scores (cosine of instructions)",
+    title: str = "Global scores (cosine)",
 ) -> "Figure":
     """Heatmap of the global scores (B, E), one row per prompt, with the values written in; saved to `path`."""
     scores = torch.as_tensor(scores, dtype=torch.float32).reshape(len(prompts), len(expert_names))
-    figure = _figure(2.5 + 1.0 * len(expert_names), 1.0 + 0.45 * len(prompts))
+    label_width = 0.075 * max(len(_short(p)) for p in prompts)  # inches taken by the prompts on the left
+    figure = _figure(1.5 + label_width + 1.0 * len(expert_names), 1.2 + 0.45 * len(prompts))
     axes = figure.add_subplot()
     axes.imshow(scores.numpy(), aspect="auto", cmap="magma")
     axes.set_xticks(range(len(expert_names)), list(expert_names), rotation=30, ha="right")
