@@ -124,9 +124,18 @@ def base_model_id(model: "PeftModel") -> Optional[str]:
     return getattr(getattr(model.get_base_model(), "config", None), "_name_or_path", None) or None
 
 
+def _config_name_or_path(model: "PeftModel") -> Optional[str]:
+    """The base model's `_name_or_path` as its config records it (None for a model without a config)."""
+    config = getattr(model.get_base_model(), "config", None)
+    return config.to_dict().get("_name_or_path") if hasattr(config, "to_dict") else None
+
+
 def glider_card(model: "PeftModel", existing: Optional[ModelCard] = None, repo_id: Optional[str] = None,
                 title: Optional[str] = None, extra_tags: Optional[list[str]] = None) -> ModelCard:
-    """The model card of `model`'s Glider adapters: `existing` updated (its Glider section replaced), or a new one."""
+    """The model card of `model`'s Glider adapters: `existing` updated (its Glider section replaced), or a new one.
+
+    `repo_id`: the Hub repository the card is for (its usage snippet and Hub-valid metadata); None for a local save.
+    """
     from peft import PeftModelForCausalLM
     from peft import __version__ as peft_version
     from transformers import PreTrainedModel
@@ -150,12 +159,14 @@ def glider_card(model: "PeftModel", existing: Optional[ModelCard] = None, repo_i
 
     data = existing.data if existing is not None else ModelCardData()
     data.library_name = "peft"
-    hub_base = hub_model_id(base)  # a local folder is named in the text, not in the metadata
-    if hub_base:
-        data.base_model = hub_base
+    # Saved locally, the metadata names the base as PEFT's own cards do (its `_name_or_path`, a folder included);
+    # for the Hub (repo_id given), which takes model ids only, a local folder is named in the text alone.
+    metadata_base = hub_model_id(base) if repo_id else _config_name_or_path(model)
+    if metadata_base is not None:
+        data.base_model = metadata_base
     tags = {"peft", "glider", "lora", *(data.tags or []), *(extra_tags or [])}
-    if hub_base:
-        tags.add(f"base_model:adapter:{hub_base}")
+    if metadata_base:
+        tags.add(f"base_model:adapter:{metadata_base}")
     if isinstance(model.get_base_model(), PreTrainedModel):
         tags.add("transformers")
     data.tags = sorted(tags)

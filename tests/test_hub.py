@@ -259,6 +259,7 @@ def test_a_local_base_model_is_named_in_the_card_text_not_in_its_metadata(tmp_pa
     tiny_llama().save_pretrained(tmp_path / "base")
     expert = make_expert(tiny_llama, tmp_path / "e", seed=1)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), GliderConfig(experts=[expert], top_k=1))
-    card = glider_card(model)
+    card = glider_card(model, repo_id="me/glider")  # for the Hub: model ids only
     assert card.data.base_model is None and not [t for t in card.data.tags if t.startswith("base_model:")]
     assert str(tmp_path / "base") in card.text
+    assert glider_card(model).data.base_model == str(tmp_path / "base")  # saved locally: as PEFT's own cards
