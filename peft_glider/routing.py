@@ -486,6 +486,11 @@ class KernelChoices:
             if len(self._choices) > self.capacity:
                 self._choices.popitem(last=False)
 
+    def clear(self) -> None:
+        """Forget every choice (e.g. after what a kernel needs changed)."""
+        with self._lock:
+            self._choices.clear()
+
     def __len__(self) -> int:
         return len(self._choices)
 
