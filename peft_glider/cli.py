@@ -101,24 +101,13 @@ def _load_base(base_model: str) -> Any:
     return auto.from_pretrained(base_model)
 
 
-def _glider_config(adapter: str) -> Any:
-    """The `GliderConfig` of an adapter folder or Hub id."""
-    from peft import PeftConfig
-
-    from .config import GliderConfig
-
-    config = PeftConfig.from_pretrained(adapter)
-    if not isinstance(config, GliderConfig):
-        kind = getattr(config.peft_type, "value", config.peft_type)
-        raise CliError(f"{adapter} holds a {kind} adapter, not a Glider adapter")
-    return config
-
-
 def _load_adapter(adapter: str, base_model: Optional[str], trainable: bool = False) -> Any:
     """A Glider adapter (folder or Hub id) on its base model (`--base-model`, else the one its config names)."""
     from peft import PeftModel
 
-    config = _glider_config(adapter)
+    from .loading import glider_config
+
+    config = glider_config(adapter)
     base = base_model or config.base_model_name_or_path
     if not base:
         raise CliError(f"{adapter} does not name its base model: pass --base-model")
@@ -310,7 +299,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    config = _glider_config(args.adapter)
+    from .loading import glider_config
+
+    config = glider_config(args.adapter)
     rows = []
     for index, entry in enumerate(config.experts):
         ranks = sorted({rank for rank, _ in entry.get("layout", {}).values()})

@@ -12,6 +12,15 @@ from torch import nn
 from .config import GliderConfig
 
 
+def glider_config(model_id: Union[str, Path], **hub_kwargs) -> GliderConfig:
+    """The `GliderConfig` of a saved adapter (folder or Hub id); `ValueError` naming the type of any other adapter."""
+    config = PeftConfig.from_pretrained(str(model_id), **hub_kwargs)
+    if not isinstance(config, GliderConfig):
+        kind = getattr(config.peft_type, "value", config.peft_type)
+        raise ValueError(f"{model_id} holds a {kind} adapter, not a Glider adapter.")
+    return config
+
+
 def load_glider(
     model: nn.Module,
     model_id: Union[str, Path],
@@ -26,9 +35,7 @@ def load_glider(
     loader builds the Glider model on the dispatched model as it is and loads the adapter's state dict into it.
     """
     hub_kwargs = {"revision": revision} if revision else {}
-    config = PeftConfig.from_pretrained(str(model_id), **hub_kwargs)
-    if not isinstance(config, GliderConfig):
-        raise ValueError(f"{model_id} holds a {config.peft_type} adapter, not a Glider adapter.")
+    config = glider_config(model_id, **hub_kwargs)
     config.inference_mode = not is_trainable
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     state_dict = load_peft_weights(str(model_id), device="cpu", **hub_kwargs)

@@ -286,7 +286,7 @@ def delta_sparse(
 
 
 def _native_operands(x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x with contiguous rows, and where the compiled kernel adds: `out` itself, or zeros to add into `out` after
+    """x with contiguous rows, and where the compiled (or Triton) kernel adds: `out` itself, or zeros to add into `out` after
     when its rows are not contiguous (see `_native_result`)."""
     return (x if x.stride(-1) == 1 else x.contiguous()), (out if out.stride(-1) == 1 else torch.zeros_like(out))
 
@@ -338,7 +338,7 @@ def delta_triton(
     from . import triton_kernels
 
     out = _output(x, bank, out)
-    x, target = (x if x.stride(-1) == 1 else x.contiguous()), (out if out.stride(-1) == 1 else torch.zeros_like(out))
+    x, target = _native_operands(x, out)
     triton_kernels.add_selected_experts(
         x, bank.A, bank.BT, bank.device_layout(x.device), selection.indices, selection.weights, target, bank.max_rank
     )
