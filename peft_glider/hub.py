@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Optional
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
@@ -102,6 +103,11 @@ def check_portable(config: GliderConfig) -> None:
         )
 
 
+#: The Hub repository (and extra tags) of the push in progress in this thread or task: the card that
+#: `save_pretrained` writes during a push is written for it, once.
+_PUSH_TARGET: ContextVar[Optional[tuple[str, Optional[list[str]]]]] = ContextVar("glider_push_target", default=None)
+
+
 def _glider_configs(model: "PeftModel") -> list[GliderConfig]:
     return [config for config in model.peft_config.values() if isinstance(config, GliderConfig)]
 
@@ -125,8 +131,6 @@ def push_to_hub(
     router-only adapters that need local folders, keeps a card already in the repository (updating its Glider
     section and metadata), and uploads the adapter folder `save_pretrained` writes.
     """
-    from .card import write_model_card
-
     for config in _glider_configs(model):
         check_portable(config)
     api = HfApi(token=token)
@@ -141,8 +145,11 @@ def push_to_hub(
                 hf_hub_download(repo_id, "README.md", token=token, local_dir=folder)
             except EntryNotFoundError:
                 pass
-        model.save_pretrained(folder, **save_kwargs)
-        write_model_card(model, folder, repo_id=repo_id, extra_tags=tags)
+        target = _PUSH_TARGET.set((repo_id, tags))
+        try:  # writes the card for this repository (see install_peft_model_hooks)
+            model.save_pretrained(folder, **save_kwargs)
+        finally:
+            _PUSH_TARGET.reset(target)
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,
@@ -174,7 +181,8 @@ def install_peft_model_hooks() -> None:
             return original_card(self, output_dir)
         from .card import write_model_card
 
-        write_model_card(self, output_dir)
+        repo_id, tags = _PUSH_TARGET.get() or (None, None)
+        write_model_card(self, output_dir, repo_id=repo_id, extra_tags=tags)
 
     @functools.wraps(original_push)
     def push(self: "PeftModel", repo_id: str, **kwargs: Any):
