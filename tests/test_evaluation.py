@@ -64,8 +64,11 @@ def test_split_is_seeded_and_never_shows_an_evaluation_question_elsewhere():
     assert len(split.eval) == 10 and not evaluated & {e.input for e in others}
     assert not {e.input for e in split.query_samples} & {e.input for e in split.train}
     assert len(split.query_samples) == 3 and split.expert_samples == split.train[:6]
-    with pytest.raises(ValueError, match="'toy' has 12 distinct multiple-choice examples"):
-        split_task(toy_examples(12), "toy", num_eval=10, num_train=100, seed=0)
+    small = split_task(toy_examples(12), "toy", num_eval=10, num_train=100, seed=0)  # all but 9 evaluated
+    assert len(small.eval) == 3 and len(small.query_samples) == 3 and len(small.train) == 6
+    assert not {e.input for e in small.eval} & {e.input for e in small.train + small.query_samples}
+    with pytest.raises(ValueError, match="'toy' has 9 distinct multiple-choice examples"):
+        split_task(toy_examples(9), "toy", num_eval=10, num_train=100, seed=0)
 
 
 # ------------------------------------------------------------------ scoring
@@ -142,8 +145,8 @@ def test_uniform_merge_adds_the_mean_of_the_experts_deltas(tmp_path: Path):
 
 def test_glider_rows_cover_every_source():
     names = [row.name for row in methods.glider_rows(["llm", "samples", "endpoint"])]
-    assert names == ["Phatgoose (α=0)", "GLIDER α=100 · LLM", "GLIDER α=3 · LLM", "GLIDER α=auto · LLM",
-                     "GLIDER α=auto · samples", "GLIDER α=auto · endpoint"]
+    assert names == ["Phatgoose (α=0)", "GLIDER α=100", "GLIDER α=3", "GLIDER α=auto",
+                     "GLIDER α=auto · llm", "GLIDER α=auto · endpoint"]
 
 
 # ------------------------------------------------------------------ report and CLI
@@ -190,10 +193,10 @@ def test_markdown_and_svg_show_every_method():
     results = synthetic_results(0.78, 0.65, 0.78)
     text = report.markdown(results)
     assert "| Oracle expert | 80.0 | 80.0 | **80.0** |" in text
-    assert "| GLIDER α=3 · LLM | 65.0 | **65.0** |" in text and "| t1 | t1 | 0.900 | 100 |" in text
+    assert "| GLIDER α=3 | 65.0 | **65.0** |" in text and "| t1 | t1 | 0.900 | 100 |" in text
     svg = ElementTree.fromstring(report.svg_plot(results))
     titles = [element.text for element in svg.iter("{http://www.w3.org/2000/svg}title")]
-    assert "Oracle expert: 80.0" in titles and "GLIDER α=3 · LLM: 65.0" in titles
+    assert "Oracle expert: 80.0" in titles and "GLIDER α=3: 65.0" in titles
     assert sum("Oracle expert" in t for t in titles) == 1  # no held-out bar for the oracle
 
 
@@ -245,7 +248,7 @@ def test_pipeline_end_to_end_then_a_rerun_recomputes_nothing(tmp_path: Path, mon
     results = json.loads((out / "results.json").read_text())
     assert set(results["accuracy"]) == {
         "Base (zero-shot)", methods.ORACLE, "Uniform merge", "PEFT Arrow (k=2)", methods.PHATGOOSE.name,
-        methods.GLIDER_HELD_IN.name, methods.GLIDER_HELD_OUT.name, methods.GLIDER_AUTO.name, "GLIDER α=auto · samples",
+        methods.GLIDER_HELD_IN.name, methods.GLIDER_HELD_OUT.name, methods.GLIDER_AUTO.name, "GLIDER α=auto · llm",
         methods.GLIDER_ARROW.name,
     }
     for method, scores in results["accuracy"].items():  # per-example hits behind every accuracy, for the intervals
@@ -258,7 +261,7 @@ def test_pipeline_end_to_end_then_a_rerun_recomputes_nothing(tmp_path: Path, mon
         if method != methods.ORACLE:
             assert set(scores) == {"alpha", "beta", "gamma", "delta"}, method
         assert all(value in {i / 5 for i in range(6)} for value in scores.values()), method
-    for row in (methods.GLIDER_AUTO.name, "GLIDER α=auto · samples", methods.GLIDER_ARROW.name):
+    for row in (methods.GLIDER_AUTO.name, "GLIDER α=auto · llm", methods.GLIDER_ARROW.name):
         assert set(results["resolved_alpha"][row].values()) <= {100.0, 3.0}
     for task, alpha in results["resolved_alpha"][methods.GLIDER_AUTO.name].items():
         fixed = methods.GLIDER_HELD_IN.name if alpha == 100.0 else methods.GLIDER_HELD_OUT.name

@@ -23,17 +23,19 @@ class GliderRow:
     alpha: Union[float, str]  # a number or "auto"
 
 
+DEFAULT_SOURCE = "samples"  # peft_glider's offline default, `default_writer()`: the raw samples, no LLM
 PHATGOOSE = GliderRow("Phatgoose (α=0)", None, 0.0)
-GLIDER_HELD_IN = GliderRow("GLIDER α=100 · LLM", "llm", 100.0)  # the paper's alpha for held-in tasks
-GLIDER_HELD_OUT = GliderRow("GLIDER α=3 · LLM", "llm", 3.0)  # ... and for held-out tasks
-GLIDER_AUTO = GliderRow("GLIDER α=auto · LLM", "llm", "auto")
-GLIDER_ARROW = GliderRow("GLIDER α=auto · LLM · Arrow local", "llm", "auto")  # no gate training
+GLIDER_HELD_IN = GliderRow("GLIDER α=100", DEFAULT_SOURCE, 100.0)  # the paper's alpha for held-in tasks
+GLIDER_HELD_OUT = GliderRow("GLIDER α=3", DEFAULT_SOURCE, 3.0)  # ... and for held-out tasks
+GLIDER_AUTO = GliderRow("GLIDER α=auto", DEFAULT_SOURCE, "auto")  # the offline default as a user meets it
+GLIDER_ARROW = GliderRow("GLIDER α=auto · Arrow local", DEFAULT_SOURCE, "auto")  # no gate training
 
 
 def glider_rows(sources: list[str]) -> list[GliderRow]:
-    """Phatgoose; GLIDER with the LLM's instructions at alpha 100, 3 and auto; every other source at auto."""
-    rows = [PHATGOOSE] + ([GLIDER_HELD_IN, GLIDER_HELD_OUT, GLIDER_AUTO] if "llm" in sources else [])
-    return rows + [GliderRow(f"GLIDER α=auto · {source}", source, "auto") for source in sources if source != "llm"]
+    """Phatgoose; GLIDER with the default source at alpha 100, 3 and auto; every other source at auto."""
+    rows = [PHATGOOSE] + ([GLIDER_HELD_IN, GLIDER_HELD_OUT, GLIDER_AUTO] if DEFAULT_SOURCE in sources else [])
+    return rows + [GliderRow(f"GLIDER α=auto · {source}", source, "auto") for source in sources
+                   if source != DEFAULT_SOURCE]
 
 
 def oracle_model(load_base: Callable[[], Any], folder: str) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .methods import GLIDER_ARROW, GLIDER_AUTO, GLIDER_HELD_IN, GLIDER_HELD_OUT, ORACLE, PHATGOOSE
+from .methods import DEFAULT_SOURCE, GLIDER_ARROW, GLIDER_AUTO, GLIDER_HELD_IN, GLIDER_HELD_OUT, ORACLE, PHATGOOSE
 from .run import averages
 from .stats import bootstrap_average, paired_difference
 
@@ -113,6 +113,8 @@ def markdown(results: dict) -> str:
               f"{', '.join(experts['target_modules'])} of the top {experts['top_layers'] or 'all'} layers; "
               f"{experts['steps']} steps of batch {experts['batch_size']}, lr {experts['learning_rate']}; gates "
               f"{experts['gate_steps']} steps of batch {experts['gate_batch_size']} (lr 5e-3).",
+              "- GLIDER rows name their global-router source unless it is peft_glider's offline default "
+              f"(`{DEFAULT_SOURCE}`: the raw samples embedded, no LLM).",
               f"- Examples per task: {settings['num_eval']} evaluated; up to {settings['num_train']} for training; "
               "3 (expert) + 3 (query) for instructions, never evaluated.",
               f"- Time in this run: set-up {timings['setup_seconds']:.0f} s, library {timings['library_seconds']:.0f} s "

@@ -42,7 +42,7 @@ class RunSettings:
 
     held_in: list[str] = field(default_factory=lambda: list(DEFAULT_HELD_IN))
     held_out: list[str] = field(default_factory=lambda: list(DEFAULT_HELD_OUT))
-    num_eval: int = 50  # evaluation examples per task
+    num_eval: int = 100  # evaluation examples per task (fewer where a task has fewer)
     num_train: int = 400  # training examples per held-in task (LoRA and gates)
     seed: int = 0
     experts: ExpertSettings = field(default_factory=ExpertSettings)
@@ -215,7 +215,7 @@ class Pipeline:
     def run_glider(self, folders: dict[str, str]) -> tuple[dict, dict, dict]:
         """Phatgoose and every GLIDER row (`record`ed). A row with alpha="auto" resolves, per task, to alpha 100 or
         3; a pass is scored once per (source, alpha) and shared by the rows that resolve to it. The last row uses
-        the Arrow local router (no gate training) with the LLM's instructions at alpha="auto"."""
+        the Arrow local router (no gate training) with the default source's global scores at alpha="auto"."""
         model = methods.glider_model(self.load_base, folders)
         glider = model.base_model
         routers = self.routers()
@@ -252,7 +252,7 @@ class Pipeline:
                     alphas[row.name][task] = alpha
                     shares.setdefault(key, {})[task] = entry["first_choice_share"]
         del model
-        self.run_glider_arrow(folders, routers["llm"], expert_samples, alphas)
+        self.run_glider_arrow(folders, routers[methods.DEFAULT_SOURCE], expert_samples, alphas)
         return routing, alphas, shares
 
     def run_glider_arrow(self, folders: dict[str, str], router: GlobalRouter, expert_samples: dict,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from .assets import bbc_dir, bigbench_dir
+
+logger = logging.getLogger(__name__)
 
 BBC_WORDS = 40  # words of each article shown to the model (title and lead)
 
@@ -98,19 +101,25 @@ def split_task(
     examples: list[Example], name: str, num_eval: int, num_train: int, seed: int, num_samples: int = 3
 ) -> TaskSplit:
     """Seeded, disjoint split. Inputs that repeat are kept once, so no evaluation question is ever seen in
-    training, gates or instructions, and the query samples differ from the training ones."""
+    training, gates or instructions, and the query samples differ from the training ones. A task with fewer than
+    `num_eval` + 3 x `num_samples` distinct examples evaluates all but those 3 x `num_samples` (logged)."""
     first: dict[str, Example] = {}
     for example in examples:
         first.setdefault(example.input, example)
     unique = list(first.values())
     order = list(unique)
     random.Random(f"{seed}:{name}").shuffle(order)
-    evaluation, rest = order[:num_eval], order[num_eval:]
-    if len(evaluation) < num_eval or len(rest) < 3 * num_samples:
+    reserved = 3 * num_samples  # expert samples (2 x) and query samples (1 x), never evaluated
+    if len(unique) <= reserved:
         raise ValueError(
-            f"Task {name!r} has {len(unique)} distinct multiple-choice examples: too few for {num_eval} evaluation "
-            f"examples plus {3 * num_samples} others (lower --num-eval)."
+            f"Task {name!r} has {len(unique)} distinct multiple-choice examples: at least {reserved + 1} are needed "
+            f"({reserved} for the instructions, the rest evaluated)."
         )
+    num_evaluated = min(num_eval, len(unique) - reserved)
+    if num_evaluated < num_eval:
+        logger.warning("Task %r has %d distinct examples: %d evaluated instead of %d.",
+                       name, len(unique), num_evaluated, num_eval)
+    evaluation, rest = order[:num_evaluated], order[num_evaluated:]
     query_samples = rest[-num_samples:]
     train = rest[:-num_samples][:num_train]
     return TaskSplit(name, evaluation, train, train[: 2 * num_samples], query_samples)
