@@ -15,7 +15,7 @@ from conftest import make_expert, tiny_chat_model, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from benchmarks.evaluation import __main__ as cli
-from benchmarks.evaluation import assets, library, methods, report, run, scoring
+from benchmarks.evaluation import assets, library, methods, report, run, scoring, unseen_alpha
 from benchmarks.evaluation.tasks import Example, load_bigbench, split_task
 
 # ------------------------------------------------------------------ tasks
@@ -284,6 +284,38 @@ def test_pipeline_end_to_end_then_a_rerun_recomputes_nothing(tmp_path: Path, mon
     monkeypatch.setattr(run, "rank_classify", must_not_run)
     assert cli.main(["--cache-dir", str(cache), "--out", str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "results.json").read_text())["accuracy"] == results["accuracy"]
+
+
+def test_leave_one_expert_out_scores_each_held_in_task_without_its_expert_on_unevaluated_examples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    cache = tmp_path / "cache"
+    tiny_cache(cache)
+    pipeline = run.Pipeline(tiny_settings(), cache)
+    scored: list[tuple] = []
+    real_rank_classify = unseen_alpha.rank_classify
+
+    def recording(model, tokenizer, examples, desc=""):
+        experts = model.base_model.expert_names if hasattr(model.base_model, "expert_names") else None
+        scored.append((desc, experts, list(examples)))
+        return real_rank_classify(model, tokenizer, examples, desc)
+
+    monkeypatch.setattr(unseen_alpha, "rank_classify", recording)
+    results = unseen_alpha.leave_one_expert_out(pipeline, alphas=[0.0, 100.0], num=4)
+    assert list(results) == ["alpha", "beta", "gamma"]
+    for task, entry in results.items():
+        assert entry["top_expert"] in {"alpha", "beta", "gamma"} - {task} and entry["auto_alpha"] in {3.0, 100.0}
+        assert set(entry["accuracy"]) == {"0", "100", unseen_alpha.MERGE} and entry["n"] == 4
+        assert all(value in {i / 4 for i in range(5)} for value in entry["accuracy"].values())
+    evaluated = {e.input for split in pipeline.splits.values() for e in split.eval}
+    for desc, experts, examples in scored:
+        task = desc.split(" ")[0]
+        assert examples == pipeline.splits[task].train[:4] and not evaluated & {e.input for e in examples}
+        if experts is not None:  # a Glider pass: the task's own expert is not in the model
+            assert task not in experts and len(experts) == 2
+    assert len(scored) == 3 * 3  # per task: two alphas and the merge
+    table = unseen_alpha.summary(results)
+    assert "| **Average** |" in table and "uniform merge" in table
 
 
 @pytest.mark.slow
