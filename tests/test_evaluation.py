@@ -193,6 +193,9 @@ def test_markdown_and_svg_show_every_method():
     results = synthetic_results(0.78, 0.65, 0.78)
     text = report.markdown(results)
     assert "| Oracle expert | 80.0 | 80.0 | **80.0** |" in text
+    assert "- Examples per task: 10 evaluated; up to 20" in text
+    results["num_eval"] = {"t1": 10, "t2": 7, "u1": 10}  # t2 had fewer distinct examples
+    assert "- Examples per task: 10 evaluated (fewer where a task has fewer: t2 7); up to 20" in report.markdown(results)
     assert "| GLIDER α=3 | 65.0 | **65.0** |" in text and "| t1 | t1 | 0.900 | 100 |" in text
     svg = ElementTree.fromstring(report.svg_plot(results))
     titles = [element.text for element in svg.iter("{http://www.w3.org/2000/svg}title")]

@@ -78,6 +78,13 @@ def targets(results: dict) -> list[tuple[str, Optional[bool], str]]:
     return checks
 
 
+def _fewer(results: dict) -> str:
+    """" (fewer where a task has fewer: task n, ...)" for the tasks evaluated on fewer examples than asked."""
+    asked = results["settings"]["num_eval"]
+    short = {task: n for task, n in results.get("num_eval", {}).items() if n < asked}
+    return f" (fewer where a task has fewer: {', '.join(f'{t} {n}' for t, n in short.items())})" if short else ""
+
+
 def markdown(results: dict) -> str:
     settings, timings = results["settings"], results["timings"]
     lines = ["# GLIDER evaluation: rank-classification accuracy (%)", ""]
@@ -115,8 +122,8 @@ def markdown(results: dict) -> str:
               f"{experts['gate_steps']} steps of batch {experts['gate_batch_size']} (lr 5e-3).",
               "- GLIDER rows name their global-router source unless it is peft_glider's offline default "
               f"(`{DEFAULT_SOURCE}`: the raw samples embedded, no LLM).",
-              f"- Examples per task: {settings['num_eval']} evaluated; up to {settings['num_train']} for training; "
-              "3 (expert) + 3 (query) for instructions, never evaluated.",
+              f"- Examples per task: {settings['num_eval']} evaluated{_fewer(results)}; up to {settings['num_train']} "
+              "for training; 3 (expert) + 3 (query) for instructions, never evaluated.",
               f"- Time in this run: set-up {timings['setup_seconds']:.0f} s, library {timings['library_seconds']:.0f} s "
               f"(training the experts took {_training_seconds(timings):.0f} s, cached or not), evaluation "
               f"{timings['evaluation_seconds']:.0f} s.",
