@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from peft_glider.global_router import GlobalRouter, LocalModelWriter, OpenAIWriter, SamplesWriter
+from peft_glider.global_router import GlobalRouter, LocalModelWriter, OpenAIWriter, RouteInfo, SamplesWriter
 
 from . import assets, methods
 from .library import ExpertSettings, build_library
@@ -212,6 +212,14 @@ class Pipeline:
         if "hits" in entry:  # entries cached before hits were kept have none
             self.hits.setdefault(method, {})[task] = entry["hits"]
 
+    def route_task(self, router: GlobalRouter, glider: Any, task: str) -> tuple[RouteInfo, float]:
+        """The task's global scores from its query samples (routed per task, as in the paper) against the experts
+        `glider` holds, and the alpha that `alpha="auto"` resolves them to."""
+        query = [[e.pair() for e in self.splits[task].query_samples]]
+        info = router.score(query, glider.get_instruction_embeddings(), glider.peft_config["default"].embedder)
+        with glider.global_scores(info.scores) as auto:
+            return info, float(auto[0])
+
     def run_glider(self, folders: dict[str, str]) -> tuple[dict, dict, dict]:
         """Phatgoose and every GLIDER row (`record`ed). A row with alpha="auto" resolves, per task, to alpha 100 or
         3; a pass is scored once per (source, alpha) and shared by the rows that resolve to it. The last row uses
@@ -234,10 +242,7 @@ class Pipeline:
             threshold = glider.peft_config["default"].auto_alpha_threshold
             routing[source] = {"auto_alpha_threshold": threshold, "tasks": {}}
             for task in self.tasks:
-                query = [[e.pair() for e in self.splits[task].query_samples]]
-                info = router.score(query, glider.get_instruction_embeddings(), glider.peft_config["default"].embedder)
-                with glider.global_scores(info.scores) as auto:
-                    auto_alpha = float(auto[0])
+                info, auto_alpha = self.route_task(router, glider, task)
                 cosines = dict(zip(glider.expert_names, info.scores[0].tolist()))
                 routing[source]["tasks"][task] = {
                     "instruction": info.instructions[0], "cosine": cosines,
@@ -264,10 +269,8 @@ class Pipeline:
         row = methods.GLIDER_ARROW
         alphas[row.name] = {}
         for task in self.tasks:
-            query = [[e.pair() for e in self.splits[task].query_samples]]
-            info = router.score(query, glider.get_instruction_embeddings(), glider.peft_config["default"].embedder)
-            with glider.global_scores(info.scores) as auto:
-                alpha = float(auto[0])
+            info, alpha = self.route_task(router, glider, task)
+            with glider.global_scores(info.scores, alpha=alpha):
                 entry = self.score(f"glider-arrow:{router.writer.name}:alpha={alpha:g}", model, task, glider)
             self.record(row.name, task, entry)
             alphas[row.name][task] = alpha

@@ -41,10 +41,7 @@ def leave_one_expert_out(pipeline: Pipeline, alphas: Sequence[float], num: int) 
         glider = model.base_model
         samples = {name: [e.pair() for e in pipeline.splits[name].expert_samples] for name in others}
         router.describe_experts(model, samples, calibrate_for="task")
-        query = [[e.pair() for e in pipeline.splits[task].query_samples]]
-        info = router.score(query, glider.get_instruction_embeddings(), glider.peft_config["default"].embedder)
-        with glider.global_scores(info.scores) as auto:
-            auto_alpha = float(auto[0])
+        info, auto_alpha = pipeline.route_task(router, glider, task)
         cosines = dict(zip(glider.expert_names, info.scores[0].tolist()))
         accuracy = {}
         for alpha in alphas:
