@@ -16,7 +16,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -126,6 +126,15 @@ class Pipeline:
 
         return AutoModelForCausalLM.from_pretrained(assets.base_model_dir(self.cache), dtype=torch.float32).eval()
 
+    def library(self) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+        """The held-in tasks' experts and gates, trained where missing: `({task: folder}, {task: timings})`."""
+        return build_library(self.load_base, self.tokenizer, self.splits, self.settings.held_in, self.settings.experts,
+                             self.library_root)
+
+    def expert_samples(self, tasks: Iterable[str]) -> dict[str, list[tuple[str, str]]]:
+        """Each task's expert samples as (input, output) pairs: what its instruction is written from."""
+        return {task: [e.pair() for e in self.splits[task].expert_samples] for task in tasks}
+
     # ------------------------------------------------------------------ scoring
 
     def score(self, key: str, model: Any, task: str, glider: Any = None) -> dict:
@@ -146,13 +155,17 @@ class Pipeline:
         self.store.put(entry_key, entry)
         return entry
 
+    def default_router(self) -> GlobalRouter:
+        """The offline default's global router (`methods.DEFAULT_SOURCE`: the raw samples, no LLM)."""
+        return GlobalRouter(SamplesWriter(), cache_dir=self.cache / "global")
+
     def routers(self) -> dict[str, GlobalRouter]:
-        """The global-router sources: the local LLM's instructions (SmolLM2, the base model itself), the raw
-        samples, and an OpenAI-compatible endpoint if configured."""
+        """The global-router sources: the local LLM's instructions (SmolLM2, the base model itself, loaded here),
+        the default (the raw samples), and an OpenAI-compatible endpoint if configured."""
         folder = self.cache / "global"
         routers = {
             "llm": GlobalRouter(LocalModelWriter(str(assets.base_model_dir(self.cache))), cache_dir=folder),
-            "samples": GlobalRouter(SamplesWriter(), cache_dir=folder),
+            methods.DEFAULT_SOURCE: self.default_router(),
         }
         if self.settings.endpoint_url:
             writer = OpenAIWriter(self.settings.endpoint_model, base_url=self.settings.endpoint_url)
@@ -164,9 +177,7 @@ class Pipeline:
     def run(self) -> dict:
         held_in, held_out = self.settings.held_in, self.settings.held_out
         start = time.perf_counter()
-        folders, expert_timings = build_library(
-            self.load_base, self.tokenizer, self.splits, held_in, self.settings.experts, self.library_root
-        )
+        folders, expert_timings = self.library()
         library_seconds = time.perf_counter() - start
         start = time.perf_counter()
         self.accuracy, self.hits = {}, {}
@@ -228,7 +239,7 @@ class Pipeline:
         glider = model.base_model
         routers = self.routers()
         rows = methods.glider_rows(list(routers))
-        expert_samples = {task: [e.pair() for e in self.splits[task].expert_samples] for task in folders}
+        expert_samples = self.expert_samples(folders)
         alphas: dict[str, dict[str, float]] = {row.name: {} for row in rows}
         shares: dict[str, dict[str, dict]] = {}
         routing: dict[str, dict] = {}

@@ -20,7 +20,6 @@ from typing import Sequence
 
 from . import methods
 from .assets import default_cache_dir
-from .library import build_library
 from .run import Pipeline, RunSettings
 from .scoring import rank_classify
 
@@ -29,18 +28,15 @@ MERGE = "merge"  # the uniform merge of the remaining experts, a reference
 
 def leave_one_expert_out(pipeline: Pipeline, alphas: Sequence[float], num: int) -> dict:
     """{task: {"top_expert", "auto_alpha", "n", "accuracy": {alpha or "merge": accuracy}}} for every held-in task."""
-    settings = pipeline.settings
-    folders, _ = build_library(pipeline.load_base, pipeline.tokenizer, pipeline.splits, settings.held_in,
-                               settings.experts, pipeline.library_root)
-    router = pipeline.routers()[methods.DEFAULT_SOURCE]
+    folders, _ = pipeline.library()
+    router = pipeline.default_router()  # the LLM writer is not needed: not loaded
     results = {}
-    for task in settings.held_in:
+    for task in pipeline.settings.held_in:
         others = {name: folder for name, folder in folders.items() if name != task}
         examples = pipeline.splits[task].train[:num]
         model = methods.glider_model(pipeline.load_base, others)
         glider = model.base_model
-        samples = {name: [e.pair() for e in pipeline.splits[name].expert_samples] for name in others}
-        router.describe_experts(model, samples, calibrate_for="task")
+        router.describe_experts(model, pipeline.expert_samples(others), calibrate_for="task")
         info, auto_alpha = pipeline.route_task(router, glider, task)
         cosines = dict(zip(glider.expert_names, info.scores[0].tolist()))
         accuracy = {}
