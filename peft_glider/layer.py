@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -13,6 +13,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from . import routing
 from .experts import LoraFactors
 from .state import CallRouting, RoutingState
+
+if TYPE_CHECKING:
+    from .library import ExpertLibrary, LibraryVersion
 
 MERGE_ERROR = (
     "Glider adapters cannot be merged: each token picks its own experts at every layer, so there is no single "
@@ -46,8 +49,77 @@ def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+class LayerSnapshot:
+    """One module's experts as one version of the library holds them: the packed factors, the gates, k.
+
+    Its content never changes: an edit installs new tensors in the layer and makes a new snapshot, so a call that
+    holds an older version keeps routing with this one. Only its bindings follow the layer's tensors when they are
+    moved or cast (`.to()`, a dtype cast, a checkpoint loaded with `assign=True`): the same values elsewhere.
+    The router rows computed from the gates are cached here, keyed by the gates object itself (held, so the key
+    cannot be reused by another tensor), its version counter, the optimizer steps taken, dtype and device.
+    """
+
+    __slots__ = ("bank", "gates", "k", "_rows")
+
+    def __init__(self, bank: routing.ExpertBank, gates: torch.Tensor, k: int) -> None:
+        self.bank = bank
+        self.gates = gates  # (E, in)
+        self.k = k  # top_k capped by the number of experts present here
+        self._rows: Optional[tuple] = None  # (key, rows)
+
+    def rebind(self, bank: routing.ExpertBank, gates: torch.Tensor) -> None:
+        """Point at the same values after the layer's tensors were moved or cast."""
+        self.bank, self.gates, self._rows = bank, gates, None
+
+    def router_rows(self, state: RoutingState) -> torch.Tensor:
+        """What tokens are compared with, (E, in) float32: standardized gates (Phatgoose) or prototypes (Arrow).
+
+        When gradients are wanted for the gates (training), the rows are computed from them with autograd, so the
+        loss reaches the gates through the routing weights. Otherwise they are cached until the gates change: their
+        version counter moves on every in-place update, and any optimizer step (fused ones move no counter) counts.
+        """
+        gates = self.gates
+        if torch.is_grad_enabled() and gates.requires_grad:
+            return _rows_from_gates(gates.float(), state)
+        try:
+            key = (gates, gates._version, _optimizer_steps[0], gates.dtype, gates.device, state.local_router,
+                   state.arrow_temperature)
+        except RuntimeError:  # inference tensors keep no version counter: do not cache
+            key = None
+        cached = self._rows
+        if key is not None and cached is not None and len(cached[0]) == len(key) and all(
+            a is b if i == 0 else a == b for i, (a, b) in enumerate(zip(cached[0], key))
+        ):
+            return cached[1]
+        with torch.no_grad():
+            rows = _rows_from_gates(gates.detach().float(), state).clone()
+        if key is not None:
+            self._rows = (key, rows)
+        return rows
+
+
+def _live(container: nn.Module, adapter_name: str) -> Optional[torch.Tensor]:
+    """The adapter's tensor in a ParameterDict or BufferDict, or None (an edit in another thread may remove it)."""
+    try:
+        return container[adapter_name]
+    except (KeyError, AttributeError):
+        return None
+
+
+def _rows_from_gates(gates: torch.Tensor, state: RoutingState) -> torch.Tensor:
+    if state.local_router == "arrow":
+        return routing.arrow_rows(gates, state.arrow_temperature)
+    return routing.phatgoose_rows(gates)
+
+
 class GliderLayer(BaseTunerLayer):
-    """Routing state of one adapted module for every Glider adapter (keyed by adapter name)."""
+    """Routing state of one adapted module for every Glider adapter (keyed by adapter name).
+
+    The tensors in `glider_gates`, `glider_A`, `glider_B` are what PEFT saves, loads, moves and casts; what a call
+    routes with is the `LayerSnapshot` of this module in the library version the call holds (`snapshot_in`). Every
+    change to the experts here goes through `_install`, which makes new tensors and a new snapshot and never
+    writes into tensors an older snapshot holds.
+    """
 
     adapter_layer_names = ("glider_gates",)
     other_param_names = (
@@ -57,11 +129,11 @@ class GliderLayer(BaseTunerLayer):
         "glider_rank_scaling",
         "glider_slot",
         "glider_spans",
-        "glider_k",
         "glider_routing",
+        "glider_library",
         "glider_awaiting_checkpoint",
-        "_router_cache",
-        "_bank_cache",
+        "released_in",
+        "_installed",
     )
 
     def __init__(
@@ -88,74 +160,167 @@ class GliderLayer(BaseTunerLayer):
         self.glider_rank_scaling = BufferDict({}, persistent=False)  # (R,) scaling of each rank row
         self.glider_slot = BufferDict({}, persistent=False)  # (E,) position among present experts, -1 if absent
         self.glider_spans: dict[str, list[tuple[int, int] | None]] = {}
-        self.glider_k: dict[str, int] = {}  # top_k capped by the number of present experts
         self.glider_routing: dict[str, RoutingState] = {}
+        self.glider_library: dict[str, "ExpertLibrary"] = {}  # publishes the versions calls route with
         # Adapters restored from a saved config whose expert factors are still zero placeholders: a checkpoint's
         # state dict fills them (see `_note_loaded_factors`); routing refuses to run until it has.
         self.glider_awaiting_checkpoint: dict[str, bool] = {}
-        self._router_cache: dict[str, tuple] = {}  # adapter -> (gates version key, router rows)
-        self._bank_cache: dict[str, routing.ExpertBank] = {}
+        self._installed: dict[str, Optional[LayerSnapshot]] = {}  # the snapshot of what the tensors here hold now
+        self.released_in: dict[str, int] = {}  # adapter -> the library version from which it takes no part here
         self._disable_adapters = False
         self.merged_adapters = []
+
+    # ------------------------------------------------------------------ installing experts
 
     def update_layer(
         self,
         adapter_name: str,
         experts: Sequence[Optional[LoraFactors]],
         routing_state: RoutingState,
+        library: "ExpertLibrary",
         device: Optional[torch.device] = None,
-    ) -> None:
-        """Install one Glider adapter: `experts[e]` is expert e's factors here, or None where it does not adapt."""
-        spans, a_rows, b_rows, rank_expert, rank_scaling = [], [], [], [], []
-        offset = 0
-        for index, factors in enumerate(experts):
-            if factors is None:
-                spans.append(None)
-                continue
-            spans.append((offset, offset + factors.rank))
-            offset += factors.rank
-            a_rows.append(factors.A)
-            b_rows.append(factors.B.T)
-            rank_expert += [index] * factors.rank
-            rank_scaling += [factors.scaling] * factors.rank
-        dtype = a_rows[0].dtype
-        self.glider_A[adapter_name] = torch.cat(a_rows, dim=0).to(dtype)
-        self.glider_B[adapter_name] = torch.cat(b_rows, dim=0).to(dtype)
-        self.glider_rank_expert[adapter_name] = torch.tensor(rank_expert, dtype=torch.long)
-        self.glider_rank_scaling[adapter_name] = torch.tensor(rank_scaling, dtype=dtype)
-        present = torch.tensor([span is not None for span in spans])
-        self.glider_slot[adapter_name] = torch.where(present, present.long().cumsum(0) - 1, -1)
-        self.glider_spans[adapter_name] = spans
-        self._bank_cache.pop(adapter_name, None)
-        self.glider_k[adapter_name] = min(routing_state.top_k, sum(span is not None for span in spans))
-        self.glider_routing[adapter_name] = routing_state
-        # Gates take the base layer's dtype (PEFT's `autocast_adapter_dtype` then upcasts half precision to float32),
-        # or keep the dtype this adapter's gates already have here (a relayout after add_expert / remove_expert).
-        previous = self.glider_gates[adapter_name] if adapter_name in self.glider_gates else None
-        gates = torch.zeros(len(experts), self.in_features)
-        if routing_state.local_router == "arrow":  # training-free prototypes take the gates' place
-            for index, factors in enumerate(experts):
-                if factors is not None:
-                    gates[index] = routing.top_right_singular_vector(factors.A.float(), factors.B.float())
-        if previous is None:
-            self.glider_gates[adapter_name] = nn.Parameter(gates)
-            self._move_adapter_to_device_of_base_layer(adapter_name, device)
-        else:
-            self.glider_gates[adapter_name] = nn.Parameter(gates, requires_grad=previous.requires_grad)
-            self._move_adapter_to_device_of_base_layer(adapter_name, device, gate_dtype=previous.dtype)
-        self.set_adapter(self.active_adapters)
+    ) -> LayerSnapshot:
+        """Install one Glider adapter: `experts[e]` is expert e's factors here, or None where it does not adapt.
 
-    def _move_adapter_to_device_of_base_layer(
-        self, adapter_name: str, device: Optional[torch.device] = None, gate_dtype: Optional[torch.dtype] = None
-    ) -> None:
-        """Put this adapter's tensors where the base layer computes (accelerate's execution device when
-        offloaded, never `meta`); expert factors and gates take the base dtype (gates `gate_dtype` if given)."""
+        Factors take the base layer's dtype and execution device. Gates take the base layer's dtype too (PEFT's
+        `autocast_adapter_dtype` then upcasts half precision to float32), or keep the dtype this adapter's gates
+        already have here; under Arrow they hold the experts' prototypes."""
+        self.glider_routing[adapter_name] = routing_state
+        self.glider_library[adapter_name] = library
+        previous = self.glider_gates[adapter_name] if adapter_name in self.glider_gates else None
+        A, BT, rank_expert, rank_scaling, spans = routing.pack_experts(experts)
+        gates = torch.zeros(len(experts), self.in_features)
+        for index, factors in enumerate(experts):
+            if factors is not None:
+                gates[index] = self._initial_gate(factors, routing_state)
+        device, dtype = self._placement(device)
+        if device is not None:
+            A, BT, rank_scaling = (t.to(device, dtype=dtype) for t in (A, BT, rank_scaling))
+            rank_expert = rank_expert.to(device)
+            gates = gates.to(device, dtype=previous.dtype if previous is not None else dtype)
+        requires_grad = previous.requires_grad if previous is not None else True
+        snapshot = self._install(
+            adapter_name, A, BT, rank_expert, rank_scaling, spans, nn.Parameter(gates, requires_grad=requires_grad)
+        )
+        self.set_adapter(self.active_adapters)
+        return snapshot
+
+    def _placement(self, device: Optional[torch.device] = None) -> tuple[Optional[torch.device], Optional[torch.dtype]]:
+        """Where and in which dtype the adapter's tensors live: the base layer's execution device (accelerate's when
+        offloaded, never `meta`; None when unknown) and its floating dtype."""
         base_layer = self.get_base_layer()
         device = device or execution_device(base_layer)
-        if device is None:
-            return
         weight = getattr(base_layer, "weight", None)
         dtype = weight.dtype if weight is not None and weight.dtype.is_floating_point else None
+        return device, dtype
+
+    def _initial_gate(self, factors: LoraFactors, state: RoutingState) -> torch.Tensor:
+        """A new expert's gate here: zeros (Phatgoose, until trained or set), or its prototype (Arrow)."""
+        if state.local_router == "arrow":  # training-free prototypes take the gates' place
+            return routing.top_right_singular_vector(factors.A.float(), factors.B.float())
+        return torch.zeros(self.in_features)
+
+    def append_expert(
+        self, adapter_name: str, factors: Optional[LoraFactors], gate: Optional[torch.Tensor] = None
+    ) -> LayerSnapshot:
+        """Add one expert after the others (None: it does not adapt this module), with its gate (default zeros, or
+        its prototype under Arrow). The other experts' factors and gates are not copied out or changed."""
+        current = self.installed_snapshot(adapter_name)
+        bank, state = current.bank, self.glider_routing[adapter_name]
+        with torch.no_grad():
+            A, BT, rank_expert, rank_scaling, spans = bank.appended(factors)
+            if gate is None:
+                gate = self._initial_gate(factors, state) if factors is not None else torch.zeros(self.in_features)
+            old_gates = current.gates.detach()
+            gates = torch.cat([old_gates, gate.to(old_gates.device, old_gates.dtype)[None]])
+        return self._install(
+            adapter_name, A, BT, rank_expert, rank_scaling, spans,
+            nn.Parameter(gates, requires_grad=current.gates.requires_grad),
+        )  # fmt: skip
+
+    def remove_expert(self, adapter_name: str, index: int) -> Optional[LayerSnapshot]:
+        """Drop expert `index` here; None (and nothing changed) when it is the only expert adapting this module."""
+        current = self.installed_snapshot(adapter_name)
+        bank = current.bank
+        if bank.spans[index] is not None and bank.num_present == 1:
+            return None
+        with torch.no_grad():
+            A, BT, rank_expert, rank_scaling, spans = bank.without(index)
+            keep = [i for i in range(bank.num_experts) if i != index]
+            gates = current.gates.detach()[keep]
+        return self._install(
+            adapter_name, A, BT, rank_expert, rank_scaling, spans,
+            nn.Parameter(gates, requires_grad=current.gates.requires_grad),
+        )  # fmt: skip
+
+    def replace_gates(self, adapter_name: str, rows: Mapping[int, torch.Tensor]) -> LayerSnapshot:
+        """New gate tensor with `rows` (expert index -> (in,) vector) replaced; the factors stay as they are."""
+        current = self.installed_snapshot(adapter_name)
+        with torch.no_grad():
+            gates = current.gates.detach().clone()
+            for index, vector in rows.items():
+                gates[index] = vector.to(gates.device, gates.dtype)
+        self._installed[adapter_name] = None
+        self.glider_gates[adapter_name] = nn.Parameter(gates, requires_grad=current.gates.requires_grad)
+        return self._snapshot_installed(adapter_name)
+
+    def release(self, adapter_name: str, version_number: int) -> None:
+        """No expert of the adapter adapts this module any more from version `version_number` on: drop its tensors
+        here. Calls still holding an older version keep routing with that version's snapshot; the layer stays in
+        the model until none does (`released_in` tells which release a later retirement is for)."""
+        self.released_in[adapter_name] = version_number
+        self._installed[adapter_name] = None
+        for name in ("glider_gates", "glider_A", "glider_B", "glider_rank_expert", "glider_rank_scaling", "glider_slot",
+                     "glider_spans", "glider_awaiting_checkpoint", "_installed"):  # fmt: skip
+            container = getattr(self, name)
+            if adapter_name in container:
+                del container[adapter_name]
+
+    def _install(
+        self,
+        adapter_name: str,
+        A: torch.Tensor,
+        BT: torch.Tensor,
+        rank_expert: torch.Tensor,
+        rank_scaling: torch.Tensor,
+        spans: list[tuple[int, int] | None],
+        gates: nn.Parameter,
+    ) -> LayerSnapshot:
+        """Make these the adapter's tensors here and snapshot them. Nothing an older snapshot holds is written to."""
+        self._installed[adapter_name] = None  # calls of older versions must not rebind to what follows
+        self.glider_A[adapter_name] = A
+        self.glider_B[adapter_name] = BT
+        self.glider_rank_expert[adapter_name] = rank_expert
+        self.glider_rank_scaling[adapter_name] = rank_scaling
+        present = torch.tensor([span is not None for span in spans])
+        self.glider_slot[adapter_name] = torch.where(present, present.long().cumsum(0) - 1, -1).to(rank_expert.device)
+        self.glider_spans[adapter_name] = spans
+        self.glider_gates[adapter_name] = gates
+        return self._snapshot_installed(adapter_name)
+
+    def _snapshot_installed(self, adapter_name: str) -> LayerSnapshot:
+        spans = self.glider_spans[adapter_name]
+        k = min(self.glider_routing[adapter_name].top_k, sum(span is not None for span in spans))
+        snapshot = LayerSnapshot(self._bank(adapter_name), self.glider_gates[adapter_name], k)
+        self._installed[adapter_name] = snapshot
+        return snapshot
+
+    def _bank(self, adapter_name: str) -> routing.ExpertBank:
+        return routing.ExpertBank(
+            A=self.glider_A[adapter_name],
+            BT=self.glider_B[adapter_name],
+            rank_expert=self.glider_rank_expert[adapter_name],
+            rank_scaling=self.glider_rank_scaling[adapter_name],
+            spans=self.glider_spans[adapter_name],
+            expert_slot=self.glider_slot[adapter_name],
+        )
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """PEFT's hook: put this adapter's tensors where the base layer computes, in its dtype (the snapshot
+        follows them on the next call)."""
+        device, dtype = self._placement(device)
+        if device is None:
+            return
         for name in ("glider_A", "glider_B", "glider_rank_scaling"):
             container = getattr(self, name)
             if adapter_name in container:
@@ -166,39 +331,48 @@ class GliderLayer(BaseTunerLayer):
                 container[adapter_name] = container[adapter_name].to(device)
         if adapter_name in self.glider_gates and self.glider_gates[adapter_name].device.type != "meta":
             gates = self.glider_gates[adapter_name]  # meta under low_cpu_mem_usage: the checkpoint fills it
-            gate_dtype = gate_dtype or dtype
             self.glider_gates[adapter_name] = nn.Parameter(
-                gates.data.to(device, dtype=gate_dtype), requires_grad=gates.requires_grad
+                gates.data.to(device, dtype=dtype), requires_grad=gates.requires_grad
             )
+
+    # ------------------------------------------------------------------ what calls route with
+
+    def installed_snapshot(self, adapter_name: str) -> LayerSnapshot:
+        """The snapshot of the adapter's tensors as they are here now (for edits, which hold the library's lock)."""
+        snapshot = self._installed.get(adapter_name)
+        if snapshot is None:
+            return self._snapshot_installed(adapter_name)
+        self._follow_moves(snapshot, adapter_name)
+        return snapshot
+
+    def snapshot_in(self, version: "LibraryVersion", adapter_name: str) -> Optional[LayerSnapshot]:
+        """This module's experts in `version` (None where the adapter takes no part here in that version).
+
+        Never builds a snapshot from the layer's tensors, which an edit in another thread may be replacing."""
+        snapshot = version.layers.get(self.module_name)
+        if snapshot is not None and snapshot is self._installed.get(adapter_name):
+            self._follow_moves(snapshot, adapter_name)
+        return snapshot
+
+    def _follow_moves(self, snapshot: LayerSnapshot, adapter_name: str) -> None:
+        """Rebind the installed snapshot to the layer's tensors when they were moved or cast (not edited: an edit
+        makes a new snapshot). The tensors are read before checking that `snapshot` is still the installed one, and
+        an edit marks it uninstalled before it replaces any tensor, so an edit's tensors are never bound here."""
+        bank = snapshot.bank
+        A, BT, gates = (_live(self.glider_A, adapter_name), _live(self.glider_B, adapter_name),
+                        _live(self.glider_gates, adapter_name))  # fmt: skip
+        if A is bank.A and BT is bank.BT and gates is snapshot.gates and A.device == bank.device and A.dtype == bank.dtype:
+            return
+        try:
+            moved = self._bank(adapter_name)
+        except (KeyError, AttributeError):  # released by an edit meanwhile
+            return
+        if snapshot is self._installed.get(adapter_name) and moved.A is A and gates is not None:
+            snapshot.rebind(moved, gates)
 
     def expert_bank(self, adapter_name: str) -> routing.ExpertBank:
-        """The adapter's experts here; built once and reused while its tensors stay the same objects."""
-        bank = self._bank_cache.get(adapter_name)
-        if bank is not None and bank.A is self.glider_A[adapter_name] and bank.BT is self.glider_B[adapter_name]:
-            return bank
-        bank = self._bank_cache[adapter_name] = routing.ExpertBank(
-            A=self.glider_A[adapter_name],
-            BT=self.glider_B[adapter_name],
-            rank_expert=self.glider_rank_expert[adapter_name],
-            rank_scaling=self.glider_rank_scaling[adapter_name],
-            spans=self.glider_spans[adapter_name],
-            expert_slot=self.glider_slot[adapter_name],
-        )
-        return bank
-
-    def expert_factors(self, adapter_name: str) -> list[Optional[LoraFactors]]:
-        """Each expert's factors at this module (None where it does not adapt it), read back from the bank."""
-        bank = self.expert_bank(adapter_name)
-        return [
-            None
-            if span is None
-            else LoraFactors(
-                A=bank.A[span[0] : span[1]].detach().clone(),
-                B=bank.BT[span[0] : span[1]].T.detach().clone(),
-                scaling=float(bank.rank_scaling[span[0]]),
-            )
-            for span in bank.spans
-        ]
+        """The adapter's experts here as the layer holds them now."""
+        return self.installed_snapshot(adapter_name).bank
 
     def await_checkpoint(self, adapter_name: str) -> None:
         """Mark the adapter's factors here as placeholders that a checkpoint must fill before any forward."""
@@ -236,6 +410,7 @@ class GliderLinear(nn.Module, GliderLayer):
         module_name: str,
         experts: Sequence[Optional[LoraFactors]],
         routing_state: RoutingState,
+        library: "ExpertLibrary",
         save_expert_weights: bool = True,
         device: Optional[torch.device] = None,
         train_expert_factors: bool = False,
@@ -244,48 +419,19 @@ class GliderLinear(nn.Module, GliderLayer):
         GliderLayer.__init__(self, base_layer, module_name, save_expert_weights, train_expert_factors)
         self.register_load_state_dict_pre_hook(self._note_loaded_factors)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, experts, routing_state, device)
-
-    def router_rows(self, adapter_name: str) -> torch.Tensor:
-        """What tokens are compared with, (E, in) float32: standardized gates (Phatgoose) or prototypes (Arrow).
-
-        When gradients are wanted for the gates (training), the rows are computed from them with autograd, so the
-        loss reaches the gates through the routing weights. Otherwise they are cached until the gates change: their
-        version counter moves on every in-place update, and any optimizer step (fused ones move no counter) counts.
-        """
-        gates = self.glider_gates[adapter_name]
-        state = self.glider_routing[adapter_name]
-        if torch.is_grad_enabled() and gates.requires_grad:
-            return self._rows_from_gates(gates.float(), state)
-        try:
-            key = (gates.data_ptr(), gates._version, _optimizer_steps[0], gates.dtype, state.local_router,
-                   state.arrow_temperature)
-        except RuntimeError:  # inference tensors keep no version counter: do not cache
-            key = None
-        cached = self._router_cache.get(adapter_name)
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
-        with torch.no_grad():
-            rows = self._rows_from_gates(gates.detach().float(), state).clone()
-        if key is not None:
-            self._router_cache[adapter_name] = (key, rows)
-        return rows
-
-    @staticmethod
-    def _rows_from_gates(gates: torch.Tensor, state: RoutingState) -> torch.Tensor:
-        if state.local_router == "arrow":
-            return routing.arrow_rows(gates, state.arrow_temperature)
-        return routing.phatgoose_rows(gates)
+        self.update_layer(adapter_name, experts, routing_state, library, device)
 
     def routed_delta(
-        self, x: torch.Tensor, adapter_name: str, out: Optional[torch.Tensor] = None, call: Optional[CallRouting] = None
+        self,
+        x: torch.Tensor,
+        snapshot: LayerSnapshot,
+        state: RoutingState,
+        call: Optional[CallRouting] = None,
+        out: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Add the adapter's contribution for input x (..., in) into `out` (N, out), or return it (..., out).
-
-        `call`: what this call routes with (`RoutingState.current_call()`, read once by `forward`); None: local only.
-        """
-        bank = self.expert_bank(adapter_name)
-        state = self.glider_routing[adapter_name]
+        """Add the contribution of `snapshot`'s experts for input x (..., in) into `out` (N, out), or return it
+        (..., out). `call`: what this call routes with (read once by `forward`); None: local only."""
+        bank = snapshot.bank
         call = call or _LOCAL_ONLY
         u = x.reshape(-1, self.in_features)  # (N, in)
         if u.shape[0] == 0:  # an empty batch: nothing to route
@@ -293,22 +439,22 @@ class GliderLinear(nn.Module, GliderLayer):
         if u.dtype != bank.A.dtype or u.device != bank.A.device:
             u = u.to(bank.A.device, bank.A.dtype)
         if call.gate_training_expert is not None:
-            gate = self.glider_gates[adapter_name][call.gate_training_expert]
+            gate = snapshot.gates[call.gate_training_expert]
             delta = routing.delta_gated_single(u, bank, call.gate_training_expert, gate)
             return delta.view(*x.shape[:-1], self.out_features)
-        rows = x.shape[0] if x.dim() > 1 else 1
+        batch_rows = x.shape[0] if x.dim() > 1 else 1
         selection, delta = routing.route(
             u,
             bank,
-            self.router_rows(adapter_name),
+            snapshot.router_rows(state),
             standardized=state.local_router != "arrow",
-            k=self.glider_k[adapter_name],
-            global_bias=call.global_bias(rows, u.device),
+            k=snapshot.k,
+            global_bias=call.global_bias(batch_rows, u.device),
             kernel=state.kernel,
             out=out,
         )
         if call.trace is not None:
-            call.trace.record(self.module_name, selection.indices.view(rows, -1, selection.indices.shape[-1]))
+            call.trace.record(self.module_name, selection.indices.view(batch_rows, -1, selection.indices.shape[-1]))
         return delta if out is not None else delta.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -318,20 +464,28 @@ class GliderLinear(nn.Module, GliderLayer):
         # Without gradients, the deltas go straight into the base output: no extra (N, out) tensor.
         may_add_in_place = not torch.is_grad_enabled() and result.is_contiguous()
         for adapter_name in self.active_adapters:
-            if adapter_name not in self.glider_routing:
+            library = self.glider_library.get(adapter_name)
+            if library is None:
+                continue
+            state = self.glider_routing[adapter_name]
+            call = state.current_call()
+            # The version the call began with (pinned by the model's forward hook or a routing context); a bare call
+            # of the inner model, outside both, reads the current one.
+            version = call.version if call is not None and call.version is not None else library.current
+            snapshot = self.snapshot_in(version, adapter_name)
+            if snapshot is None:  # the adapter takes no part here in this version
                 continue
             self._check_weights_loaded(adapter_name)
-            A = self.glider_A[adapter_name]
-            call = self.glider_routing[adapter_name].current_call()
+            A = snapshot.bank.A
             if (
                 may_add_in_place
                 and result.dtype == A.dtype
                 and result.device == A.device
                 and (call is None or call.gate_training_expert is None)
             ):
-                self.routed_delta(x, adapter_name, out=result.view(-1, self.out_features), call=call)
+                self.routed_delta(x, snapshot, state, call, out=result.view(-1, self.out_features))
             else:
-                result = result + self.routed_delta(x, adapter_name, call=call).to(result.device, result.dtype)
+                result = result + self.routed_delta(x, snapshot, state, call).to(result.device, result.dtype)
         return result
 
     def __repr__(self) -> str:

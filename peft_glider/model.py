@@ -17,7 +17,7 @@ from .config import ExpertEntry, GliderConfig, normalize_expert_entry
 from .experts import LoadedExpert, load_expert
 from .hub import GATES_FILE
 from .layer import MERGE_ERROR, GliderLayer, GliderLinear, execution_device
-from .library import ExpertLibrary, check_fits
+from .library import ExpertLibrary, LibraryVersion, check_fits
 from .routing import auto_alpha
 from .state import RoutingState, RoutingTrace, call_routing
 from ._warnings import warn_user
@@ -100,6 +100,11 @@ class GliderModel(BaseTuner):
             self.glider_instruction_embeddings[adapter_name] = torch.zeros(
                 len(config.experts), config.instruction_embedding_dim
             )
+        library.publish(
+            expert_names=tuple(config.expert_names),
+            layers={name: layer.installed_snapshot(adapter_name) for name, layer in self.glider_layers(adapter_name).items()},
+            embeddings=self.get_instruction_embeddings(adapter_name),
+        )
         if library.placeholders:
             for layer in self.glider_layers(adapter_name).values():
                 layer.await_checkpoint(adapter_name)
@@ -109,14 +114,24 @@ class GliderModel(BaseTuner):
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
-        """PEFT enters this around every `PeftModel` forward and generate call. An active adapter built from a saved
-        adapter's config whose checkpoint was never loaded into it (e.g. `get_peft_model(base,
-        PeftConfig.from_pretrained(path))`) still holds zero placeholders: its experts are loaded from their sources
-        at the pinned commits, as a fresh build would, before the call routes anything."""
-        for adapter_name in self.active_adapters:
-            if adapter_name in self._awaiting_checkpoint:  # only until the first call: no walk over the model after
-                self._load_placeholders_from_sources(adapter_name)
-        yield
+        """PEFT enters this around every `PeftModel` forward and generate call: the call takes the library version
+        current now (unless a routing context it runs in took one already) and keeps it to its end, a whole
+        generate included, whatever another thread edits meanwhile.
+
+        An active adapter built from a saved adapter's config whose checkpoint was never loaded into it (e.g.
+        `get_peft_model(base, PeftConfig.from_pretrained(path))`) still holds zero placeholders: its experts are
+        loaded from their sources at the pinned commits, as a fresh build would, before the call routes anything."""
+        with contextlib.ExitStack() as stack:
+            for adapter_name in self.active_adapters:
+                if adapter_name not in self._routing_states:
+                    continue
+                if adapter_name in self._awaiting_checkpoint:  # only until the first call: no walk over the model after
+                    self._load_placeholders_from_sources(adapter_name)
+                state = self._routing_states[adapter_name]
+                call = state.current_call()
+                if call is None or call.version is None:  # the call keeps the version it began with, to its end
+                    stack.enter_context(call_routing(state, version=self._current_version(adapter_name)))
+            yield
 
     def _load_placeholders_from_sources(self, adapter_name: str) -> None:
         with _PLACEHOLDER_LOCK:
@@ -137,10 +152,13 @@ class GliderModel(BaseTuner):
                     "loaded and its experts could not be loaded from their sources either. Load it with "
                     f"PeftModel.from_pretrained(base_model, path) (or peft_glider.load_glider). Cause: {error}"
                 ) from error
-            state = self._routing_states[adapter_name]
-            for name, layer in waiting.items():
-                layer.update_layer(adapter_name, library.module_factors(name), state)
-                del layer.glider_awaiting_checkpoint[adapter_name]
+            state, published = self._routing_states[adapter_name], self._libraries[adapter_name]
+            with published.editing:
+                snapshots = dict(published.current.layers)
+                for name, layer in waiting.items():
+                    snapshots[name] = layer.update_layer(adapter_name, library.module_factors(name), state, published)
+                    del layer.glider_awaiting_checkpoint[adapter_name]
+                published.publish(layers=snapshots)
             self._awaiting_checkpoint.discard(adapter_name)
             if config.local_router == "phatgoose":
                 self._install_shipped_gates(library.experts, adapter_name, warn=False)
@@ -148,10 +166,14 @@ class GliderModel(BaseTuner):
     def _install_shipped_gates(self, experts: list[LoadedExpert], adapter_name: str, warn: bool = True) -> None:
         """Set the gates experts carry (glider_gates.safetensors); warn, naming them, about experts without."""
         self.set_gates({e.name: e.gates for e in experts if e.gates is not None}, adapter_name, how="shipped with the expert")
-        ungated = [e.name for e in experts if e.gates is None]
-        if ungated and warn:
+        if warn:
+            self._warn_ungated([e.name for e in experts if e.gates is None])
+
+    @staticmethod
+    def _warn_ungated(names: list[str]) -> None:
+        if names:
             warn_user(
-                f"Experts {ungated} carry no trained gates ({GATES_FILE}): their local routing is uninformed "
+                f"Experts {names} carry no trained gates ({GATES_FILE}): their local routing is uninformed "
                 "until gates are trained (peft_glider.train_missing_gates) or set (GliderModel.set_gates)."
             )
 
@@ -165,10 +187,11 @@ class GliderModel(BaseTuner):
                 raise ValueError(f"All Glider adapters of a model must share the same {setting} setting.")
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        experts = self._libraries[adapter_name].module_factors(current_key)
+        library = self._libraries[adapter_name]
+        experts = library.module_factors(current_key)
         state = self._routing_states[adapter_name]
         if isinstance(target, GliderLayer):
-            target.update_layer(adapter_name, experts, state)
+            target.update_layer(adapter_name, experts, state, library)
             return
         new_module = GliderLinear(
             target,
@@ -176,6 +199,7 @@ class GliderModel(BaseTuner):
             module_name=current_key,
             experts=experts,
             routing_state=state,
+            library=library,
             save_expert_weights=config.save_expert_weights,
             device=execution_device(target),
             train_expert_factors=config.train_expert_factors,
@@ -249,20 +273,38 @@ class GliderModel(BaseTuner):
         modules = dict(self.model.named_modules())
         for module_name, factors in loaded.factors.items():
             check_fits(loaded.name, module_name, factors, modules)
+        shipped = config.local_router == "phatgoose" and loaded.gates is not None
+        gates = loaded.gates if shipped else {}
+        for module_name, vector in gates.items():
+            factors = loaded.factors.get(module_name)
+            check_gate(loaded.name, module_name, vector, factors.in_features if factors else None, "add_expert")
         entry.update(loaded.pins)
+        if shipped:
+            entry["gates"] = "shipped with the expert"
 
-        new_index = len(config.experts)
         library = self._libraries[adapter_name]
-        library.append(loaded)
-        self._relayout(adapter_name, keep=list(range(new_index)), added=loaded)
-        config.experts.append(entry)
-        if embeddings is not None:
-            self.glider_instruction_embeddings[adapter_name] = torch.cat(
-                [embeddings, instruction_embedding.to(embeddings)], dim=0
+        with library.editing:
+            library.add(
+                loaded,
+                adapter_name,
+                self.glider_layers(adapter_name),
+                wrap=lambda module_name: self._wrap_module(config, adapter_name, module_name),
+                gates={name: torch.as_tensor(vector) for name, vector in gates.items()},
+                embedding=instruction_embedding,
             )
-        if config.local_router == "phatgoose":
-            self._install_shipped_gates([loaded], adapter_name)
+            config.experts.append(entry)
+            config.target_modules = sorted(self.glider_layers(adapter_name))
+            if embeddings is not None:
+                self.glider_instruction_embeddings[adapter_name] = library.current.embeddings
+        if config.local_router == "phatgoose" and not shipped:
+            self._warn_ungated([loaded.name])
         return loaded.name
+
+    def _wrap_module(self, config: GliderConfig, adapter_name: str, module_name: str) -> GliderLayer:
+        """Make the Glider layer of a module the adapter did not adapt yet (the library's experts say what)."""
+        parent, target, target_name = _get_submodules(self.model, module_name)
+        self._create_and_replace(config, adapter_name, target, target_name, parent, module_name)
+        return _get_submodules(self.model, module_name)[1]
 
     def remove_expert(self, name: str, adapter_name: Optional[str] = None) -> None:
         """Remove one expert from the library without touching the others (equal to a rebuild without it)."""
@@ -276,47 +318,37 @@ class GliderModel(BaseTuner):
         if config.top_k > len(names) - 1:
             raise ValueError(f"remove_expert: top_k={config.top_k} would exceed the {len(names) - 1} experts left.")
         index = names.index(name)
-        keep = [i for i in range(len(names)) if i != index]
-        self._libraries[adapter_name].remove(index)
-        self._relayout(adapter_name, keep=keep, added=None)
-        del config.experts[index]
-        embeddings = self.get_instruction_embeddings(adapter_name)
-        if embeddings is not None:
-            self.glider_instruction_embeddings[adapter_name] = embeddings[keep].clone()
+        library = self._libraries[adapter_name]
+        with library.editing:
+            library.remove(
+                index, adapter_name, self.glider_layers(adapter_name),
+                retire=lambda module_names, number: self._retire_layers(adapter_name, module_names, number),
+            )  # fmt: skip
+            del config.experts[index]
+            config.target_modules = sorted(self.glider_layers(adapter_name))
+            if library.current.embeddings is not None:
+                self.glider_instruction_embeddings[adapter_name] = library.current.embeddings
 
-    def _relayout(self, adapter_name: str, keep: list[int], added: Optional[LoadedExpert]) -> None:
-        """Rebuild every layer with experts `keep` (old indices, in order) plus `added`, keeping their gates."""
-        config: GliderConfig = self.peft_config[adapter_name]
-        state = self._routing_states[adapter_name]
-        layers = self.glider_layers(adapter_name)
-        new_modules = sorted(set(added.factors) - set(layers)) if added else []
-        for module_name, layer in layers.items():
-            old_factors = layer.expert_factors(adapter_name)
-            old_gates = layer.glider_gates[adapter_name].detach().clone()
-            factors = [old_factors[i] for i in keep]
-            gates = [old_gates[i] for i in keep]
-            if added is not None:
-                factors.append(added.factors.get(module_name))
-                gates.append(torch.zeros_like(old_gates[0]))
-            if all(f is None for f in factors):
-                self._drop_layer(module_name, layer, adapter_name)
-                continue
-            layer.update_layer(adapter_name, factors, state)
-            if state.local_router == "phatgoose":  # arrow prototypes are recomputed from the factors
-                with torch.no_grad():
-                    layer.glider_gates[adapter_name].copy_(torch.stack(gates))
-        for module_name in new_modules:  # the library now holds the added expert: only it adapts these modules
-            parent, target, target_name = _get_submodules(self.model, module_name)
-            self._create_and_replace(config, adapter_name, target, target_name, parent, module_name)
-        config.target_modules = sorted(self.glider_layers(adapter_name))
-
-    def _drop_layer(self, module_name: str, layer: GliderLayer, adapter_name: str) -> None:
-        """No expert adapts this module any more: remove the adapter here, unwrapping the layer if it was the last."""
-        if set(layer.glider_gates) == {adapter_name}:
-            parent, _, target_name = _get_submodules(self.model, module_name)
-            setattr(parent, target_name, layer.get_base_layer())
-        else:
-            layer.delete_adapter(adapter_name)
+    def _retire_layers(self, adapter_name: str, module_names: list[str], number: int) -> None:
+        """Take the layers released in library version `number` out of the model once no call routes through them
+        any more: unwrap a layer that holds no other adapter, else drop the adapter's last references there. A
+        module the adapter adapts again (an expert added since), or released again later, is left alone."""
+        library = self._libraries.get(adapter_name)
+        with library.editing if library is not None else contextlib.nullcontext():
+            for module_name in module_names:
+                try:
+                    parent, layer, target_name = _get_submodules(self.model, module_name)
+                except AttributeError:
+                    continue
+                if not isinstance(layer, GliderLayer) or layer.released_in.get(adapter_name) != number:
+                    continue
+                if adapter_name in layer.glider_gates:  # adapted again since
+                    continue
+                layer.glider_library.pop(adapter_name, None)
+                layer.glider_routing.pop(adapter_name, None)
+                layer.released_in.pop(adapter_name, None)
+                if not layer.glider_gates:
+                    setattr(parent, target_name, layer.get_base_layer())
 
     # ------------------------------------------------------------------ public API
 
@@ -341,7 +373,7 @@ class GliderModel(BaseTuner):
     @property
     def expert_names(self) -> list[str]:
         """Expert names of the active Glider adapter; the list index is the routing index."""
-        return self.peft_config[self._adapter(None)].expert_names
+        return list(self._libraries[self._adapter(None)].current.expert_names)
 
     def set_gates(
         self,
@@ -359,50 +391,43 @@ class GliderModel(BaseTuner):
         adapter_name = self._adapter(adapter_name)
         names = self.peft_config[adapter_name].expert_names
         layers = self.glider_layers(adapter_name)
-        updates = []
-        for expert, per_module in gates.items():
-            if expert not in names:
-                raise KeyError(f"set_gates: unknown expert {expert!r}; experts are {names}.")
-            index = names.index(expert)
-            for module_name, vector in per_module.items():
-                layer = layers.get(module_name)
-                if layer is None:
-                    raise KeyError(f"set_gates: expert {expert!r}: no Glider layer at module {module_name!r}.")
-                if layer.glider_spans[adapter_name][index] is None:
-                    raise ValueError(f"set_gates: expert {expert!r} does not adapt module {module_name!r}.")
-                vector = torch.as_tensor(vector)
-                if vector.shape != (layer.in_features,):
-                    raise ValueError(
-                        f"set_gates: gate of expert {expert!r} at {module_name!r} has shape {tuple(vector.shape)}, "
-                        f"expected ({layer.in_features},)."
-                    )
-                if not torch.isfinite(vector).all():
-                    raise ValueError(f"set_gates: gate of expert {expert!r} at {module_name!r} is not finite.")
-                updates.append((layer, index, vector))
-        with torch.no_grad():
-            for layer, index, vector in updates:
-                gate_rows = layer.glider_gates[adapter_name]
-                gate_rows[index] = vector.to(gate_rows.device, gate_rows.dtype)
-        for expert in gates:
-            self.peft_config[adapter_name].experts[names.index(expert)]["gates"] = how
+        library = self._libraries[adapter_name]
+        with library.editing:
+            rows: dict[GliderLayer, dict[int, torch.Tensor]] = {}
+            for expert, per_module in gates.items():
+                if expert not in names:
+                    raise KeyError(f"set_gates: unknown expert {expert!r}; experts are {names}.")
+                index = names.index(expert)
+                for module_name, vector in per_module.items():
+                    layer = layers.get(module_name)
+                    if layer is None:
+                        raise KeyError(f"set_gates: expert {expert!r}: no Glider layer at module {module_name!r}.")
+                    adapts = layer.glider_spans[adapter_name][index] is not None
+                    in_features = layer.in_features if adapts else None
+                    rows.setdefault(layer, {})[index] = check_gate(expert, module_name, vector, in_features, "set_gates")
+            library.replace_gates(adapter_name, rows)
+            for expert in gates:
+                self.peft_config[adapter_name].experts[names.index(expert)]["gates"] = how
 
     def get_gates(self, adapter_name: Optional[str] = None) -> dict[str, dict[str, torch.Tensor]]:
         """The gate vectors, in the form `set_gates` takes (only modules each expert adapts)."""
         adapter_name = self._adapter(adapter_name)
-        names = self.peft_config[adapter_name].expert_names
-        gates: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
-        for module_name, layer in self.glider_layers(adapter_name).items():
-            for index, span in enumerate(layer.glider_spans[adapter_name]):
+        version = self._libraries[adapter_name].current
+        gates: dict[str, dict[str, torch.Tensor]] = {name: {} for name in version.expert_names}
+        for module_name, snapshot in sorted(version.layers.items()):
+            for index, span in enumerate(snapshot.bank.spans):
                 if span is not None:
-                    gates[names[index]][module_name] = layer.glider_gates[adapter_name][index].detach().clone()
+                    gates[version.expert_names[index]][module_name] = snapshot.gates[index].detach().clone()
         return gates
 
     def set_instruction_embeddings(self, embeddings: torch.Tensor, adapter_name: Optional[str] = None) -> None:
         """Set the per-expert instruction embeddings `g_e`, a tensor (E, e) in `expert_names` order."""
         adapter_name = self._adapter(adapter_name)
         embeddings = self._checked_embeddings(embeddings, adapter_name)
-        self.glider_instruction_embeddings[adapter_name] = embeddings
-        self.peft_config[adapter_name].instruction_embedding_dim = embeddings.shape[1]
+        with self._libraries[adapter_name].editing:
+            self.glider_instruction_embeddings[adapter_name] = embeddings
+            self.peft_config[adapter_name].instruction_embedding_dim = embeddings.shape[1]
+            self._libraries[adapter_name].publish(embeddings=embeddings)
 
     def _checked_embeddings(self, embeddings: torch.Tensor, adapter_name: str) -> torch.Tensor:
         num_experts = len(self.peft_config[adapter_name].experts)
@@ -439,8 +464,10 @@ class GliderModel(BaseTuner):
                 f"The descriptions are for experts {list(descriptions.names)}, the adapter has {config.expert_names}."
             )
         embeddings = self._checked_embeddings(descriptions.embeddings, adapter_name)  # checked before any change
-        self.glider_instruction_embeddings[adapter_name] = embeddings
-        config.instruction_embedding_dim = embeddings.shape[1]
+        with self._libraries[adapter_name].editing:
+            self.glider_instruction_embeddings[adapter_name] = embeddings
+            config.instruction_embedding_dim = embeddings.shape[1]
+            self._libraries[adapter_name].publish(embeddings=embeddings)
         for entry, text in zip(config.experts, descriptions.instructions):
             entry["instruction"] = text
         config.embedder = descriptions.embedder
@@ -472,8 +499,16 @@ class GliderModel(BaseTuner):
         their own. Contexts nest: the inner one wins until it exits, and nothing stays set afterwards.
         """
         adapter_name = self._adapter(adapter_name)
+        with self._scores_context(adapter_name, self._call_version(adapter_name), scores, alpha) as row_alpha:
+            yield row_alpha
+
+    @contextlib.contextmanager
+    def _scores_context(
+        self, adapter_name: str, version: LibraryVersion, scores: torch.Tensor, alpha: Optional[Union[float, torch.Tensor]]
+    ) -> Iterator[torch.Tensor]:
+        """Route the calls inside with `version` and global scores `scores` checked against its experts."""
         config: GliderConfig = self.peft_config[adapter_name]
-        num_experts = len(config.experts)
+        num_experts = version.num_experts
         scores = torch.as_tensor(scores)
         if scores.dim() == 1:
             scores = scores[None]
@@ -485,7 +520,7 @@ class GliderModel(BaseTuner):
             raise ValueError("Global scores contain non-finite values.")
         scores = scores.detach().float().cpu()
         row_alpha = self._row_alpha(config, scores, alpha)
-        with call_routing(self._routing_states[adapter_name], row_bias=row_alpha[:, None] * scores):
+        with call_routing(self._routing_states[adapter_name], version=version, row_bias=row_alpha[:, None] * scores):
             yield row_alpha
 
     @staticmethod
@@ -528,12 +563,12 @@ class GliderModel(BaseTuner):
             raise ValueError(
                 "No global router: pass router=GlobalRouter(...) or run GlobalRouter.describe_experts(model, ...)."
             )
-        embeddings = self.get_instruction_embeddings(adapter_name)
-        if embeddings is None:
+        version = self._call_version(adapter_name)
+        if version.embeddings is None:
             raise ValueError("The Glider adapter has no instruction embeddings: run describe_experts(...) first.")
         rows = _route_rows(prompts, task_samples)
-        info = router.score(rows, embeddings, self.peft_config[adapter_name].embedder)
-        with self.global_scores(info.scores, adapter_name=adapter_name) as row_alpha:
+        info = router.score(rows, version.embeddings, self.peft_config[adapter_name].embedder)
+        with self._scores_context(adapter_name, version, info.scores, None) as row_alpha:
             info.alpha = row_alpha
             yield info
 
@@ -542,9 +577,32 @@ class GliderModel(BaseTuner):
         """Record which experts each token picks at each module during the calls inside (off otherwise); only the
         calls of this thread or task are recorded."""
         adapter_name = self._adapter(adapter_name)
-        trace = RoutingTrace(expert_names=self.peft_config[adapter_name].expert_names)
-        with call_routing(self._routing_states[adapter_name], trace=trace):
+        version = self._call_version(adapter_name)
+        trace = RoutingTrace(expert_names=list(version.expert_names))
+        with call_routing(self._routing_states[adapter_name], version=version, trace=trace):
             yield trace
+
+    def _call_version(self, adapter_name: str) -> LibraryVersion:
+        """The library version a call routes with: the one an enclosing context of this call took, else the current
+        one (which the context about to be entered then keeps to its end)."""
+        call = self._routing_states[adapter_name].current_call()
+        if call is not None and call.version is not None:
+            return call.version
+        return self._current_version(adapter_name)
+
+    def _current_version(self, adapter_name: str) -> LibraryVersion:
+        """The adapter's current library version, republished first if its instruction embeddings were replaced
+        behind the library's back (a checkpoint loaded with `assign=True`, a move to another device)."""
+        library = self._libraries[adapter_name]
+        version = library.current
+        embeddings = self.get_instruction_embeddings(adapter_name)
+        if version.embeddings is not embeddings:
+            with library.editing:  # an edit may be between setting the embeddings and publishing them: read again
+                embeddings = self.get_instruction_embeddings(adapter_name)
+                if library.current.embeddings is not embeddings:
+                    library.publish(embeddings=embeddings)
+                version = library.current
+        return version
 
     def set_kernel(self, kernel: str, adapter_name: Optional[str] = None) -> None:
         """Force a kernel for the experts' products ("concat", "gather", "sparse" or "native", the compiled one that
@@ -560,6 +618,24 @@ class GliderModel(BaseTuner):
         """The shared routing state (top_k, alpha, kernel) of an adapter."""
         return self._routing_states[self._adapter(adapter_name)]
 
+
+
+def check_gate(
+    expert: str, module_name: str, vector: torch.Tensor, in_features: Optional[int], caller: str
+) -> torch.Tensor:
+    """A gate vector for `expert` at `module_name`, checked: the expert adapts the module (`in_features` is its
+    input size, None where it does not), the shape fits and the values are finite."""
+    if in_features is None:
+        raise ValueError(f"{caller}: expert {expert!r} does not adapt module {module_name!r}.")
+    vector = torch.as_tensor(vector)
+    if vector.shape != (in_features,):
+        raise ValueError(
+            f"{caller}: gate of expert {expert!r} at {module_name!r} has shape {tuple(vector.shape)}, "
+            f"expected ({in_features},)."
+        )
+    if not torch.isfinite(vector).all():
+        raise ValueError(f"{caller}: gate of expert {expert!r} at {module_name!r} is not finite.")
+    return vector
 
 
 def _route_rows(prompts: Optional[Union[str, Sequence[str]]], task_samples: Optional[Sequence]) -> list[list]:

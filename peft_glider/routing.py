@@ -13,11 +13,15 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import native
 from ._warnings import warn_user
+
+if TYPE_CHECKING:
+    from .experts import LoraFactors
 
 LN_EPS = 1e-5
 
@@ -141,6 +145,27 @@ def auto_alpha(scores: torch.Tensor, threshold: float, held_in: float, held_out:
     return torch.where(best >= threshold, torch.tensor(held_in), torch.tensor(held_out)).to(scores.dtype)
 
 
+Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list]  # A, BT, rank_expert, rank_scaling, spans
+
+
+def pack_experts(experts: "list[LoraFactors | None]") -> Packed:
+    """Concatenate the experts' factors along the rank axis, in routing order (None: absent from the module).
+
+    Returns A (R, d), BT (R, o) in the first expert's dtype, rank_expert (R,) long, rank_scaling (R,) and the spans
+    `[start, end)` of each expert's rows (None where absent)."""
+    present = [factors for factors in experts if factors is not None]
+    dtype = present[0].A.dtype
+    spans, offset = [], 0
+    for factors in experts:
+        spans.append(None if factors is None else (offset, offset + factors.rank))
+        offset += 0 if factors is None else factors.rank
+    A = torch.cat([factors.A for factors in present], dim=0).to(dtype)
+    BT = torch.cat([factors.B.T for factors in present], dim=0).to(dtype)
+    rank_expert = torch.tensor([i for i, f in enumerate(experts) if f is not None for _ in range(f.rank)], dtype=torch.long)
+    rank_scaling = torch.tensor([f.scaling for f in present for _ in range(f.rank)], dtype=dtype)
+    return A, BT, rank_expert, rank_scaling, spans
+
+
 @dataclass
 class ExpertBank:
     """The experts at one module, concatenated along the rank axis (absent experts take no rows)."""
@@ -153,6 +178,7 @@ class ExpertBank:
     expert_slot: torch.Tensor  # (E,) long: position of each expert among those present here (-1 if absent)
 
     def __post_init__(self) -> None:
+        self.device, self.dtype = self.A.device, self.A.dtype  # where the factors were when the bank was made
         present = [span for span in self.spans if span is not None]
         ranks = {end - start for start, end in present}
         expert_scaling = [0.0 if span is None else float(self.rank_scaling[span[0]]) for span in self.spans]
@@ -182,6 +208,45 @@ class ExpertBank:
             self.BT_blocks = self.BT.view(self.num_present, self.uniform_rank, -1)  # (P, r, o)
         self._kernel_choice = KernelChoices()
         self._device_layout: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_factors(cls, experts: "list[LoraFactors | None]") -> "ExpertBank":
+        """The bank of these experts (None: absent from the module), packed in routing order (`pack_experts`)."""
+        A, BT, rank_expert, rank_scaling, spans = pack_experts(experts)
+        present = torch.tensor([span is not None for span in spans])
+        slot = torch.where(present, present.long().cumsum(0) - 1, -1)
+        return cls(A=A, BT=BT, rank_expert=rank_expert, rank_scaling=rank_scaling, spans=spans, expert_slot=slot)
+
+    def appended(self, factors: "LoraFactors | None") -> Packed:
+        """The packed tensors with one more expert after the others (None: absent here), in this bank's dtype and
+        device. The factors of an expert absent here are the same tensors, not copies."""
+        index, rows = self.num_experts, self.A.shape[0]
+        if factors is None:
+            return self.A, self.BT, self.rank_expert, self.rank_scaling, [*self.spans, None]
+        new = lambda values, dtype=self.dtype: torch.full((factors.rank,), values, dtype=dtype, device=self.device)  # noqa: E731
+        return (
+            torch.cat([self.A, factors.A.to(self.device, self.dtype)]),
+            torch.cat([self.BT, factors.B.T.to(self.device, self.dtype)]),
+            torch.cat([self.rank_expert, new(index, torch.long)]),
+            torch.cat([self.rank_scaling, new(factors.scaling, self.rank_scaling.dtype)]),
+            [*self.spans, (rows, rows + factors.rank)],
+        )
+
+    def without(self, index: int) -> Packed:
+        """The packed tensors without expert `index` (later experts move up one index). Where it is absent, the
+        factors are the same tensors, not copies."""
+        span = self.spans[index]
+        removed = 0 if span is None else span[1] - span[0]
+        spans = [
+            None if s is None else (s[0] - removed, s[1] - removed) if span is not None and s[0] >= span[1] else s
+            for i, s in enumerate(self.spans) if i != index
+        ]  # fmt: skip
+        A, BT, rank_expert, rank_scaling = self.A, self.BT, self.rank_expert, self.rank_scaling
+        if span is not None:
+            keep = torch.ones(self.A.shape[0], dtype=torch.bool, device=self.device)
+            keep[span[0] : span[1]] = False
+            A, BT, rank_expert, rank_scaling = A[keep], BT[keep], rank_expert[keep], rank_scaling[keep]
+        return A, BT, rank_expert - (rank_expert > index).long(), rank_scaling, spans
 
     def device_layout(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each expert's first row and rank (int32) and scaling on `device`, for the Triton kernel (copied once)."""

@@ -1,7 +1,8 @@
 """Routing state: the settings an adapter's layers share, and what one call routes with.
 
 `RoutingState` holds an adapter's router settings (top_k, local router, kernel); the model owns it.
-`CallRouting` holds what a single call routes with (global scores, a trace, the expert under gate training). It
+`CallRouting` holds what a single call routes with (the library version it began with, global scores, a trace,
+the expert under gate training). It
 lives in a `contextvars.ContextVar`, never on the model: every thread (and every asyncio task) sees only the
 routing it set itself, nested contexts restore exactly what they found, and nothing stays set after a context
 exits, exceptions included.
@@ -14,9 +15,12 @@ import contextvars
 import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from .library import LibraryVersion
 
 
 @dataclass
@@ -98,6 +102,8 @@ class CallRouting:
     row_bias: Optional[torch.Tensor] = None  # (B, E) alpha_b * global score, on the CPU, float32
     trace: Optional[RoutingTrace] = None
     gate_training_expert: Optional[int] = None  # Phatgoose gate training: only this expert, sigmoid-gated
+    # The library version the call began with: every layer routes with it to the call's end, whatever is edited.
+    version: Optional["LibraryVersion"] = None
     # The bias per device, moved once per call and shared by the layers (not by other calls).
     _bias_on_device: dict = field(default_factory=dict, compare=False, repr=False)
 

@@ -8,8 +8,6 @@ from hypothesis import strategies as st
 
 from peft_glider import routing
 from peft_glider.experts import LoraFactors
-from peft_glider.layer import GliderLinear
-from peft_glider.state import RoutingState
 
 D, O = 8, 6
 cases = st.fixed_dictionaries({
@@ -34,9 +32,8 @@ def build(case: dict, permutation: list[int] | None = None):
     bias = torch.randn(1, e, generator=generator, dtype=torch.float64)
     if permutation is not None:
         factors, gates, bias = [factors[i] for i in permutation], gates[permutation], bias[:, permutation]
-    layer = GliderLinear(torch.nn.Linear(D, O).double(), "default", "m", factors, RoutingState(top_k=2))
     rows = routing.phatgoose_rows(gates) if case["router"] == "phatgoose" else routing.arrow_rows(gates, 1.0)
-    return layer.expert_bank("default"), rows, u, bias
+    return routing.ExpertBank.from_factors(factors), rows, u, bias
 
 
 def route(case: dict, bank, rows, u, bias, k: int = 2):

@@ -91,11 +91,7 @@ def test_routing_gradient_matches_finite_differences():
     generator = torch.Generator().manual_seed(0)
     experts = [LoraFactors(torch.randn(3, 6, generator=generator, dtype=torch.float64),
                            torch.randn(5, 3, generator=generator, dtype=torch.float64), 0.5) for _ in range(4)]
-    from peft_glider.layer import GliderLinear  # a real layer builds the bank the model uses
-    from peft_glider.state import RoutingState
-
-    layer = GliderLinear(torch.nn.Linear(6, 5).double(), "default", "m", experts, RoutingState(top_k=2))
-    bank = layer.expert_bank("default")
+    bank = routing.ExpertBank.from_factors(experts)  # packed as a Glider layer packs its experts
     u = torch.randn(7, 6, generator=generator, dtype=torch.float64)
     gates = torch.randn(4, 6, generator=generator, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(7, 4, generator=generator, dtype=torch.float64)
