@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 from peft import PeftConfig
-from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, PeftType, load_peft_weights
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType, load_peft_weights
 from peft.utils.other import get_pattern_key
 
 from .hub import GATES_FILE, download_adapter
@@ -39,10 +39,12 @@ class LoraFactors:
         *,
         shapes: Optional[tuple[tuple[int, int], tuple[int, int]]] = None,  # (A shape, B shape) when lazy
         loader: Optional[Callable[[], tuple[torch.Tensor, torch.Tensor]]] = None,
+        origin: Optional[tuple[str, str]] = None,  # where A and B are read from, for error messages
     ) -> None:
         if (A is None) != (B is None) or (A is None) == (loader is None):
             raise ValueError("LoraFactors takes A and B, or shapes and a loader.")
         self._A, self._B, self._loader, self.scaling = A, B, loader, scaling
+        self.origin = origin or ("A", "B")
         a_shape, b_shape = (tuple(A.shape), tuple(B.shape)) if A is not None else shapes
         self.rank, self.in_features = a_shape
         self.out_features = b_shape[0]
@@ -52,7 +54,11 @@ class LoraFactors:
         if self._loader is None:
             return self
         shapes = ((self.rank, self.in_features), (self.out_features, self.rank))
-        return LoraFactors(scaling=self.scaling, shapes=shapes, loader=self._loader)
+        return LoraFactors(scaling=self.scaling, shapes=shapes, loader=self._loader, origin=self.origin)
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B), read from their source when lazy, without keeping them here."""
+        return (self._A, self._B) if self._loader is None else self._loader()
 
     def _load(self) -> None:
         if self._A is None:
@@ -147,21 +153,40 @@ def _resolve_folder(entry: dict[str, Any]) -> tuple[str, Optional[str]]:
     return download_adapter(source, revision, subfolder, what=f"Expert '{entry['name']}'")
 
 
-def tensor_sha256(factors: Mapping[str, LoraFactors]) -> str:
-    """Hash an expert's tensors (not its files: re-saving the same tensors changes file bytes).
+def tensor_sha256(factors: Mapping[str, LoraFactors], name: str = "expert") -> str:
+    """Hash an expert's tensors (not its files: re-saving the same tensors changes file bytes), and refuse
+    non-finite values found in the same pass: a NaN or an inf in one factor would turn every token routed to the
+    expert NaN. The error names the expert (`name`), the tensor and its file.
 
-    Lazy factors are read one module at a time and not kept.
+    Lazy factors are read one module at a time and not kept. The pass adds one sum per tensor (a NaN or an inf makes
+    the total non-finite); only then are the tensors read again to name the culprit.
     """
     digest = hashlib.sha256()
+    total = 0.0
     for module in sorted(factors):
         f = factors[module]
-        A, B = (f._A, f._B) if f._loader is None else f._loader()
         digest.update(module.encode())
-        for tensor in (A, B):
+        for tensor in f.read():
+            values = tensor.detach().to(torch.float32).contiguous().numpy()
+            total += values.sum()
             digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+            digest.update(values)  # the buffer itself: the bytes tobytes() would copy
         digest.update(repr(float(f.scaling)).encode())
+    if not math.isfinite(total):
+        _refuse_non_finite(factors, name)
     return digest.hexdigest()
+
+
+def _refuse_non_finite(factors: Mapping[str, LoraFactors], name: str) -> None:
+    """Raise naming the first factor holding a NaN or an inf (none: the sum overflowed on finite values)."""
+    for module in sorted(factors):
+        for tensor, origin in zip(factors[module].read(), factors[module].origin):
+            finite = torch.isfinite(tensor)
+            if not finite.all():
+                raise ValueError(
+                    f"Expert '{name}': {origin} holds {int((~finite).sum())} non-finite value(s) (NaN or inf) at "
+                    f"module '{module}'; every token routed to it would turn NaN. Fix or retrain the expert."
+                )
 
 
 def _check_lora_config(name: str, config: PeftConfig) -> None:
@@ -215,8 +240,10 @@ def _factors(
     keys: dict[str, tuple[str, str]],
     shape: Callable[[str], tuple[int, ...]],
     read: Callable[[str], torch.Tensor],
+    path: str,
 ) -> dict[str, LoraFactors]:
-    """Lazy factors per module, checked to chain, reading tensors through `read` when a layer needs them."""
+    """Lazy factors per module, checked to chain, reading tensors through `read` when a layer needs them; `path`
+    is the checkpoint file they come from (named in errors)."""
     factors = {}
     for module, (a_key, b_key) in keys.items():
         a_shape, b_shape = tuple(shape(a_key)), tuple(shape(b_key))
@@ -228,6 +255,7 @@ def _factors(
             scaling=_scaling(config, module, a_shape[0]),
             shapes=(a_shape, b_shape),
             loader=lambda a_key=a_key, b_key=b_key: (read(a_key), read(b_key)),
+            origin=(f"tensor '{a_key}' of {path}", f"tensor '{b_key}' of {path}"),
         )
     return factors
 
@@ -253,12 +281,14 @@ def load_expert(entry: dict[str, Any]) -> LoadedExpert:
                 f"Expert '{name}': {weights} is truncated or not a safetensors file ({err}): delete it (for a Hub "
                 "expert, its entry in the Hub cache) and download it again."
             ) from err
-        factors = _factors(name, config, _module_keys(name, reader.keys), reader.shape, reader.read)
+        factors = _factors(name, config, _module_keys(name, reader.keys), reader.shape, reader.read, weights)
     else:
         state = load_peft_weights(folder, device="cpu")
-        factors = _factors(name, config, _module_keys(name, list(state)), lambda k: state[k].shape, state.__getitem__)
+        path = os.path.join(folder, WEIGHTS_NAME)
+        keys = _module_keys(name, list(state))
+        factors = _factors(name, config, keys, lambda k: state[k].shape, state.__getitem__, path)
     gates = load_gates(folder, name, factors)
-    return LoadedExpert(name=name, factors=factors, commit=commit, sha256=tensor_sha256(factors), gates=gates)
+    return LoadedExpert(name=name, factors=factors, commit=commit, sha256=tensor_sha256(factors, name), gates=gates)
 
 
 def save_gates(gates: dict[str, torch.Tensor], folder: str | os.PathLike) -> str:

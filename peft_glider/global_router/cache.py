@@ -1,4 +1,6 @@
-"""On-disk cache of instructions and embeddings, keyed by writer, model, prompt and samples."""
+"""Caches of the global router: on disk for what is worth keeping (expert instructions and embeddings for ever,
+queries' LLM-written instructions up to a cap), in memory for recent queries; keyed by writer, model, prompt and
+samples."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -47,13 +51,15 @@ class JsonCache:
 
     A cache is a convenience, never a reason to fail: a file that is corrupt, holds NaN or a value of the wrong
     shape is ignored with a warning naming it (and rewritten); a folder that cannot be written is warned about once
-    and the values are used uncached. Writes are atomic (a unique temporary file, then a rename), so concurrent
+    per process and the values are used uncached. Writes are atomic (a unique temporary file, then a rename), so concurrent
     writers of one key in threads or processes never see a partial file.
     """
 
+    #: Folders found unwritable in this process: warned about once, whichever cache of them found it.
+    _unwritable: set = set()
+
     def __init__(self, folder: Optional[Union[str, Path]]) -> None:
         self.folder = Path(folder) if folder is not None else None
-        self._write_failed = False
 
     def _path(self, kind: str, key: str) -> Path:
         return self.folder / kind / f"{key[:2]}" / f"{key}.json"
@@ -63,11 +69,16 @@ class JsonCache:
         if self.folder is None:
             return None
         path = self._path(kind, key)
-        if not path.exists():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (FileNotFoundError, NotADirectoryError):  # never written, or evicted by another process meanwhile
+            return None
+        except OSError as error:
+            warn_user(f"Ignoring unreadable cache file {path} ({error}); it will be rewritten.")
             return None
         try:
-            value = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)["value"]
-        except (ValueError, KeyError, TypeError, OSError) as error:
+            value = json.loads(text, parse_constant=_reject_constant)["value"]
+        except (ValueError, KeyError, TypeError) as error:
             warn_user(f"Ignoring corrupt cache file {path} ({error}); it will be rewritten.")
             return None
         if valid is not None and not valid(value):
@@ -93,9 +104,98 @@ class JsonCache:
         except OSError as error:
             if partial is not None and os.path.exists(partial):
                 os.unlink(partial)
-            if not self._write_failed:
-                self._write_failed = True
+            if self.folder not in JsonCache._unwritable:
+                JsonCache._unwritable.add(self.folder)
                 warn_user(
                     f"Cannot write the global router's cache in {self.folder} ({error}); going on without caching. "
                     "Set PEFT_GLIDER_CACHE or cache_dir to a writable folder."
                 )
+
+
+class BoundedJsonCache(JsonCache):
+    """A `JsonCache` holding at most `max_entries` files per kind, least recently used evicted.
+
+    One flat folder per kind (`folder/kind/key.json`); a read marks its file used (its modification time), a write
+    evicts the oldest files beyond the cap. Several processes may share the folder: writes stay atomic, an entry
+    another process evicted is a miss, and each write's eviction brings the folder back under the cap.
+    """
+
+    def __init__(self, folder: Optional[Union[str, Path]], max_entries: int) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, got {max_entries}.")
+        super().__init__(folder)
+        self.max_entries = max_entries
+
+    def _path(self, kind: str, key: str) -> Path:
+        return self.folder / kind / f"{key}.json"
+
+    def get(self, kind: str, key: str, valid: Optional[Callable[[Any], bool]] = None) -> Optional[Any]:
+        value = super().get(kind, key, valid)
+        if value is not None:
+            try:
+                os.utime(self._path(kind, key))
+            except OSError:  # evicted meanwhile: the value read is still whole
+                pass
+        return value
+
+    def put(self, kind: str, key: str, value: Any) -> None:
+        super().put(kind, key, value)
+        if self.folder is not None:
+            self._evict(self.folder / kind)
+
+    def _evict(self, folder: Path) -> None:
+        entries = []
+        try:
+            with os.scandir(folder) as scan:
+                for entry in scan:
+                    if entry.name.endswith(".json"):
+                        try:
+                            entries.append((entry.stat().st_mtime_ns, entry.path))
+                        except FileNotFoundError:
+                            continue
+        except OSError:
+            return
+        entries.sort()
+        for _, path in entries[: max(0, len(entries) - self.max_entries)]:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:  # another process evicted it first
+                pass
+
+
+class LRUCache:
+    """A bounded mapping in memory, least recently used evicted; safe to share between threads.
+
+    Ten lines over `OrderedDict` with a lock: not worth a dependency (cachetools) of its own.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        if max_entries < 0:
+            raise ValueError(f"max_entries must be at least 0, got {max_entries}.")
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Optional[Any]:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getstate__(self) -> dict:  # routers are copied and pickled: a lock is not, a fresh one is made
+        return {"max_entries": self.max_entries, "_entries": self._entries}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()

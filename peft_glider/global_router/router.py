@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import JsonCache, cache_key, default_cache_dir
+from .cache import BoundedJsonCache, JsonCache, LRUCache, cache_key, default_cache_dir
 from .embedders import Embedder, SentenceTransformerEmbedder
 from .writers import (
     PROMPT_VERSION,
@@ -105,6 +105,11 @@ class GlobalRouter:
         samples_per_instruction: Samples shown to the writer per instruction (the paper used 3).
         auto_alpha_rule: How the `alpha="auto"` threshold is calibrated (`calibrate_auto_alpha`; the default,
             leave-one-out, told look-alike unseen tasks from known ones where the midpoint rule did not).
+        query_cache_size: How many queries' instructions and embeddings are kept in memory (least recently used
+            evicted), and how many LLM-written query instructions are kept on disk under `cache_dir/queries`.
+            Expert descriptions are cached on disk for ever; a query's, once per distinct query, only up to this
+            cap. With the samples writer nothing of a query is written to disk: its "instruction" is the prompt
+            itself, and its embedding costs less to recompute than a file write.
     """
 
     def __init__(
@@ -114,12 +119,16 @@ class GlobalRouter:
         cache_dir: Optional[Union[str, Path]] = "default",
         samples_per_instruction: int = 3,
         auto_alpha_rule: str = "leave-one-out",
+        query_cache_size: int = 1024,
     ) -> None:
         if auto_alpha_rule not in AUTO_ALPHA_RULES:
             raise ValueError(f"auto_alpha_rule must be one of {AUTO_ALPHA_RULES}, got {auto_alpha_rule!r}.")
         self.writer = writer or default_writer()
         self.embedder = embedder or SentenceTransformerEmbedder()
-        self.cache = JsonCache(default_cache_dir() if cache_dir == "default" else cache_dir)
+        folder = default_cache_dir() if cache_dir == "default" else cache_dir
+        self.cache = JsonCache(folder)  # expert descriptions and calibration queries: kept for ever
+        self.query_cache = LRUCache(query_cache_size)  # query key -> (instruction, embedding (e,))
+        self._query_disk = BoundedJsonCache(folder if query_cache_size else None, max(1, query_cache_size))
         self.samples_per_instruction = samples_per_instruction
         self.auto_alpha_rule = auto_alpha_rule
 
@@ -130,21 +139,28 @@ class GlobalRouter:
         return isinstance(self.writer, SamplesWriter)
 
     def write_instructions(
-        self, tasks: Sequence[Sequence[Sample]], info: RouteInfo, labels: Optional[Sequence[str]] = None
+        self,
+        tasks: Sequence[Sequence[Sample]],
+        info: RouteInfo,
+        labels: Optional[Sequence[str]] = None,
+        cache: Optional[JsonCache] = None,
+        kind: str = "instructions",
     ) -> list[str]:
-        """One instruction per task (each a list of samples), through the cache; time and calls go to `info`.
+        """One instruction per task (each a list of samples), through `cache` (default: the expert cache, under
+        `kind`); time and calls go to `info`.
 
         `labels` name the tasks in errors (e.g. "expert 'math'"); a writer that returns no text is an error. A
         `HybridWriter`'s instruction is cached under its inner writer's key (one LLM call serves both sources),
         then the samples are appended.
         """
+        cache = cache if cache is not None else self.cache
         hybrid = isinstance(self.writer, HybridWriter)
         writer = self.writer.writer if hybrid else self.writer
         texts = []
         for position, samples in enumerate(tasks):
             samples = [_valid_sample(sample) for sample in list(samples)[: self.samples_per_instruction]]
             key = cache_key("instruction", PROMPT_VERSION, writer.cache_id, instruction_prompt(samples))
-            text = self.cache.get("instructions", key, _is_instruction)
+            text = cache.get(kind, key, _is_instruction)
             if text is None:
                 start = time.perf_counter()
                 text = writer.write(samples)
@@ -156,12 +172,12 @@ class GlobalRouter:
                         f"The instruction writer {writer.name!r} returned {text!r} for {label}: an instruction "
                         "must be non-empty text."
                     )
-                self.cache.put("instructions", key, text)
+                cache.put(kind, key, text)
             texts.append(self.writer.compose(text, samples) if hybrid else text)
         return texts
 
-    def embed(self, texts: Sequence[str], info: RouteInfo) -> torch.Tensor:
-        """(len(texts), dim) embeddings, through the cache."""
+    def embed(self, texts: Sequence[str], info: RouteInfo, cached: bool = True) -> torch.Tensor:
+        """(len(texts), dim) embeddings, through the on-disk cache (`cached`) or computed."""
         dim = self.embedder.dim
 
         def is_embedding(value: object) -> bool:
@@ -173,8 +189,9 @@ class GlobalRouter:
 
         texts = [_valid_text(text) for text in texts]
         keys = [cache_key("embedding", self.embedder.cache_id, text) for text in texts]
-        cached = [self.cache.get("embeddings", key, is_embedding) for key in keys]
-        missing = [i for i, vector in enumerate(cached) if vector is None]
+        disk = self.cache if cached else JsonCache(None)
+        vectors = [disk.get("embeddings", key, is_embedding) for key in keys]
+        missing = [i for i, vector in enumerate(vectors) if vector is None]
         if missing:
             start = time.perf_counter()
             fresh = self.embedder.embed([texts[i] for i in missing])
@@ -185,9 +202,9 @@ class GlobalRouter:
                     f"included: {not bool(torch.isfinite(fresh).all())}), expected ({len(missing)}, {dim}) finite."
                 )
             for i, vector in zip(missing, fresh):
-                cached[i] = vector.tolist()
-                self.cache.put("embeddings", keys[i], cached[i])
-        return torch.tensor(cached, dtype=torch.float32).reshape(len(texts), dim)
+                vectors[i] = vector.tolist()
+                disk.put("embeddings", keys[i], vectors[i])
+        return torch.tensor(vectors, dtype=torch.float32).reshape(len(texts), dim)
 
     # ------------------------------------------------------------------ expert side
 
@@ -315,11 +332,20 @@ class GlobalRouter:
         for samples in rows:  # rows of one task share a single instruction and embedding
             key = cache_key(_as_json(list(samples)[: self.samples_per_instruction]))  # ASCII JSON: any text
             row_keys.append(unique.setdefault(key, len(unique)))
-        distinct = [list(rows[row_keys.index(i)]) for i in range(len(unique))]
-        labels = [f"query row {row_keys.index(i)}" for i in range(len(unique))]
-        texts = self.write_instructions(distinct, info, labels)
-        vectors = self.embed(texts, info)
+        keys = [cache_key("query", self.writer.cache_id, self.embedder.cache_id, key) for key in unique]
+        found = [self.query_cache.get(key) for key in keys]  # (instruction, embedding) of recent queries
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        if missing:
+            distinct = [list(rows[row_keys.index(i)]) for i in missing]
+            labels = [f"query row {row_keys.index(i)}" for i in missing]
+            # An LLM's instruction is worth a file (bounded); the samples writer's is the prompt itself: no file.
+            disk = JsonCache(None) if self._instant() else self._query_disk
+            texts = self.write_instructions(distinct, info, labels, cache=disk, kind="queries")
+            for i, text, vector in zip(missing, texts, self.embed(texts, info, cached=False)):
+                found[i] = (text, vector)
+                self.query_cache.put(keys[i], found[i])
+        vectors = torch.stack([vector for _, vector in found])  # (tasks, e)
         cosines = F.cosine_similarity(vectors[:, None], expert_embeddings.float()[None], dim=-1)  # (tasks, E)
-        info.instructions = [texts[i] for i in row_keys]
+        info.instructions = [found[i][0] for i in row_keys]
         info.scores = cosines[row_keys]
         return info
