@@ -348,9 +348,17 @@ class GliderLayer(BaseTunerLayer):
     def snapshot_in(self, version: "LibraryVersion", adapter_name: str) -> Optional[LayerSnapshot]:
         """This module's experts in `version` (None where the adapter takes no part here in that version).
 
-        Never builds a snapshot from the layer's tensors, which an edit in another thread may be replacing."""
+        Never builds a snapshot from the layer's tensors, which an edit in another thread may be replacing. The hot
+        path of every layer call: a dict read and a few identity checks."""
         snapshot = version.layers.get(self.module_name)
-        if snapshot is not None and snapshot is self._installed.get(adapter_name):
+        if snapshot is None or snapshot is not self._installed.get(adapter_name):
+            return snapshot
+        bank = snapshot.bank
+        try:
+            A, gates = self.glider_A[adapter_name], self.glider_gates[adapter_name]
+        except (KeyError, AttributeError):  # released by an edit meanwhile
+            return snapshot
+        if A is not bank.A or gates is not snapshot.gates or A.device != bank.device or A.dtype != bank.dtype:
             self._follow_moves(snapshot, adapter_name)
         return snapshot
 

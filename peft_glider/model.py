@@ -477,6 +477,14 @@ class GliderModel(BaseTuner):
         if router is not None:
             self._global_routers[adapter_name] = router
 
+    def _recorded_router(self, adapter_name: str) -> "GlobalRouter":
+        """The router the adapter records (a shared adapter, loaded elsewhere), rebuilt on first use and kept."""
+        from .global_router import GlobalRouter
+
+        config: GliderConfig = self.peft_config[adapter_name]
+        router = GlobalRouter.recorded(config.instruction_writer, config.embedder)
+        return self._global_routers.setdefault(adapter_name, router)
+
     def set_global_router(self, router: "GlobalRouter", adapter_name: Optional[str] = None) -> None:
         """Make `router` the one `route(...)` uses for the adapter."""
         self._global_routers[self._adapter(adapter_name)] = router
@@ -554,15 +562,12 @@ class GliderModel(BaseTuner):
 
         `prompts` is one prompt (a string) or a list of them, one per batch row. Per task, the rows (`len(prompts)`,
         or one) share one instruction written from `task_samples`. Uses `router`, or the `GlobalRouter` that
-        described this adapter's experts. Yields a `RouteInfo` with the instructions, scores, per-row alpha and the
+        described this adapter's experts, or else the one the adapter records (a shared adapter loaded elsewhere:
+        rebuilt on first use when its instructions came from the samples writer). Yields a `RouteInfo` with the instructions, scores, per-row alpha and the
         time spent in the LLM and the embedder. Like `global_scores`, it holds for this thread or task only.
         """
         adapter_name = self._adapter(adapter_name)
-        router = router or self._global_routers.get(adapter_name)
-        if router is None:
-            raise ValueError(
-                "No global router: pass router=GlobalRouter(...) or run GlobalRouter.describe_experts(model, ...)."
-            )
+        router = router or self._global_routers.get(adapter_name) or self._recorded_router(adapter_name)
         version = self._call_version(adapter_name)
         if version.embeddings is None:
             raise ValueError("The Glider adapter has no instruction embeddings: run describe_experts(...) first.")

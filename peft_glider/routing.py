@@ -39,7 +39,7 @@ def _consume_csr_beta_warning() -> None:
             return
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-            torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(1), size=(1, 1))
+            torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(1), size=(1, 1), check_invariants=False)
         _csr_warning_consumed = True
 
 #: The kernels this module offers for the experts' products; "auto" picks one per call from the shapes.
@@ -383,11 +383,27 @@ def triton_available(device: torch.device) -> bool:
     """Whether the Triton kernel can run on `device`: CUDA with `triton` importable (or any device under Triton's
     interpreter, `TRITON_INTERPRET=1`, which the tests use on CPU)."""
     global _TRITON_IMPORTABLE
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and (os.environ.get("TRITON_INTERPRET") != "1" or not triton_interpreter_usable()):
         return False
     if _TRITON_IMPORTABLE is None:
         _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
     return _TRITON_IMPORTABLE
+
+
+def triton_interpreter_usable() -> bool:
+    """Whether Triton's interpreter can run the kernel here: before Triton 3.7 it turns a scalar argument into an
+    int with `int(array)` of a one-element array, which NumPy 2.4 refuses ("only 0-dimensional arrays can be
+    converted"). Found by `benchmarks/gpu.py --dry-run` on the GPU machine's Triton 3.6; compiled kernels on a GPU
+    are not concerned."""
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    try:
+        triton_version, numpy_version = Version(metadata.version("triton")), Version(metadata.version("numpy"))
+    except metadata.PackageNotFoundError:
+        return False
+    return triton_version >= Version("3.7") or numpy_version < Version("2.4")
 
 
 _TRITON_IMPORTABLE: bool | None = None

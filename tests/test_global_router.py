@@ -256,3 +256,29 @@ def test_a_hybrid_source_reuses_the_cached_instructions_of_its_writer(tmp_path):
     composed = hybrid.write_instructions(samples, info)
     assert Counting.calls == 2 and info.llm_calls == 0  # the hybrid source wrote nothing new
     assert composed[0] == texts[0] + "\n\nExample 1\nInput: a\nOutput: b\n\nExample 2\nInput: c\nOutput: d"
+
+
+def test_a_shared_adapter_routes_as_it_was_built(tmp_path, library, embedder):
+    """Described with the offline default, saved, loaded on a fresh base: `route(prompt)` needs no router argument,
+    runs offline (the recorded embedder id is served by the offline wheel) and gives the same global scores."""
+    from peft_glider.global_router import SentenceTransformerEmbedder as Embedder
+
+    router = GlobalRouter(SamplesWriter(), embedder, cache_dir=None)
+    router.describe_experts(library, TASKS)
+    prompts = ["What is 3 plus 4?", "Translate to French: the dog"]
+    with library.base_model.route(prompts) as built:
+        pass
+    library.save_pretrained(tmp_path / "shared")
+
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "shared")  # HF_HUB_OFFLINE=1 (conftest)
+    with loaded.base_model.route(prompts) as recipient:
+        logits = loaded(input_ids=input_ids()).logits
+    torch.testing.assert_close(recipient.scores, built.scores, atol=1e-5, rtol=0)
+    assert torch.isfinite(logits).all()
+    assert Embedder("sentence-transformers/all-MiniLM-L6-v2").name == embedder.name  # its Hub id, offline
+
+    by_llm = PeftModel.from_pretrained(tiny_llama(), tmp_path / "shared")
+    by_llm.peft_config["default"].instruction_writer = "openai:gpt-4o-mini"  # needs its endpoint: not rebuilt
+    with pytest.raises(ValueError, match="written by 'openai:gpt-4o-mini'.*pass router="):
+        with by_llm.base_model.route("x"):
+            pass

@@ -170,6 +170,23 @@ def test_a_prompt_with_a_lone_surrogate_routes(tmp_path, library):
     assert "\ufffd" in server.requests[-1]["body"]["messages"][-1]["content"]
 
 
+def test_an_instruction_with_a_lone_surrogate_is_sanitized_like_prompts(tmp_path, library):
+    class BadDecode(InstructionWriter):
+        name = "bad-decode"
+
+        def write(self, samples):
+            return "ok \udcff " + str(samples)[:20]
+
+    router = GlobalRouter(BadDecode(), LetterEmbedder(), cache_dir=tmp_path / "cache")
+    instructions = router.describe_experts(library, TASKS)
+    assert all(text.startswith("ok \ufffd ") for text in instructions.values())
+    with library.base_model.route(["add one and one"]) as info:
+        assert info.instructions[0].startswith("ok \ufffd ") and torch.isfinite(info.scores).all()
+    # cached as written: a second router reads the same texts back without calling the writer
+    again = GlobalRouter(BadDecode(), LetterEmbedder(), cache_dir=tmp_path / "cache")
+    assert again.describe_experts(library, TASKS) == instructions
+
+
 # 7 ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("reply", ["", "   \n", None])
 def test_a_writer_returning_no_text_is_an_error_naming_the_expert(library, reply):

@@ -64,3 +64,25 @@ def test_plots_need_matplotlib_only_when_drawing():
         "except ImportError as error:\n    print(error)\n"
     )
     assert 'pip install "peft-glider[plot]"' in result.stdout, result.stderr
+
+
+def test_the_sparse_kernel_shows_no_torch_warning_of_its_own(tmp_path):
+    """torch warns once per process when a CSR tensor is first built (the beta notice, and the invariant checks
+    not chosen): the sparse kernel builds them internally, so neither may reach the user (a fresh process)."""
+    experts = [make_expert(tiny_llama, tmp_path / f"e{i}", seed=i) for i in range(2)]
+    result = python(
+        "import sys, warnings\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import torch\n"
+        "from conftest import tiny_llama, input_ids\n"
+        "from peft import get_peft_model\n"
+        "from peft_glider import GliderConfig\n"
+        f"model = get_peft_model(tiny_llama(), GliderConfig(experts={experts!r}, top_k=1))\n"
+        "model.base_model.set_kernel('sparse')\n"
+        "with warnings.catch_warnings(record=True) as caught, torch.no_grad():\n"
+        "    warnings.simplefilter('always')\n"
+        "    model(input_ids=input_ids())\n"
+        "print([str(w.message)[:70] for w in caught if 'parse' in str(w.message)])\n"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

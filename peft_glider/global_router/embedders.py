@@ -45,15 +45,17 @@ def default_embedder_path() -> str:
 
 
 class SentenceTransformerEmbedder(Embedder):
-    """Any sentence-transformers model by id or local path; None: the offline all-MiniLM-L6-v2 wheel copy."""
+    """Any sentence-transformers model by id or local path; None (or all-MiniLM-L6-v2's Hub id): the offline wheel's
+    copy of all-MiniLM-L6-v2 when the `offline` extra is installed, else the Hub's."""
 
     def __init__(self, model_name_or_path: Optional[str] = None, device: str = "cpu", batch_size: int = 32) -> None:
         from sentence_transformers import SentenceTransformer
 
-        path = model_name_or_path or default_embedder_path()
+        default = model_name_or_path in (None, DEFAULT_EMBEDDER_ID)  # the wheel's copy serves its own Hub id too
+        path = default_embedder_path() if default else model_name_or_path
         self.model = SentenceTransformer(path, device=device)
         self.batch_size = batch_size
-        if model_name_or_path is None:
+        if default:
             self.name = self._cache_id = DEFAULT_EMBEDDER_ID
         elif os.path.isdir(model_name_or_path):
             self.name = os.path.basename(os.path.normpath(model_name_or_path))

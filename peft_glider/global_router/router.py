@@ -132,6 +132,24 @@ class GlobalRouter:
         self.samples_per_instruction = samples_per_instruction
         self.auto_alpha_rule = auto_alpha_rule
 
+    @classmethod
+    def recorded(cls, writer: Optional[str], embedder: Optional[str], **kwargs) -> "GlobalRouter":
+        """The router an adapter records (`GliderConfig.instruction_writer` and `.embedder`), rebuilt: what a
+        shared adapter routes with on the recipient's machine. The samples writer needs nothing; a writer that needs
+        an endpoint or a model (its key, its weights) cannot be rebuilt from its id: pass a router then."""
+        if writer is None or embedder is None:
+            raise ValueError(
+                "No global router: the adapter records no instruction writer and embedder (its experts were never "
+                "described). Pass router=GlobalRouter(...) or run GlobalRouter.describe_experts(model, ...)."
+            )
+        if writer != SamplesWriter.name:
+            raise ValueError(
+                f"No global router: the adapter's instructions were written by {writer!r}, which needs its endpoint or "
+                f"model to write queries' instructions too: pass router=GlobalRouter(writer=..., embedder="
+                f"SentenceTransformerEmbedder({embedder!r}))."
+            )
+        return cls(SamplesWriter(), SentenceTransformerEmbedder(embedder), **kwargs)
+
     # ------------------------------------------------------------------ building blocks
 
     def _instant(self) -> bool:
@@ -164,6 +182,8 @@ class GlobalRouter:
             if text is None:
                 start = time.perf_counter()
                 text = writer.write(samples)
+                if isinstance(text, str):  # lone surrogates (a bad decode in the writer) become U+FFFD, as in prompts
+                    text = _valid_text(text)
                 info.llm_seconds += time.perf_counter() - start
                 info.llm_calls += 1
                 if not _is_instruction(text):
