@@ -55,7 +55,10 @@ def _read_experts(values: Sequence[str], experts_file: Optional[str]) -> list[An
 
 
 def _read_jsonl(path: str) -> list[Any]:
-    """Rows of a JSONL file as the library takes them: {"input", "target"} -> pair, {"text"} -> text."""
+    """Rows of a JSONL file as the library takes them (`records.as_sample`): {"input", "target"}, {"text"}, TRL's
+    {"prompt", "completion"} and {"messages"}."""
+    from .records import as_sample
+
     if not os.path.isfile(path):
         raise CliError(f"data file {path!r} does not exist")
     rows = []
@@ -67,12 +70,10 @@ def _read_jsonl(path: str) -> list[Any]:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise CliError(f"{path}:{number}: not JSON ({error.msg})") from error
-            if isinstance(row, dict) and {"input", "target"} <= set(row):
-                rows.append((str(row["input"]), str(row["target"])))
-            elif isinstance(row, dict) and "text" in row:
-                rows.append(str(row["text"]))
-            else:
-                raise CliError(f"{path}:{number}: expected {{\"input\", \"target\"}} or {{\"text\"}}")
+            try:
+                rows.append(as_sample(row))
+            except ValueError as error:
+                raise CliError(f"{path}:{number}: {error}") from error
     return rows
 
 
@@ -272,12 +273,20 @@ def cmd_route(args: argparse.Namespace) -> None:
     if args.plot:
         from .plots import plot_global_scores, plot_layer_usage
 
-        plot_layer_usage(traces[0], args.plot, title=f"Expert usage per layer: {textwrap.shorten(args.prompts[0], 40)}")
-        print(f"\nPicture: {args.plot}")
+        print()
+        for number, (prompt, trace) in enumerate(zip(args.prompts, traces), 1):  # one picture per prompt
+            path = _numbered(Path(args.plot), number) if len(args.prompts) > 1 else Path(args.plot)
+            plot_layer_usage(trace, path, title=f"Expert usage per layer: {textwrap.shorten(prompt, 40)}")
+            print(f"Picture: {path}")
         if scored:
             scores_path = Path(args.plot).with_name(Path(args.plot).stem + "-scores" + Path(args.plot).suffix)
             plot_global_scores(torch.stack(rows), args.prompts, names, scores_path)
             print(f"Picture: {scores_path}")
+
+
+def _numbered(path: Path, number: int) -> Path:
+    """`routing.png` -> `routing-2.png`."""
+    return path.with_name(f"{path.stem}-{number}{path.suffix}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -370,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "peft-glider train-gates my-glider --data math=math.jsonl --data code=code.jsonl --steps 100")
     p.add_argument("adapter", help="Glider adapter folder (updated in place)")
     p.add_argument("--data", action="append", default=[], metavar="EXPERT=FILE.jsonl",
-                   help='rows {"input": ..., "target": ...} or {"text": ...}')
+                   help='rows {"input", "target"}, {"text"}, {"prompt", "completion"} or {"messages": [...]}')
     p.add_argument("--dataset", action="append", default=[], metavar="EXPERT=DATASET_ID", help="a `datasets` id")
     p.add_argument("--split", default="train")
     p.add_argument("--steps", type=_positive_int, default=100)
@@ -389,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
                      'peft-glider route my-glider "What is 12 + 30?" "Translate: bonjour" --plot routing.png')
     p.add_argument("adapter")
     p.add_argument("prompts", nargs="+")
-    p.add_argument("--plot", help="save a heatmap of the first prompt's per-layer usage (and the scores) as this file")
+    p.add_argument("--plot", help="save a heatmap of each prompt's per-layer usage (several prompts: FILE-1, FILE-2, "
+                                  "...) and the scores (FILE-scores) as pictures")
     p.add_argument("--base-model")
     p.add_argument("--tokenizer")
     _add_router_flags(p)

@@ -96,7 +96,10 @@ def test_train_gates_then_describe_then_route_and_generate(workspace, tmp_path):
     picture = tmp_path / "routing.png"
     result = run("route", str(glider), "w1 w5 w6", "w2 w7 w8", "--writer", "samples", "--plot", str(picture))
     assert "Global scores" in result.stdout and "model.layers.0" in result.stdout
-    assert picture.stat().st_size > 0 and picture.with_name("routing-scores.png").stat().st_size > 0
+    assert not picture.exists()  # two prompts: one picture each
+    pictures = [picture.with_name(f"routing-{n}.png") for n in (1, 2)]
+    assert all(p.stat().st_size > 0 for p in pictures) and picture.with_name("routing-scores.png").stat().st_size > 0
+    assert pictures[0].read_bytes() != pictures[1].read_bytes()
     assert_user_error(run("route", str(tmp_path / "missing"), "w1", ok=False), "missing")
 
     result = run("generate", str(glider), "w1 w5 w6", "--max-new-tokens", "3", "--writer", "samples")
@@ -125,3 +128,26 @@ def test_every_subcommand_help_shows_an_example():
     for name, sub in commands.items():
         assert f"example:\n  peft-glider {name}" in sub.format_help(), name
     assert "example:\n  peft-glider route my-glider" in run("route", "--help").stdout
+
+
+def test_data_files_in_trl_formats(workspace, tmp_path):
+    """describe --samples and train-gates --data read TRL's prompt-completion and conversational records too."""
+    root = workspace["root"]
+    glider = tmp_path / "glider"
+    run("build", str(root / "math"), str(root / "code"), "--top-k", "1", "--out", str(glider))
+    prompt_completion = tmp_path / "math-pc.jsonl"
+    prompt_completion.write_text("\n".join(json.dumps({"prompt": f"w1 w{i}", "completion": f" w{i + 1}"}) for i in range(3, 20)))
+    conversations = tmp_path / "code-chat.jsonl"
+    conversations.write_text("\n".join(json.dumps({"messages": [
+        {"role": "user", "content": f"w2 w{i}"}, {"role": "assistant", "content": f"w{i + 2}"}]}) for i in range(3, 20)))
+    files = ["math=" + str(prompt_completion), "code=" + str(conversations)]
+    result = run("train-gates", str(glider), "--data", files[0], "--data", files[1], "--steps", "2")
+    assert "Trained the gates of math, code" in result.stdout
+    result = run("describe", str(glider), "--samples", files[0], "--samples", files[1], "--writer", "samples")
+    instructions = {e["name"]: e["instruction"] for e in json.loads((glider / "adapter_config.json").read_text())["experts"]}
+    assert "Input: w1 w3\n" in instructions["math"]  # a prompt-completion record's prompt (describe shows inputs)
+    assert "Input: user: w2 w3\n" in instructions["code"] and "assistant" not in instructions["code"]  # before its answer
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "w1"}))
+    assert_user_error(run("describe", str(glider), "--samples", f"math={bad}", "--samples", files[1], ok=False),
+                      f"{bad}:1: a record with keys ['question']: expected")

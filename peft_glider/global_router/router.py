@@ -7,12 +7,13 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..records import as_sample
 from .cache import BoundedJsonCache, JsonCache, LRUCache, cache_key, default_cache_dir
 from .embedders import Embedder, SentenceTransformerEmbedder
 from .writers import (
@@ -77,7 +78,9 @@ def _valid_text(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _valid_sample(sample: Sample) -> Sample:
+def _valid_sample(sample: Any) -> Sample:
+    """A sample (or a record in one of TRL's formats, `records.as_sample`) whose text encodes as UTF-8."""
+    sample = as_sample(sample)
     if isinstance(sample, str):
         return _valid_text(sample)
     return tuple(_valid_text(str(part)) for part in sample)
@@ -305,7 +308,7 @@ class GlobalRouter:
         info = RouteInfo(instructions=[], scores=torch.empty(0))
         matched, unmatched = [], []
         for index, name in enumerate(tqdm(names, desc="Calibrating alpha='auto'", disable=self._instant())):
-            samples = list(expert_samples[name])
+            samples = [_valid_sample(sample) for sample in expert_samples[name]]
             probes = samples[self.samples_per_instruction :][: self.samples_per_instruction] or samples
             if calibrate_for == "task":
                 queries = [probes]
@@ -349,8 +352,9 @@ class GlobalRouter:
         info = RouteInfo(instructions=[], scores=torch.empty(0))
         unique: dict[str, int] = {}
         row_keys = []
+        rows = [[_valid_sample(sample) for sample in list(samples)[: self.samples_per_instruction]] for samples in rows]
         for samples in rows:  # rows of one task share a single instruction and embedding
-            key = cache_key(_as_json(list(samples)[: self.samples_per_instruction]))  # ASCII JSON: any text
+            key = cache_key(_as_json(samples))  # ASCII JSON: any text
             row_keys.append(unique.setdefault(key, len(unique)))
         keys = [cache_key("query", self.writer.cache_id, self.embedder.cache_id, key) for key in unique]
         found = [self.query_cache.get(key) for key in keys]  # (instruction, embedding) of recent queries

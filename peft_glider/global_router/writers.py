@@ -11,12 +11,10 @@ import os
 import random
 import time
 from abc import ABC, abstractmethod
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
+from ..records import Sample  # an (input, output) pair of a task, or an input alone (a query)
 from .cache import source_identity
-
-#: A sample is an (input, output) pair of a task, or an input alone (a query).
-Sample = Union[str, tuple[str, str]]
 
 SYSTEM_PROMPT = "You describe tasks for a router that picks the right specialist model for each task."
 #: A system prompt that shows a small writer what a good instruction looks like (two worked examples, one

@@ -1,4 +1,5 @@
-"""Turn an expert's data (texts, (input, target) pairs or a `datasets.Dataset`) into token batches for gate training."""
+"""Turn an expert's data (texts, (input, target) pairs, TRL's prompt-completion or conversational records, or a
+`datasets.Dataset` of any of them) into token batches for gate training."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence, Union
 
 import torch
+
+from ..records import as_sample
 
 IGNORE_INDEX = -100
 
@@ -20,19 +23,29 @@ class Example:
     labels: list[int]  # IGNORE_INDEX where no loss is taken
 
 
-def _rows(data: GateData) -> Iterable[Any]:
+def _rows(data: GateData, tokenizer: Any) -> Iterable[Any]:
+    """Each row as a pre-tokenized dict, a text or a pair (`records.as_sample`: TRL's formats included)."""
     if hasattr(data, "column_names"):  # datasets.Dataset
         columns = set(data.column_names)
         if "input_ids" in columns:
             return ({"input_ids": row["input_ids"], "labels": row.get("labels")} for row in data)
-        if {"input", "target"} <= columns:
-            return ((row["input"], row["target"]) for row in data)
-        if "text" in columns:
-            return (row["text"] for row in data)
-        raise ValueError(
-            f"Dataset columns {sorted(columns)}: expected 'text', 'input' and 'target', or 'input_ids'."
-        )
-    return iter(data)
+        known = ({"input", "target"}, {"prompt", "completion"}, {"messages"}, {"text"})
+        if not any(names <= columns for names in known):
+            raise ValueError(
+                f"Dataset columns {sorted(columns)}: expected 'text', 'input' and 'target', 'prompt' and "
+                "'completion', 'messages', or 'input_ids'."
+            )
+    return (row if isinstance(row, dict) and "input_ids" in row else _sample(row, position, tokenizer)
+            for position, row in enumerate(data))
+
+
+def _sample(row: Any, position: int, tokenizer: Any) -> Any:
+    try:
+        return as_sample(row, tokenizer)
+    except TypeError as error:
+        raise TypeError(f"Gate training data row {position} is {error}") from error
+    except ValueError as error:
+        raise ValueError(f"Gate training data row {position}: {error}") from error
 
 
 def _truncate_pair(prompt: list[int], target: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -44,7 +57,7 @@ def _truncate_pair(prompt: list[int], target: list[int], max_length: int) -> tup
 def build_examples(data: GateData, tokenizer: Any, is_encoder_decoder: bool, max_length: int) -> list[Example]:
     """Tokenize every row. Texts: loss on all tokens (causal LMs only). Pairs: loss on the target tokens only."""
     examples = []
-    for position, row in enumerate(_rows(data)):
+    for position, row in enumerate(_rows(data, tokenizer)):
         if isinstance(row, dict):  # pre-tokenized
             ids = list(row["input_ids"])[:max_length]
             labels = list(row["labels"])[:max_length] if row.get("labels") is not None else list(ids)
@@ -57,7 +70,7 @@ def build_examples(data: GateData, tokenizer: Any, is_encoder_decoder: bool, max
                 raise ValueError("An encoder-decoder model needs (input, target) pairs, not plain texts.")
             ids = tokenizer(row, truncation=True, max_length=max_length)["input_ids"]
             examples.append(Example(ids, list(ids)))
-        elif isinstance(row, (tuple, list)) and len(row) == 2 and all(isinstance(part, str) for part in row):
+        else:  # an (input, target) pair
             prompt = tokenizer(row[0], add_special_tokens=is_encoder_decoder)["input_ids"]
             target = tokenizer(row[1], add_special_tokens=False)["input_ids"]
             if tokenizer.eos_token_id is not None:
@@ -69,8 +82,6 @@ def build_examples(data: GateData, tokenizer: Any, is_encoder_decoder: bool, max
                     prompt = [tokenizer.bos_token_id] + prompt
                 prompt, target = _truncate_pair(prompt, target, max_length)
                 examples.append(Example(prompt + target, [IGNORE_INDEX] * len(prompt) + target))
-        else:
-            raise TypeError(f"Gate training data row {position} is a {type(row).__name__}; expected a text or a pair.")
     if not examples:
         raise ValueError("Gate training data is empty.")
     return examples
