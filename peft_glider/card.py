@@ -18,6 +18,7 @@ import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
 from .config import GliderConfig
+from .local_router.routers import local_router
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -43,8 +44,8 @@ def _expert_rows(config: GliderConfig, trained: dict[str, bool]) -> list[dict[st
     rows = []
     for entry in config.experts:
         source = entry["source"] + (f" (subfolder `{entry['subfolder']}`)" if entry.get("subfolder") else "")
-        if config.local_router == "arrow":
-            gates = "— (Arrow)"
+        if not local_router(config.local_router).learned:
+            gates = f"— ({config.local_router})"
         else:
             gates = entry.get("gates", "set") if trained[entry["name"]] else "none (zeros: uninformed)"
         layout = entry.get("layout", {})
@@ -74,29 +75,20 @@ def _alpha(config: GliderConfig) -> str:
 def _adapter_view(name: str, config: GliderConfig, trained: dict[str, bool]) -> dict[str, Any]:
     has_instructions = config.instruction_embedding_dim is not None
     writer = (config.instruction_writer or "unknown").split("@", 1)[0]  # an endpoint URL stays private
-    if config.local_router == "phatgoose":
-        gates_made = (
-            "Phatgoose gate vectors, one per expert and adapted module, trained with the expert frozen "
-            "(`peft_glider.train_gates`) or shipped with the expert (`glider_gates.safetensors`); per expert above."
-        )
-    else:
-        gates_made = "none: Arrow prototypes (top right singular vector of each expert's `B A`), computed on load."
+    router = local_router(config.local_router)
     return {
         "name": name,
         "experts": _expert_rows(config, trained),
         "top_k": config.top_k,
         "alpha": _alpha(config),
-        "local_router": (
-            "phatgoose (learned gates)" if config.local_router == "phatgoose"
-            else f"arrow (prototypes, temperature {config.arrow_temperature:g})"
-        ),
+        "local_router": router.summary(config.arrow_temperature),
         "embedder": f"`{config.embedder}`" if config.embedder else "none (no instructions stored)",
         "weights": (
             "saved in this adapter (self-contained)" if config.save_expert_weights
             else "not saved: fetched from their sources at the pinned commits and checked against their tensor "
             "hashes (router-only adapter)"
         ),
-        "gates_made": gates_made,
+        "gates_made": router.how_vectors_are_made(),
         "instructions_made": (
             f"written by `{writer}` from a few samples of each expert's task, embedded with `{config.embedder}`."
             if has_instructions

@@ -189,8 +189,10 @@ def _expert_base_model(entry: dict) -> str:
     """The base model an expert's own adapter config names."""
     from peft import PeftConfig
 
+    from .config import entry_path
+
     if os.path.isdir(entry["source"]):
-        config = PeftConfig.from_pretrained(os.path.join(entry["source"], entry.get("subfolder") or ""))
+        config = PeftConfig.from_pretrained(entry_path(entry))
     else:
         hub = {key: entry[key] for key in ("subfolder", "revision") if entry.get(key)}
         config = PeftConfig.from_pretrained(entry["source"], **hub)
@@ -308,13 +310,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
+    from .config import entry_path
     from .loading import glider_config
 
     config = glider_config(args.adapter)
     rows = []
     for index, entry in enumerate(config.experts):
         ranks = sorted({rank for rank, _ in entry.get("layout", {}).values()})
-        rows.append((index, entry["name"], entry["source"] + (f"/{entry['subfolder']}" if entry.get("subfolder") else ""),
+        rows.append((index, entry["name"], entry_path(entry),
                      (entry.get("commit") or "local")[:12], ",".join(map(str, ranks)), len(entry.get("layout", {})),
                      entry.get("gates", "-"), textwrap.shorten(entry.get("instruction", "-"), 50)))
     print(f"Glider adapter {args.adapter} on {config.base_model_name_or_path or '(base model not named)'}")
@@ -372,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="base model id or folder (default: the first expert's)")
     p.add_argument("--top-k", type=_positive_int, default=2)
     p.add_argument("--alpha", default="3.0", help="weight of the global score, or 'auto' (default 3.0)")
-    p.add_argument("--local-router", choices=["phatgoose", "arrow"], default="phatgoose")
+    p.add_argument("--local-router", default="phatgoose", help="phatgoose (learned gates) or arrow (prototypes)")
     p.add_argument("--router-only", action="store_true", help="do not store the experts' weights in the adapter")
 
     p = _add_command(sub, "train-gates", cmd_train_gates, "Train Phatgoose gates for the experts that have none.",

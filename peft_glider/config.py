@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -15,7 +15,12 @@ from ._warnings import warn_user
 #: Bumped when the saved layout changes incompatibly; additive changes keep it.
 FORMAT_VERSION = 1
 
-LOCAL_ROUTERS = ("phatgoose", "arrow")
+
+def entry_path(entry: dict[str, Any]) -> str:
+    """Where an expert entry points: its source, joined with its subfolder when it has one (a local folder, or a
+    path inside a Hub repository)."""
+    return os.path.join(entry["source"], entry["subfolder"]) if entry.get("subfolder") else entry["source"]
+
 
 #: Keys a user may give in an expert entry.
 USER_EXPERT_KEYS = ("source", "name", "revision", "subfolder")
@@ -105,7 +110,7 @@ class GliderConfig(PeftConfig):
     auto_alpha_threshold: Optional[float] = field(default=None, metadata={"help": "alpha='auto': calibrated."})
     embedder: Optional[str] = field(default=None, metadata={"help": "Embedding model of the instructions."})
     instruction_writer: Optional[str] = field(default=None, metadata={"help": "What wrote the instructions."})
-    local_router: Literal["phatgoose", "arrow"] = field(default="phatgoose", metadata={"help": "Local router."})
+    local_router: str = field(default="phatgoose", metadata={"help": "Local router: phatgoose or arrow."})
     arrow_temperature: float = field(default=1.0, metadata={"help": "Temperature T of Arrow scores |u.v|/T."})
     save_expert_weights: bool = field(default=True, metadata={"help": "Save expert weights with the adapter."})
     train_expert_factors: bool = field(default=False, metadata={"help": "Also train the experts' LoRA factors."})
@@ -131,8 +136,9 @@ class GliderConfig(PeftConfig):
             if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
                 raise ValueError(f"alpha must be a number or 'auto', got {self.alpha!r}.")
             self.alpha = float(self.alpha)
-        if self.local_router not in LOCAL_ROUTERS:
-            raise ValueError(f"local_router must be one of {LOCAL_ROUTERS}, got {self.local_router!r}.")
+        from .local_router.routers import local_router  # here: local_router imports experts, which import config
+
+        local_router(self.local_router)  # a ValueError lists the known ones
         if not isinstance(self.arrow_temperature, (int, float)) or not self.arrow_temperature > 0:
             raise ValueError(f"arrow_temperature must be a positive number, got {self.arrow_temperature!r}.")
         if self.train_expert_factors and not self.save_expert_weights:
@@ -158,9 +164,15 @@ class GliderConfig(PeftConfig):
         """Experts resolved from local folders (no Hub commit pins them): only this machine has them."""
         return [entry["name"] for entry in self.experts if "layout" in entry and entry.get("commit") is None]
 
+    @property
+    def unportable_experts(self) -> list[str]:
+        """Experts this adapter needs from this machine's folders: a router-only adapter's local experts (a
+        self-contained adapter carries every expert's weights)."""
+        return [] if self.save_expert_weights else self.local_expert_names
+
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Write `adapter_config.json`; warn when the adapter is router-only and needs local expert folders."""
-        local = [] if self.save_expert_weights else self.local_expert_names
+        local = self.unportable_experts
         if local:
             warn_user(
                 f"Saving a router-only Glider adapter (save_expert_weights=False) whose experts {local} are local "

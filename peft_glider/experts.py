@@ -17,6 +17,7 @@ from peft import PeftConfig
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType, load_peft_weights
 from peft.utils.other import get_pattern_key
 
+from .config import entry_path
 from .hub import GATES_FILE, download_adapter
 
 _GATES_FORMAT = {"format": "glider-gates", "version": "1"}
@@ -145,7 +146,7 @@ def _resolve_folder(entry: dict[str, Any]) -> tuple[str, Optional[str]]:
     """Return (local folder holding the adapter files, resolved commit or None for local sources)."""
     source, subfolder = entry["source"], entry.get("subfolder")
     if os.path.isdir(source):
-        folder = os.path.join(source, subfolder) if subfolder else source
+        folder = entry_path(entry)
         if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
             raise OSError(f"Expert '{entry['name']}': local folder {folder!r} has no {CONFIG_NAME}: not a PEFT adapter.")
         return folder, None

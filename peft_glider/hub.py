@@ -94,7 +94,7 @@ def download_adapter(
 
 def check_portable(config: GliderConfig) -> None:
     """Refuse to share a router-only adapter whose experts include local folders: nobody else could load it."""
-    local = [] if config.save_expert_weights else config.local_expert_names
+    local = config.unportable_experts
     if local:
         raise ValueError(
             f"This router-only Glider adapter (save_expert_weights=False) routes among local expert folders {local}, "

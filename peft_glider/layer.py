@@ -82,7 +82,7 @@ class LayerSnapshot:
         if torch.is_grad_enabled() and gates.requires_grad:
             return _rows_from_gates(gates.float(), state)
         try:
-            key = (gates, gates._version, _optimizer_steps[0], gates.dtype, gates.device, state.local_router,
+            key = (gates, gates._version, _optimizer_steps[0], gates.dtype, gates.device, state.local_router.name,
                    state.arrow_temperature)
         except RuntimeError:  # inference tensors keep no version counter: do not cache
             key = None
@@ -107,9 +107,7 @@ def _live(container: nn.Module, adapter_name: str) -> Optional[torch.Tensor]:
 
 
 def _rows_from_gates(gates: torch.Tensor, state: RoutingState) -> torch.Tensor:
-    if state.local_router == "arrow":
-        return routing.arrow_rows(gates, state.arrow_temperature)
-    return routing.phatgoose_rows(gates)
+    return state.local_router.rows(gates, state.arrow_temperature)
 
 
 class GliderLayer(BaseTunerLayer):
@@ -216,9 +214,7 @@ class GliderLayer(BaseTunerLayer):
 
     def _initial_gate(self, factors: LoraFactors, state: RoutingState) -> torch.Tensor:
         """A new expert's gate here: zeros (Phatgoose, until trained or set), or its prototype (Arrow)."""
-        if state.local_router == "arrow":  # training-free prototypes take the gates' place
-            return routing.top_right_singular_vector(factors.A.float(), factors.B.float())
-        return torch.zeros(self.in_features)
+        return state.local_router.initial_vector(factors, self.in_features)
 
     def append_expert(
         self, adapter_name: str, factors: Optional[LoraFactors], gate: Optional[torch.Tensor] = None
@@ -378,6 +374,14 @@ class GliderLayer(BaseTunerLayer):
         if snapshot is self._installed.get(adapter_name) and moved.A is A and gates is not None:
             snapshot.rebind(moved, gates)
 
+    def adapts(self, adapter_name: str, expert: int) -> bool:
+        """Whether expert `expert` (routing index) of the adapter adapts this module, as the layer holds it now."""
+        return self.glider_spans[adapter_name][expert] is not None
+
+    def gate_parameter(self, adapter_name: str) -> nn.Parameter:
+        """The adapter's trainable gates here, (E, in), one row per expert (prototypes under Arrow)."""
+        return self.glider_gates[adapter_name]
+
     def expert_bank(self, adapter_name: str) -> routing.ExpertBank:
         """The adapter's experts here as the layer holds them now."""
         return self.installed_snapshot(adapter_name).bank
@@ -455,7 +459,7 @@ class GliderLinear(nn.Module, GliderLayer):
             u,
             bank,
             snapshot.router_rows(state),
-            standardized=state.local_router != "arrow",
+            standardized=state.local_router.standardized,
             k=snapshot.k,
             global_bias=call.global_bias(batch_rows, u.device),
             kernel=state.kernel,

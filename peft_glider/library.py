@@ -17,18 +17,41 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import GliderConfig
+from ._warnings import warn_user
+from .config import ExpertEntry, GliderConfig, normalize_expert_entry
 from .experts import LoadedExpert, LoraFactors, load_expert
+from .hub import GATES_FILE
+from .local_router.routers import local_router
 
 if TYPE_CHECKING:
+    from .global_router import ExpertDescriptions
     from .layer import GliderLayer, LayerSnapshot
+
+
+class LibraryHost(Protocol):
+    """What a library needs of the model it lives in, for its adapter (`GliderModel` provides it)."""
+
+    def layers(self) -> dict[str, "GliderLayer"]:
+        """Module name -> the Glider layer holding the adapter now."""
+
+    def wrap(self, module_name: str) -> "GliderLayer":
+        """Make the Glider layer of a module the adapter did not adapt yet (the library's experts say what)."""
+
+    def retire(self, module_names: list[str], version_number: int) -> None:
+        """Take the layers released in that version out of the model (no call routes through them any more)."""
+
+    def base_modules(self) -> dict[str, nn.Module]:
+        """The base model's modules by name (what experts must fit)."""
+
+    def store_embeddings(self, embeddings: Optional[torch.Tensor]) -> None:
+        """Keep the instruction embeddings (E, e) where the adapter's state dict saves them."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +88,14 @@ class ExpertLibrary:
         self.placeholders = placeholders
         self.current: Optional[LibraryVersion] = None  # what a call that begins now routes with
         self._edit_lock = threading.RLock()  # one edit at a time (re-entrant: an edit may publish more than once)
+        self.adapter_name: Optional[str] = None  # the adapter, its config and its model, once attached
+        self.config: Optional[GliderConfig] = None
+        self.host: Optional[LibraryHost] = None
+
+    def attach(self, adapter_name: str, config: GliderConfig, host: LibraryHost) -> None:
+        """Bind the library to its adapter: its name, its config (whose expert entries follow every edit) and the
+        model it lives in."""
+        self.adapter_name, self.config, self.host = adapter_name, config, host
 
     @property
     def editing(self) -> threading.RLock:
@@ -108,6 +139,149 @@ class ExpertLibrary:
             for expert in self.experts
         ]
 
+    # ------------------------------------------------------------------ edits (GliderModel's API)
+
+    def add_expert(self, expert: ExpertEntry, instruction_embedding: Optional[torch.Tensor] = None) -> str:
+        """See `GliderModel.add_expert`: checked, loaded and pinned, then inserted in every layer as one version."""
+        config = self.config
+        entry = normalize_expert_entry(expert, len(config.experts))
+        if entry["name"] in config.expert_names:
+            raise ValueError(f"add_expert: an expert named {entry['name']!r} exists already; give another 'name'.")
+        embeddings = self.current.embeddings
+        if (embeddings is None) != (instruction_embedding is None):
+            raise ValueError(
+                "add_expert: pass an instruction_embedding exactly when the adapter has instruction embeddings."
+            )
+        if embeddings is not None:
+            instruction_embedding = torch.as_tensor(instruction_embedding).reshape(1, -1)
+            if instruction_embedding.shape[1] != embeddings.shape[1] or not torch.isfinite(instruction_embedding).all():
+                raise ValueError(f"add_expert: the instruction embedding must be {embeddings.shape[1]} finite values.")
+        loaded = load_expert(entry)
+        modules = self.host.base_modules()
+        for module_name, factors in loaded.factors.items():
+            check_fits(loaded.name, module_name, factors, modules)
+        learned = local_router(config.local_router).learned
+        shipped = learned and loaded.gates is not None
+        gates = loaded.gates if shipped else {}
+        for module_name, vector in gates.items():
+            factors = loaded.factors.get(module_name)
+            check_gate(loaded.name, module_name, vector, factors.in_features if factors else None, "add_expert")
+        entry.update(loaded.pins)
+        if shipped:
+            entry["gates"] = "shipped with the expert"
+        with self._edit_lock:
+            gates = {name: torch.as_tensor(vector) for name, vector in gates.items()}
+            self.add(loaded, self.host.layers(), self.host.wrap, gates, instruction_embedding)
+            config.experts.append(entry)
+            config.target_modules = sorted(self.host.layers())
+            if embeddings is not None:
+                self.host.store_embeddings(self.current.embeddings)
+        if learned and not shipped:
+            warn_ungated([loaded.name])
+        return loaded.name
+
+    def remove_expert(self, name: str) -> None:
+        """See `GliderModel.remove_expert`."""
+        config = self.config
+        names = config.expert_names
+        if name not in names:
+            raise KeyError(f"remove_expert: unknown expert {name!r}; experts are {names}.")
+        if len(names) == 1:
+            raise ValueError("remove_expert: a Glider adapter needs at least one expert.")
+        if config.top_k > len(names) - 1:
+            raise ValueError(f"remove_expert: top_k={config.top_k} would exceed the {len(names) - 1} experts left.")
+        index = names.index(name)
+        with self._edit_lock:
+            self.remove(index, self.host.layers(), self.host.retire)
+            del config.experts[index]
+            config.target_modules = sorted(self.host.layers())
+            if self.current.embeddings is not None:
+                self.host.store_embeddings(self.current.embeddings)
+
+    def set_gates(self, gates: Mapping[str, Mapping[str, torch.Tensor]], how: str = "set") -> None:
+        """See `GliderModel.set_gates`: every gate checked before anything changes, then one new version."""
+        names = self.config.expert_names
+        with self._edit_lock:
+            layers = self.host.layers()
+            rows: dict["GliderLayer", dict[int, torch.Tensor]] = {}
+            for expert, per_module in gates.items():
+                if expert not in names:
+                    raise KeyError(f"set_gates: unknown expert {expert!r}; experts are {names}.")
+                index = names.index(expert)
+                for module_name, vector in per_module.items():
+                    layer = layers.get(module_name)
+                    if layer is None:
+                        raise KeyError(f"set_gates: expert {expert!r}: no Glider layer at module {module_name!r}.")
+                    adapts = self.current.layers[module_name].bank.spans[index] is not None
+                    in_features = layer.in_features if adapts else None
+                    rows.setdefault(layer, {})[index] = check_gate(expert, module_name, vector, in_features, "set_gates")
+            self.replace_gates(rows)
+            for expert in gates:
+                self.record_gates(expert, how)
+
+    def record_gates(self, expert: str, how: str) -> None:
+        """Record how an expert's gates were made (its config entry's `"gates"`, shown on the model card)."""
+        names = self.config.expert_names
+        if expert not in names:
+            raise KeyError(f"unknown expert {expert!r}; experts are {names}.")
+        self.config.experts[names.index(expert)]["gates"] = how
+
+    def install_shipped_gates(self, warn: bool = True) -> None:
+        """Set the gates the experts carry (glider_gates.safetensors); warn, naming them, about experts without.
+        Nothing for a local router whose vectors are computed, not learned."""
+        if not local_router(self.config.local_router).learned:
+            return
+        self.set_gates({e.name: e.gates for e in self.experts if e.gates is not None}, how="shipped with the expert")
+        if warn:
+            warn_ungated([e.name for e in self.experts if e.gates is None])
+
+    def gates(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The current version's gate vectors, in the form `set_gates` takes (only modules each expert adapts)."""
+        version = self.current
+        gates: dict[str, dict[str, torch.Tensor]] = {name: {} for name in version.expert_names}
+        for module_name, snapshot in sorted(version.layers.items()):
+            for index, span in enumerate(snapshot.bank.spans):
+                if span is not None:
+                    gates[version.expert_names[index]][module_name] = snapshot.gates[index].detach().clone()
+        return gates
+
+    def set_embeddings(self, embeddings: torch.Tensor) -> None:
+        """See `GliderModel.set_instruction_embeddings`."""
+        embeddings = self._checked_embeddings(embeddings)
+        with self._edit_lock:
+            self.host.store_embeddings(embeddings)
+            self.config.instruction_embedding_dim = embeddings.shape[1]
+            self.publish(embeddings=embeddings)
+
+    def set_descriptions(self, descriptions: "ExpertDescriptions") -> None:
+        """See `GliderModel.set_expert_descriptions`: all checked before anything changes."""
+        config = self.config
+        if list(descriptions.names) != config.expert_names:
+            raise ValueError(
+                f"The descriptions are for experts {list(descriptions.names)}, the adapter has {config.expert_names}."
+            )
+        self._checked_embeddings(descriptions.embeddings)
+        with self._edit_lock:
+            self.set_embeddings(descriptions.embeddings)
+            for entry, text in zip(config.experts, descriptions.instructions):
+                entry["instruction"] = text
+            config.embedder = descriptions.embedder
+            config.instruction_writer = descriptions.writer
+            if descriptions.auto_alpha_threshold is not None:
+                config.auto_alpha_threshold = descriptions.auto_alpha_threshold
+
+    def _checked_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+        num_experts = len(self.config.experts)
+        embeddings = torch.as_tensor(embeddings)
+        if embeddings.dim() != 2 or embeddings.shape[0] != num_experts:
+            raise ValueError(
+                f"Instruction embeddings must have shape (num_experts={num_experts}, dim), "
+                f"got {tuple(embeddings.shape)}."
+            )
+        if not torch.isfinite(embeddings).all():
+            raise ValueError("Instruction embeddings contain non-finite values.")
+        return embeddings.detach().float().clone()
+
     # ------------------------------------------------------------------ versions
 
     def publish(self, **changes: Any) -> LibraryVersion:
@@ -125,7 +299,6 @@ class ExpertLibrary:
     def add(
         self,
         expert: LoadedExpert,
-        adapter_name: str,
         layers: Mapping[str, "GliderLayer"],
         wrap: Callable[[str], "GliderLayer"],
         gates: Mapping[str, torch.Tensor],
@@ -142,13 +315,13 @@ class ExpertLibrary:
             for module_name, layer in layers.items():
                 factors = expert.factors.get(module_name)
                 gate = gates.get(module_name) if factors is not None else None
-                snapshots[module_name] = layer.append_expert(adapter_name, factors, gate)
+                snapshots[module_name] = layer.append_expert(self.adapter_name, factors, gate)
             for module_name in sorted(set(expert.factors) - set(layers)):
                 layer = wrap(module_name)
                 if module_name in gates:
-                    snapshots[module_name] = layer.replace_gates(adapter_name, {index: gates[module_name]})
+                    snapshots[module_name] = layer.replace_gates(self.adapter_name, {index: gates[module_name]})
                 else:
-                    snapshots[module_name] = layer.installed_snapshot(adapter_name)
+                    snapshots[module_name] = layer.installed_snapshot(self.adapter_name)
             embeddings = current.embeddings
             if embedding is not None:
                 embeddings = torch.cat([embeddings, embedding.to(embeddings)], dim=0)
@@ -157,11 +330,7 @@ class ExpertLibrary:
             )
 
     def remove(
-        self,
-        index: int,
-        adapter_name: str,
-        layers: Mapping[str, "GliderLayer"],
-        retire: Callable[[list[str], int], None],
+        self, index: int, layers: Mapping[str, "GliderLayer"], retire: Callable[[list[str], int], None]
     ) -> LibraryVersion:
         """Drop the expert at routing index `index` from every layer and publish the result. The modules it alone
         adapted are released; `retire(module_names, version_number)` runs once no call holds an older version any
@@ -171,9 +340,9 @@ class ExpertLibrary:
             del self.experts[index]
             snapshots, released = {}, []
             for module_name, layer in layers.items():
-                snapshot = layer.remove_expert(adapter_name, index)
+                snapshot = layer.remove_expert(self.adapter_name, index)
                 if snapshot is None:
-                    layer.release(adapter_name, current.number + 1)
+                    layer.release(self.adapter_name, current.number + 1)
                     released.append(module_name)
                 else:
                     snapshots[module_name] = snapshot
@@ -186,14 +355,12 @@ class ExpertLibrary:
                 weakref.finalize(current, retire, released, version.number)
             return version
 
-    def replace_gates(
-        self, adapter_name: str, rows: Mapping["GliderLayer", Mapping[int, torch.Tensor]]
-    ) -> LibraryVersion:
+    def replace_gates(self, rows: Mapping["GliderLayer", Mapping[int, torch.Tensor]]) -> LibraryVersion:
         """New gates at the given layers (`{layer: {expert index: (in,) vector}}`), published as one version."""
         with self._edit_lock:
             snapshots = dict(self.current.layers)
             for layer, per_expert in rows.items():
-                snapshots[layer.module_name] = layer.replace_gates(adapter_name, per_expert)
+                snapshots[layer.module_name] = layer.replace_gates(self.adapter_name, per_expert)
             return self.publish(layers=snapshots)
 
     def __getstate__(self) -> dict:  # models are copied and pickled: a lock is not, a fresh one is made
@@ -202,6 +369,38 @@ class ExpertLibrary:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._edit_lock = threading.RLock()
+
+
+def check_gate(
+    expert: str, module_name: str, vector: torch.Tensor, in_features: Optional[int], caller: str
+) -> torch.Tensor:
+    """A gate vector for `expert` at `module_name`, checked: the expert adapts the module (`in_features` is its
+    input size, None where it does not), the shape fits and the values are finite."""
+    if in_features is None:
+        raise ValueError(f"{caller}: expert {expert!r} does not adapt module {module_name!r}.")
+    vector = torch.as_tensor(vector)
+    if vector.shape != (in_features,):
+        raise ValueError(
+            f"{caller}: gate of expert {expert!r} at {module_name!r} has shape {tuple(vector.shape)}, "
+            f"expected ({in_features},)."
+        )
+    if not torch.isfinite(vector).all():
+        raise ValueError(f"{caller}: gate of expert {expert!r} at {module_name!r} is not finite.")
+    return vector
+
+
+class UngatedExpertsWarning(UserWarning):
+    """Experts carry no trained gates: their local routing is uninformed until gates are trained or set."""
+
+
+def warn_ungated(names: list[str]) -> None:
+    """Warn, naming them, about experts whose local routing is uninformed (no trained gates)."""
+    if names:
+        warn_user(
+            f"Experts {names} carry no trained gates ({GATES_FILE}): their local routing is uninformed "
+            "until gates are trained (peft_glider.train_missing_gates) or set (GliderModel.set_gates).",
+            UngatedExpertsWarning,
+        )
 
 
 def check_pinned_hash(entry: Mapping[str, Any], expert: LoadedExpert) -> None:

@@ -13,14 +13,12 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import _get_submodules
 from torch import nn
 
-from .config import ExpertEntry, GliderConfig, normalize_expert_entry
-from .experts import LoadedExpert, load_expert
-from .hub import GATES_FILE
+from .config import ExpertEntry, GliderConfig
+from .contexts import CallContexts
 from .layer import MERGE_ERROR, GliderLayer, GliderLinear, execution_device
-from .library import ExpertLibrary, LibraryVersion, check_fits
-from .routing import auto_alpha
+from .library import ExpertLibrary
+from .local_router.routers import local_router
 from .state import RoutingState, RoutingTrace, call_routing
-from ._warnings import warn_user
 
 if TYPE_CHECKING:
     from .global_router import ExpertDescriptions, GlobalRouter, RouteInfo
@@ -90,9 +88,10 @@ class GliderModel(BaseTuner):
             entry.update(expert.pins)
         config.target_modules = library.modules
         self._libraries[adapter_name] = library
+        library.attach(adapter_name, config, _AdapterHost(self, adapter_name))
         self._routing_states[adapter_name] = RoutingState(
             top_k=config.top_k,
-            local_router=config.local_router,
+            local_router=local_router(config.local_router),
             arrow_temperature=config.arrow_temperature,
         )
         super().inject_adapter(model, adapter_name, **kwargs)
@@ -109,8 +108,8 @@ class GliderModel(BaseTuner):
             for layer in self.glider_layers(adapter_name).values():
                 layer.await_checkpoint(adapter_name)
             self._awaiting_checkpoint.add(adapter_name)
-        elif config.local_router == "phatgoose":
-            self._install_shipped_gates(library.experts, adapter_name, warn=fresh)
+        else:
+            library.install_shipped_gates(warn=fresh)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
@@ -130,7 +129,7 @@ class GliderModel(BaseTuner):
                 state = self._routing_states[adapter_name]
                 call = state.current_call()
                 if call is None or call.version is None:  # the call keeps the version it began with, to its end
-                    stack.enter_context(call_routing(state, version=self._current_version(adapter_name)))
+                    stack.enter_context(call_routing(state, version=self._calls(adapter_name).current_version()))
             yield
 
     def _load_placeholders_from_sources(self, adapter_name: str) -> None:
@@ -160,22 +159,7 @@ class GliderModel(BaseTuner):
                     del layer.glider_awaiting_checkpoint[adapter_name]
                 published.publish(layers=snapshots)
             self._awaiting_checkpoint.discard(adapter_name)
-            if config.local_router == "phatgoose":
-                self._install_shipped_gates(library.experts, adapter_name, warn=False)
-
-    def _install_shipped_gates(self, experts: list[LoadedExpert], adapter_name: str, warn: bool = True) -> None:
-        """Set the gates experts carry (glider_gates.safetensors); warn, naming them, about experts without."""
-        self.set_gates({e.name: e.gates for e in experts if e.gates is not None}, adapter_name, how="shipped with the expert")
-        if warn:
-            self._warn_ungated([e.name for e in experts if e.gates is None])
-
-    @staticmethod
-    def _warn_ungated(names: list[str]) -> None:
-        if names:
-            warn_user(
-                f"Experts {names} carry no trained gates ({GATES_FILE}): their local routing is uninformed "
-                "until gates are trained (peft_glider.train_missing_gates) or set (GliderModel.set_gates)."
-            )
+            published.install_shipped_gates(warn=False)
 
     def _prepare_adapter_config(self, peft_config: GliderConfig, model_config: dict) -> GliderConfig:
         return peft_config  # target modules come from the experts (see inject_adapter)
@@ -253,106 +237,18 @@ class GliderModel(BaseTuner):
 
         Its shipped gates (glider_gates.safetensors) are installed; pass its instruction embedding when the
         adapter has embeddings. The result equals a model built from scratch with the same experts. Returns
-        the new expert's name.
+        the new expert's name. Calls already running finish on the library as it was (docs/usage.md).
         """
-        adapter_name = self._adapter(adapter_name)
-        config: GliderConfig = self.peft_config[adapter_name]
-        entry = normalize_expert_entry(expert, len(config.experts))
-        if entry["name"] in config.expert_names:
-            raise ValueError(f"add_expert: an expert named {entry['name']!r} exists already; give another 'name'.")
-        embeddings = self.get_instruction_embeddings(adapter_name)
-        if (embeddings is None) != (instruction_embedding is None):
-            raise ValueError(
-                "add_expert: pass an instruction_embedding exactly when the adapter has instruction embeddings."
-            )
-        if embeddings is not None:
-            instruction_embedding = torch.as_tensor(instruction_embedding).reshape(1, -1)
-            if instruction_embedding.shape[1] != embeddings.shape[1] or not torch.isfinite(instruction_embedding).all():
-                raise ValueError(f"add_expert: the instruction embedding must be {embeddings.shape[1]} finite values.")
-        loaded = load_expert(entry)
-        modules = dict(self.model.named_modules())
-        for module_name, factors in loaded.factors.items():
-            check_fits(loaded.name, module_name, factors, modules)
-        shipped = config.local_router == "phatgoose" and loaded.gates is not None
-        gates = loaded.gates if shipped else {}
-        for module_name, vector in gates.items():
-            factors = loaded.factors.get(module_name)
-            check_gate(loaded.name, module_name, vector, factors.in_features if factors else None, "add_expert")
-        entry.update(loaded.pins)
-        if shipped:
-            entry["gates"] = "shipped with the expert"
-
-        library = self._libraries[adapter_name]
-        with library.editing:
-            library.add(
-                loaded,
-                adapter_name,
-                self.glider_layers(adapter_name),
-                wrap=lambda module_name: self._wrap_module(config, adapter_name, module_name),
-                gates={name: torch.as_tensor(vector) for name, vector in gates.items()},
-                embedding=instruction_embedding,
-            )
-            config.experts.append(entry)
-            config.target_modules = sorted(self.glider_layers(adapter_name))
-            if embeddings is not None:
-                self.glider_instruction_embeddings[adapter_name] = library.current.embeddings
-        if config.local_router == "phatgoose" and not shipped:
-            self._warn_ungated([loaded.name])
-        return loaded.name
-
-    def _wrap_module(self, config: GliderConfig, adapter_name: str, module_name: str) -> GliderLayer:
-        """Make the Glider layer of a module the adapter did not adapt yet (the library's experts say what)."""
-        parent, target, target_name = _get_submodules(self.model, module_name)
-        self._create_and_replace(config, adapter_name, target, target_name, parent, module_name)
-        return _get_submodules(self.model, module_name)[1]
+        return self._libraries[self.resolve_adapter(adapter_name)].add_expert(expert, instruction_embedding)
 
     def remove_expert(self, name: str, adapter_name: Optional[str] = None) -> None:
         """Remove one expert from the library without touching the others (equal to a rebuild without it)."""
-        adapter_name = self._adapter(adapter_name)
-        config: GliderConfig = self.peft_config[adapter_name]
-        names = config.expert_names
-        if name not in names:
-            raise KeyError(f"remove_expert: unknown expert {name!r}; experts are {names}.")
-        if len(names) == 1:
-            raise ValueError("remove_expert: a Glider adapter needs at least one expert.")
-        if config.top_k > len(names) - 1:
-            raise ValueError(f"remove_expert: top_k={config.top_k} would exceed the {len(names) - 1} experts left.")
-        index = names.index(name)
-        library = self._libraries[adapter_name]
-        with library.editing:
-            library.remove(
-                index, adapter_name, self.glider_layers(adapter_name),
-                retire=lambda module_names, number: self._retire_layers(adapter_name, module_names, number),
-            )  # fmt: skip
-            del config.experts[index]
-            config.target_modules = sorted(self.glider_layers(adapter_name))
-            if library.current.embeddings is not None:
-                self.glider_instruction_embeddings[adapter_name] = library.current.embeddings
-
-    def _retire_layers(self, adapter_name: str, module_names: list[str], number: int) -> None:
-        """Take the layers released in library version `number` out of the model once no call routes through them
-        any more: unwrap a layer that holds no other adapter, else drop the adapter's last references there. A
-        module the adapter adapts again (an expert added since), or released again later, is left alone."""
-        library = self._libraries.get(adapter_name)
-        with library.editing if library is not None else contextlib.nullcontext():
-            for module_name in module_names:
-                try:
-                    parent, layer, target_name = _get_submodules(self.model, module_name)
-                except AttributeError:
-                    continue
-                if not isinstance(layer, GliderLayer) or layer.released_in.get(adapter_name) != number:
-                    continue
-                if adapter_name in layer.glider_gates:  # adapted again since
-                    continue
-                layer.glider_library.pop(adapter_name, None)
-                layer.glider_routing.pop(adapter_name, None)
-                layer.released_in.pop(adapter_name, None)
-                if not layer.glider_gates:
-                    setattr(parent, target_name, layer.get_base_layer())
+        self._libraries[self.resolve_adapter(adapter_name)].remove_expert(name)
 
     # ------------------------------------------------------------------ public API
 
-    def _adapter(self, adapter_name: Optional[str]) -> str:
+    def resolve_adapter(self, adapter_name: Optional[str] = None) -> str:
+        """The Glider adapter's name: `adapter_name`, checked, or the only active adapter's."""
         if adapter_name is None:
             active = self.active_adapters
             if len(active) != 1:
@@ -373,7 +269,15 @@ class GliderModel(BaseTuner):
     @property
     def expert_names(self) -> list[str]:
         """Expert names of the active Glider adapter; the list index is the routing index."""
-        return list(self._libraries[self._adapter(None)].current.expert_names)
+        return self.expert_names_of(None)
+
+    def expert_names_of(self, adapter_name: Optional[str] = None) -> list[str]:
+        """Expert names of an adapter (the active one by default), in routing order."""
+        return list(self._libraries[self.resolve_adapter(adapter_name)].current.expert_names)
+
+    def record_gates(self, expert: str, how: str, adapter_name: Optional[str] = None) -> None:
+        """Record how an expert's gates were made (e.g. by a gate trainer); shown on the model card."""
+        self._libraries[self.resolve_adapter(adapter_name)].record_gates(expert, how)
 
     def set_gates(
         self,
@@ -388,62 +292,19 @@ class GliderModel(BaseTuner):
         adapt, wrong shapes and non-finite values, before changing anything. `how` says where the gates come from;
         it is recorded in each expert's config entry (`"gates"`) and shown on the model card.
         """
-        adapter_name = self._adapter(adapter_name)
-        names = self.peft_config[adapter_name].expert_names
-        layers = self.glider_layers(adapter_name)
-        library = self._libraries[adapter_name]
-        with library.editing:
-            rows: dict[GliderLayer, dict[int, torch.Tensor]] = {}
-            for expert, per_module in gates.items():
-                if expert not in names:
-                    raise KeyError(f"set_gates: unknown expert {expert!r}; experts are {names}.")
-                index = names.index(expert)
-                for module_name, vector in per_module.items():
-                    layer = layers.get(module_name)
-                    if layer is None:
-                        raise KeyError(f"set_gates: expert {expert!r}: no Glider layer at module {module_name!r}.")
-                    adapts = layer.glider_spans[adapter_name][index] is not None
-                    in_features = layer.in_features if adapts else None
-                    rows.setdefault(layer, {})[index] = check_gate(expert, module_name, vector, in_features, "set_gates")
-            library.replace_gates(adapter_name, rows)
-            for expert in gates:
-                self.peft_config[adapter_name].experts[names.index(expert)]["gates"] = how
+        self._libraries[self.resolve_adapter(adapter_name)].set_gates(gates, how)
 
     def get_gates(self, adapter_name: Optional[str] = None) -> dict[str, dict[str, torch.Tensor]]:
         """The gate vectors, in the form `set_gates` takes (only modules each expert adapts)."""
-        adapter_name = self._adapter(adapter_name)
-        version = self._libraries[adapter_name].current
-        gates: dict[str, dict[str, torch.Tensor]] = {name: {} for name in version.expert_names}
-        for module_name, snapshot in sorted(version.layers.items()):
-            for index, span in enumerate(snapshot.bank.spans):
-                if span is not None:
-                    gates[version.expert_names[index]][module_name] = snapshot.gates[index].detach().clone()
-        return gates
+        return self._libraries[self.resolve_adapter(adapter_name)].gates()
 
     def set_instruction_embeddings(self, embeddings: torch.Tensor, adapter_name: Optional[str] = None) -> None:
         """Set the per-expert instruction embeddings `g_e`, a tensor (E, e) in `expert_names` order."""
-        adapter_name = self._adapter(adapter_name)
-        embeddings = self._checked_embeddings(embeddings, adapter_name)
-        with self._libraries[adapter_name].editing:
-            self.glider_instruction_embeddings[adapter_name] = embeddings
-            self.peft_config[adapter_name].instruction_embedding_dim = embeddings.shape[1]
-            self._libraries[adapter_name].publish(embeddings=embeddings)
-
-    def _checked_embeddings(self, embeddings: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        num_experts = len(self.peft_config[adapter_name].experts)
-        embeddings = torch.as_tensor(embeddings)
-        if embeddings.dim() != 2 or embeddings.shape[0] != num_experts:
-            raise ValueError(
-                f"Instruction embeddings must have shape (num_experts={num_experts}, dim), "
-                f"got {tuple(embeddings.shape)}."
-            )
-        if not torch.isfinite(embeddings).all():
-            raise ValueError("Instruction embeddings contain non-finite values.")
-        return embeddings.detach().float().clone()
+        self._libraries[self.resolve_adapter(adapter_name)].set_embeddings(embeddings)
 
     def get_instruction_embeddings(self, adapter_name: Optional[str] = None) -> Optional[torch.Tensor]:
         """The per-expert instruction embeddings (E, e), or None if none were set."""
-        adapter_name = self._adapter(adapter_name)
+        adapter_name = self.resolve_adapter(adapter_name)
         if adapter_name not in self.glider_instruction_embeddings:
             return None
         return self.glider_instruction_embeddings[adapter_name]
@@ -457,23 +318,8 @@ class GliderModel(BaseTuner):
         """Store what `GlobalRouter.describe` computed, all or nothing: the instruction texts (in the config's expert
         entries), their embeddings, the embedder's id and the `alpha="auto"` threshold (when calibrated). With
         `router`, it becomes the one `route(...)` uses for this adapter."""
-        adapter_name = self._adapter(adapter_name)
-        config: GliderConfig = self.peft_config[adapter_name]
-        if list(descriptions.names) != config.expert_names:
-            raise ValueError(
-                f"The descriptions are for experts {list(descriptions.names)}, the adapter has {config.expert_names}."
-            )
-        embeddings = self._checked_embeddings(descriptions.embeddings, adapter_name)  # checked before any change
-        with self._libraries[adapter_name].editing:
-            self.glider_instruction_embeddings[adapter_name] = embeddings
-            config.instruction_embedding_dim = embeddings.shape[1]
-            self._libraries[adapter_name].publish(embeddings=embeddings)
-        for entry, text in zip(config.experts, descriptions.instructions):
-            entry["instruction"] = text
-        config.embedder = descriptions.embedder
-        config.instruction_writer = descriptions.writer
-        if descriptions.auto_alpha_threshold is not None:
-            config.auto_alpha_threshold = descriptions.auto_alpha_threshold
+        adapter_name = self.resolve_adapter(adapter_name)
+        self._libraries[adapter_name].set_descriptions(descriptions)
         if router is not None:
             self._global_routers[adapter_name] = router
 
@@ -485,17 +331,31 @@ class GliderModel(BaseTuner):
         router = GlobalRouter.recorded(config.instruction_writer, config.embedder)
         return self._global_routers.setdefault(adapter_name, router)
 
+    def global_router(self, adapter_name: Optional[str] = None) -> Optional["GlobalRouter"]:
+        """The router `route(...)` uses for the adapter when given none (None until one is set or rebuilt)."""
+        return self._global_routers.get(self.resolve_adapter(adapter_name))
+
     def set_global_router(self, router: "GlobalRouter", adapter_name: Optional[str] = None) -> None:
         """Make `router` the one `route(...)` uses for the adapter."""
-        self._global_routers[self._adapter(adapter_name)] = router
+        self._global_routers[self.resolve_adapter(adapter_name)] = router
 
-    @contextlib.contextmanager
+    def _calls(self, adapter_name: Optional[str]) -> CallContexts:
+        """The routing contexts of the adapter (the active one by default)."""
+        adapter = self.resolve_adapter(adapter_name)
+        return CallContexts(
+            self.peft_config[adapter],
+            self._routing_states[adapter],
+            self._libraries[adapter],
+            embeddings=lambda: self.get_instruction_embeddings(adapter),
+            router=lambda: self._global_routers.get(adapter) or self._recorded_router(adapter),
+        )
+
     def global_scores(
         self,
         scores: torch.Tensor,
         alpha: Optional[Union[float, torch.Tensor]] = None,
         adapter_name: Optional[str] = None,
-    ) -> Iterator[torch.Tensor]:
+    ) -> contextlib.AbstractContextManager[torch.Tensor]:
         """Route the calls inside with per-row global scores `scores` (B, E), e.g. cosines `cos(q_b, g_e)`.
 
         Row b of every batch inside belongs to query b; rows expanded by `generate` (beams, return sequences)
@@ -504,110 +364,33 @@ class GliderModel(BaseTuner):
         calibrated threshold rule). Yields the per-row alpha used.
 
         The scores hold for the calls this thread (or asyncio task) makes inside the context; other threads keep
-        their own. Contexts nest: the inner one wins until it exits, and nothing stays set afterwards.
+        their own. Contexts nest: the inner one wins until it exits, and nothing stays set afterwards. The calls
+        inside route with the library as it was when the context was entered, whatever another thread edits.
         """
-        adapter_name = self._adapter(adapter_name)
-        with self._scores_context(adapter_name, self._call_version(adapter_name), scores, alpha) as row_alpha:
-            yield row_alpha
+        return self._calls(adapter_name).global_scores(scores, alpha)
 
-    @contextlib.contextmanager
-    def _scores_context(
-        self, adapter_name: str, version: LibraryVersion, scores: torch.Tensor, alpha: Optional[Union[float, torch.Tensor]]
-    ) -> Iterator[torch.Tensor]:
-        """Route the calls inside with `version` and global scores `scores` checked against its experts."""
-        config: GliderConfig = self.peft_config[adapter_name]
-        num_experts = version.num_experts
-        scores = torch.as_tensor(scores)
-        if scores.dim() == 1:
-            scores = scores[None]
-        if scores.dim() != 2 or scores.shape[1] != num_experts or scores.shape[0] == 0:
-            raise ValueError(
-                f"Global scores must have shape (batch, num_experts={num_experts}), got {tuple(scores.shape)}."
-            )
-        if not torch.isfinite(scores).all():
-            raise ValueError("Global scores contain non-finite values.")
-        scores = scores.detach().float().cpu()
-        row_alpha = self._row_alpha(config, scores, alpha)
-        with call_routing(self._routing_states[adapter_name], version=version, row_bias=row_alpha[:, None] * scores):
-            yield row_alpha
-
-    @staticmethod
-    def _row_alpha(
-        config: GliderConfig, scores: torch.Tensor, alpha: Optional[Union[float, torch.Tensor]]
-    ) -> torch.Tensor:
-        rows = scores.shape[0]
-        if alpha is not None:
-            row_alpha = torch.as_tensor(alpha, dtype=torch.float32).reshape(-1).expand(rows).clone()
-            if not torch.isfinite(row_alpha).all():
-                raise ValueError("alpha must be finite.")
-            return row_alpha
-        if config.alpha != "auto":
-            return torch.full((rows,), config.alpha)
-        if config.auto_alpha_threshold is None:
-            raise ValueError(
-                "alpha='auto' needs a calibrated threshold: run GlobalRouter.describe_experts(...) or set "
-                "config.auto_alpha_threshold."
-            )
-        return auto_alpha(scores, config.auto_alpha_threshold, config.alpha_held_in, config.alpha_held_out)
-
-    @contextlib.contextmanager
     def route(
         self,
         prompts: Optional[Union[str, Sequence[str]]] = None,
         task_samples: Optional[Sequence] = None,
         router: Optional["GlobalRouter"] = None,
         adapter_name: Optional[str] = None,
-    ) -> Iterator["RouteInfo"]:
+    ) -> contextlib.AbstractContextManager["RouteInfo"]:
         """Route the calls inside by the prompts' own instructions (per query) or their task's (`task_samples`).
 
         `prompts` is one prompt (a string) or a list of them, one per batch row. Per task, the rows (`len(prompts)`,
         or one) share one instruction written from `task_samples`. Uses `router`, or the `GlobalRouter` that
         described this adapter's experts, or else the one the adapter records (a shared adapter loaded elsewhere:
-        rebuilt on first use when its instructions came from the samples writer). Yields a `RouteInfo` with the instructions, scores, per-row alpha and the
-        time spent in the LLM and the embedder. Like `global_scores`, it holds for this thread or task only.
+        rebuilt on first use when its instructions came from the samples writer). Yields a `RouteInfo` with the
+        instructions, scores, per-row alpha and the time spent in the LLM and the embedder. Like `global_scores`,
+        it holds for this thread or task only.
         """
-        adapter_name = self._adapter(adapter_name)
-        router = router or self._global_routers.get(adapter_name) or self._recorded_router(adapter_name)
-        version = self._call_version(adapter_name)
-        if version.embeddings is None:
-            raise ValueError("The Glider adapter has no instruction embeddings: run describe_experts(...) first.")
-        rows = _route_rows(prompts, task_samples)
-        info = router.score(rows, version.embeddings, self.peft_config[adapter_name].embedder)
-        with self._scores_context(adapter_name, version, info.scores, None) as row_alpha:
-            info.alpha = row_alpha
-            yield info
+        return self._calls(adapter_name).route(prompts, task_samples, router)
 
-    @contextlib.contextmanager
-    def routing_trace(self, adapter_name: Optional[str] = None) -> Iterator[RoutingTrace]:
+    def routing_trace(self, adapter_name: Optional[str] = None) -> contextlib.AbstractContextManager[RoutingTrace]:
         """Record which experts each token picks at each module during the calls inside (off otherwise); only the
         calls of this thread or task are recorded."""
-        adapter_name = self._adapter(adapter_name)
-        version = self._call_version(adapter_name)
-        trace = RoutingTrace(expert_names=list(version.expert_names))
-        with call_routing(self._routing_states[adapter_name], version=version, trace=trace):
-            yield trace
-
-    def _call_version(self, adapter_name: str) -> LibraryVersion:
-        """The library version a call routes with: the one an enclosing context of this call took, else the current
-        one (which the context about to be entered then keeps to its end)."""
-        call = self._routing_states[adapter_name].current_call()
-        if call is not None and call.version is not None:
-            return call.version
-        return self._current_version(adapter_name)
-
-    def _current_version(self, adapter_name: str) -> LibraryVersion:
-        """The adapter's current library version, republished first if its instruction embeddings were replaced
-        behind the library's back (a checkpoint loaded with `assign=True`, a move to another device)."""
-        library = self._libraries[adapter_name]
-        version = library.current
-        embeddings = self.get_instruction_embeddings(adapter_name)
-        if version.embeddings is not embeddings:
-            with library.editing:  # an edit may be between setting the embeddings and publishing them: read again
-                embeddings = self.get_instruction_embeddings(adapter_name)
-                if library.current.embeddings is not embeddings:
-                    library.publish(embeddings=embeddings)
-                version = library.current
-        return version
+        return self._calls(adapter_name).trace()
 
     def set_kernel(self, kernel: str, adapter_name: Optional[str] = None) -> None:
         """Force a kernel for the experts' products ("concat", "gather", "sparse" or "native", the compiled one that
@@ -617,40 +400,51 @@ class GliderModel(BaseTuner):
 
         if kernel not in KERNELS:
             raise ValueError(f"Unknown kernel {kernel!r}; expected one of {KERNELS}.")
-        self._routing_states[self._adapter(adapter_name)].kernel = kernel
+        self._routing_states[self.resolve_adapter(adapter_name)].kernel = kernel
 
     def routing_state(self, adapter_name: Optional[str] = None) -> RoutingState:
         """The shared routing state (top_k, alpha, kernel) of an adapter."""
-        return self._routing_states[self._adapter(adapter_name)]
+        return self._routing_states[self.resolve_adapter(adapter_name)]
 
 
+class _AdapterHost:
+    """What an adapter's `ExpertLibrary` needs of the model (`library.LibraryHost`), for one adapter."""
 
-def check_gate(
-    expert: str, module_name: str, vector: torch.Tensor, in_features: Optional[int], caller: str
-) -> torch.Tensor:
-    """A gate vector for `expert` at `module_name`, checked: the expert adapts the module (`in_features` is its
-    input size, None where it does not), the shape fits and the values are finite."""
-    if in_features is None:
-        raise ValueError(f"{caller}: expert {expert!r} does not adapt module {module_name!r}.")
-    vector = torch.as_tensor(vector)
-    if vector.shape != (in_features,):
-        raise ValueError(
-            f"{caller}: gate of expert {expert!r} at {module_name!r} has shape {tuple(vector.shape)}, "
-            f"expected ({in_features},)."
+    def __init__(self, glider: GliderModel, adapter_name: str) -> None:
+        self.glider, self.adapter_name = glider, adapter_name
+
+    def layers(self) -> dict[str, GliderLayer]:
+        return self.glider.glider_layers(self.adapter_name)
+
+    def wrap(self, module_name: str) -> GliderLayer:
+        parent, target, target_name = _get_submodules(self.glider.model, module_name)
+        self.glider._create_and_replace(
+            self.glider.peft_config[self.adapter_name], self.adapter_name, target, target_name, parent, module_name
         )
-    if not torch.isfinite(vector).all():
-        raise ValueError(f"{caller}: gate of expert {expert!r} at {module_name!r} is not finite.")
-    return vector
+        return _get_submodules(self.glider.model, module_name)[1]
 
+    def retire(self, module_names: list[str], version_number: int) -> None:
+        """Unwrap a released layer that holds no other adapter, else drop the adapter's last references there; a
+        module the adapter adapts again (an expert added since), or released again later, is left alone."""
+        adapter = self.adapter_name
+        library = self.glider._libraries.get(adapter)
+        with library.editing if library is not None else contextlib.nullcontext():
+            for module_name in module_names:
+                try:
+                    parent, layer, target_name = _get_submodules(self.glider.model, module_name)
+                except AttributeError:
+                    continue
+                if not isinstance(layer, GliderLayer) or layer.released_in.get(adapter) != version_number:
+                    continue
+                if adapter in layer.glider_gates:  # adapted again since
+                    continue
+                for references in (layer.glider_library, layer.glider_routing, layer.released_in):
+                    references.pop(adapter, None)
+                if not layer.glider_gates:
+                    setattr(parent, target_name, layer.get_base_layer())
 
-def _route_rows(prompts: Optional[Union[str, Sequence[str]]], task_samples: Optional[Sequence]) -> list[list]:
-    """The samples each batch row is routed by: its own prompt (per query) or the task's samples (per task)."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if task_samples is not None:
-        if isinstance(task_samples, str):
-            task_samples = [task_samples]
-        return [list(task_samples)] * (len(prompts) if prompts else 1)
-    if not prompts:
-        raise ValueError("route() needs prompts (per-query routing) or task_samples (per-task routing).")
-    return [[prompt] for prompt in prompts]
+    def base_modules(self) -> dict[str, nn.Module]:
+        return dict(self.glider.model.named_modules())
+
+    def store_embeddings(self, embeddings: Optional[torch.Tensor]) -> None:
+        self.glider.glider_instruction_embeddings[self.adapter_name] = embeddings

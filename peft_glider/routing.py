@@ -206,7 +206,7 @@ class ExpertBank:
         if self.uniform_rank is not None:  # per-expert blocks of the factors, for gathering
             self.A_blocks = self.A.view(self.num_present, self.uniform_rank, -1)  # (P, r, d)
             self.BT_blocks = self.BT.view(self.num_present, self.uniform_rank, -1)  # (P, r, o)
-        self._kernel_choice = KernelChoices()
+        self.kernel_choices = KernelChoices()
         self._device_layout: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
@@ -581,14 +581,14 @@ def choose_kernel(num_tokens: int, bank: ExpertBank, k: int, dtype: torch.dtype,
     on CUDA `choose_kernel_cuda`'s rule. Remembered per bank in a bounded `KernelChoices`."""
     device_type = bank.A.device.type
     key = KernelChoices.key(num_tokens, k, dtype, needs_grad, device_type)
-    choice = bank._kernel_choice.get(key)
+    choice = bank.kernel_choices.get(key)
     if choice is None:
         if device_type == "cuda":
             choice = choose_kernel_cuda(bank, dtype, needs_grad)
         else:
             costs = kernel_costs(key[0], bank, k, dtype, needs_grad)
             choice = min(costs, key=costs.get)
-        bank._kernel_choice.put(key, choice)
+        bank.kernel_choices.put(key, choice)
     return choice
 
 

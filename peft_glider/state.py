@@ -19,8 +19,11 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Optional
 
 import torch
 
+from .local_router.routers import LOCAL_ROUTERS
+
 if TYPE_CHECKING:
     from .library import LibraryVersion
+    from .local_router.routers import LocalRouter
 
 
 @dataclass
@@ -86,7 +89,7 @@ class RoutingState:
     """Router settings of one Glider adapter, shared by its layers (per-call inputs live in `CallRouting`)."""
 
     top_k: int
-    local_router: str = "phatgoose"
+    local_router: "LocalRouter" = field(default_factory=lambda: LOCAL_ROUTERS["phatgoose"])
     arrow_temperature: float = 1.0
     kernel: str = "auto"
 

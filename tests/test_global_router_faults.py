@@ -50,14 +50,14 @@ def test_describe_experts_is_all_or_nothing(library):
     glider, config = library.base_model, library.peft_config["default"]
     GlobalRouter(SamplesWriter(), LetterEmbedder(), cache_dir=None).describe_experts(library, TASKS)
     before = (glider.get_instruction_embeddings().clone(), config.auto_alpha_threshold,
-              [e["instruction"] for e in config.experts], glider._global_routers["default"])
+              [e["instruction"] for e in config.experts], glider.global_router())
     failing = GlobalRouter(FailingWriter(fail_from=5), LetterEmbedder(), cache_dir=None)  # fails while calibrating
     with pytest.raises(InstructionWriterError, match="scripted failure"):
         failing.describe_experts(library, TASKS)
     assert torch.equal(glider.get_instruction_embeddings(), before[0])
     assert config.auto_alpha_threshold == before[1]
     assert [e["instruction"] for e in config.experts] == before[2]
-    assert glider._global_routers["default"] is before[3]
+    assert glider.global_router() is before[3]
 
 
 # 2 ---------------------------------------------------------------------------------------------------------------

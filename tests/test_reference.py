@@ -345,7 +345,7 @@ def test_auto_kernel_follows_the_shapes():
                 assert routing.choose_kernel(tokens, bank, 2, torch.float32) == "native"
             assert routing.choose_kernel(512, bank, 2, torch.float32, needs_grad=True) != "native"
             bank.native_ready = False  # as without the compiled kernel
-            bank._kernel_choice.clear()
+            bank.kernel_choices.clear()
     assert routing.choose_kernel(512, few, 2, torch.float32) == "concat"
     assert routing.choose_kernel(1, few, 2, torch.float32) == "concat"
     assert routing.choose_kernel(1, many, 2, torch.float32) == "gather"

@@ -121,7 +121,7 @@ def test_kernel_choices_are_bounded_and_bucketed(tmp_path):
     bank = layer.expert_bank("default")
     for tokens in range(1, 3000, 7):  # one prompt length after another
         routing.choose_kernel(tokens, bank, 1, torch.float32)
-    choices = bank._kernel_choice
+    choices = bank.kernel_choices
     assert len(choices) <= choices.capacity
     assert routing.KernelChoices.key(300, 1, torch.float32, False, "cpu")[0] == 512
     assert "triton" not in routing.kernel_costs(64, bank, 1, torch.float32)  # auto never picks it on CPU

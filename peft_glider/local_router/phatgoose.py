@@ -91,18 +91,21 @@ def train_gates(
     args = args or GateTrainingArguments()
     accelerator = accelerator or Accelerator()
     glider = model.base_model
-    adapter = glider._adapter(adapter_name)
+    adapter = glider.resolve_adapter(adapter_name)
     state = glider.routing_state(adapter)
-    if state.local_router != "phatgoose":
-        raise ValueError(f"Gate training is for local_router='phatgoose'; this adapter uses {state.local_router!r}.")
-    names = glider.peft_config[adapter].expert_names
+    if not state.local_router.learned:
+        raise ValueError(
+            f"Gate training is for local routers with learned gates (phatgoose); this adapter uses "
+            f"{state.local_router.name!r}."
+        )
+    names = glider.expert_names_of(adapter)
     if expert not in names:
         raise KeyError(f"train_gates: unknown expert {expert!r}; experts are {names}.")
     index = names.index(expert)
     layers = {
-        name: layer for name, layer in glider.glider_layers(adapter).items() if layer.glider_spans[adapter][index]
+        name: layer for name, layer in glider.glider_layers(adapter).items() if layer.adapts(adapter, index)
     }
-    params = [layer.glider_gates[adapter] for layer in layers.values()]
+    params = [layer.gate_parameter(adapter) for layer in layers.values()]
     saved_rows = [param.detach().clone() for param in params]  # other experts' gates stay as they are
     with torch.no_grad():
         for param in params:
@@ -153,10 +156,10 @@ def train_gates(
                 keep = torch.ones(param.shape[0], dtype=torch.bool, device=param.device)
                 keep[index] = False
                 param[keep] = saved.to(param.device)[keep]
-    glider.peft_config[adapter].experts[index]["gates"] = (
-        f"trained ({args.steps} steps, learning rate {args.learning_rate:g}, {len(examples)} examples)"
+    glider.record_gates(
+        expert, f"trained ({args.steps} steps, learning rate {args.learning_rate:g}, {len(examples)} examples)", adapter
     )
-    return {name: layer.glider_gates[adapter][index].detach().cpu().clone() for name, layer in layers.items()}
+    return {name: layer.gate_parameter(adapter)[index].detach().cpu().clone() for name, layer in layers.items()}
 
 
 def untrained_experts(model: nn.Module, adapter_name: Optional[str] = None) -> list[str]:
@@ -206,10 +209,11 @@ def train_expert_gates(
 
     from peft import get_peft_model
 
-    from ..config import GliderConfig
+    from ..config import GliderConfig, entry_path
+    from ..library import UngatedExpertsWarning
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Experts .* carry no trained gates")
+        warnings.simplefilter("ignore", UngatedExpertsWarning)  # training them is what this does
         model = get_peft_model(base_model, GliderConfig(experts=[expert], top_k=1, alpha=0.0))
     try:
         entry = model.peft_config["default"].experts[0]
@@ -217,7 +221,7 @@ def train_expert_gates(
     finally:
         model.unload()
     if save:
-        folder = entry["source"] if not entry.get("subfolder") else os.path.join(entry["source"], entry["subfolder"])
+        folder = entry_path(entry)
         if not os.path.isdir(folder):
             raise ValueError(f"Expert {entry['name']!r} is not a local folder; save its gates with save_gates().")
         is_main = accelerator is None or accelerator.is_main_process
