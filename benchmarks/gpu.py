@@ -286,7 +286,7 @@ def main() -> None:
     report = {"device": device_name, "versions": found, "dtype": str(setup.dtype).removeprefix("torch."),
               "dry_run": args.dry_run}
     if setup.device != "cuda":
-        from peft_glider.routing import triton_interpreter_usable
+        from peft_glider.kernels import triton_interpreter_usable
 
         if not triton_interpreter_usable():
             report["notes"] = ("Triton's interpreter cannot run here (Triton < 3.7 with NumPy >= 2.4): the Glider "

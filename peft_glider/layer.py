@@ -11,6 +11,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import routing
+from .bank import ExpertBank, pack_experts
+from .kernels import delta_gated_single
 from .experts import LoraFactors
 from .state import CallRouting, RoutingState
 
@@ -61,13 +63,13 @@ class LayerSnapshot:
 
     __slots__ = ("bank", "gates", "k", "_rows")
 
-    def __init__(self, bank: routing.ExpertBank, gates: torch.Tensor, k: int) -> None:
+    def __init__(self, bank: ExpertBank, gates: torch.Tensor, k: int) -> None:
         self.bank = bank
         self.gates = gates  # (E, in)
         self.k = k  # top_k capped by the number of experts present here
         self._rows: Optional[tuple] = None  # (key, rows)
 
-    def rebind(self, bank: routing.ExpertBank, gates: torch.Tensor) -> None:
+    def rebind(self, bank: ExpertBank, gates: torch.Tensor) -> None:
         """Point at the same values after the layer's tensors were moved or cast."""
         self.bank, self.gates, self._rows = bank, gates, None
 
@@ -186,7 +188,7 @@ class GliderLayer(BaseTunerLayer):
         self.glider_routing[adapter_name] = routing_state
         self.glider_library[adapter_name] = library
         previous = self.glider_gates[adapter_name] if adapter_name in self.glider_gates else None
-        A, BT, rank_expert, rank_scaling, spans = routing.pack_experts(experts)
+        A, BT, rank_expert, rank_scaling, spans = pack_experts(experts)
         gates = torch.zeros(len(experts), self.in_features)
         for index, factors in enumerate(experts):
             if factors is not None:
@@ -301,8 +303,8 @@ class GliderLayer(BaseTunerLayer):
         self._installed[adapter_name] = snapshot
         return snapshot
 
-    def _bank(self, adapter_name: str) -> routing.ExpertBank:
-        return routing.ExpertBank(
+    def _bank(self, adapter_name: str) -> ExpertBank:
+        return ExpertBank(
             A=self.glider_A[adapter_name],
             BT=self.glider_B[adapter_name],
             rank_expert=self.glider_rank_expert[adapter_name],
@@ -382,7 +384,7 @@ class GliderLayer(BaseTunerLayer):
         """The adapter's trainable gates here, (E, in), one row per expert (prototypes under Arrow)."""
         return self.glider_gates[adapter_name]
 
-    def expert_bank(self, adapter_name: str) -> routing.ExpertBank:
+    def expert_bank(self, adapter_name: str) -> ExpertBank:
         """The adapter's experts here as the layer holds them now."""
         return self.installed_snapshot(adapter_name).bank
 
@@ -452,7 +454,7 @@ class GliderLinear(nn.Module, GliderLayer):
             u = u.to(bank.A.device, bank.A.dtype)
         if call.gate_training_expert is not None:
             gate = snapshot.gates[call.gate_training_expert]
-            delta = routing.delta_gated_single(u, bank, call.gate_training_expert, gate)
+            delta = delta_gated_single(u, bank, call.gate_training_expert, gate)
             return delta.view(*x.shape[:-1], self.out_features)
         batch_rows = x.shape[0] if x.dim() > 1 else 1
         selection, delta = routing.route(

@@ -394,9 +394,9 @@ class GliderModel(BaseTuner):
 
     def set_kernel(self, kernel: str, adapter_name: Optional[str] = None) -> None:
         """Force a kernel for the experts' products ("concat", "gather", "sparse" or "native", the compiled one that
-        also routes; see `routing.KERNELS`) or let each call's shapes decide ("auto", the default). A forced kernel
+        also routes; see `kernels.KERNELS`) or let each call's shapes decide ("auto", the default). A forced kernel
         that cannot run a call falls back to "concat"."""
-        from .routing import KERNELS
+        from .kernels import KERNELS
 
         if kernel not in KERNELS:
             raise ValueError(f"Unknown kernel {kernel!r}; expected one of {KERNELS}.")

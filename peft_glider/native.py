@@ -69,7 +69,7 @@ def _library() -> ctypes.CDLL:
 
 def check_layout(A: torch.Tensor, BT: torch.Tensor, row_start: torch.Tensor, rank: torch.Tensor,
                  scaling: torch.Tensor) -> None:
-    """Check the experts' operands the C functions read (once per set of experts: `routing.ExpertBank` does it
+    """Check the experts' operands the C functions read (once per set of experts: `bank.ExpertBank` does it
     when it is built): contiguous CPU tensors of the right dtypes and shapes, each expert's rows inside A and BT.
     Raises `ValueError` naming the operand."""
     total_rank, o = BT.shape

@@ -14,6 +14,9 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 
 from peft_glider import GliderConfig, native, routing
+from peft_glider import bank as bank_packing
+from peft_glider import kernel_choice
+from peft_glider import kernels
 
 MODULE = "model.layers.1.self_attn.q_proj"
 
@@ -177,7 +180,7 @@ def make_bank(ranks, scalings, present, generator, d=24, o=20, dtype=torch.float
         rank_expert += [expert] * (rank if here else 0)
         rank_scaling += [scaling] * (rank if here else 0)
     present = torch.tensor(present)
-    return routing.ExpertBank(
+    return bank_packing.ExpertBank(
         A=torch.randn(offset, d, generator=generator, dtype=dtype),
         BT=torch.randn(offset, o, generator=generator, dtype=dtype),
         rank_expert=torch.tensor(rank_expert),
@@ -245,7 +248,7 @@ def test_native_kernel_matches_per_pair_reference(bank_name, simd, tokens):
     generator = torch.Generator().manual_seed(tokens)
     ranks, scalings, present = NATIVE_BANKS[bank_name]
     bank = make_bank(ranks, scalings, present, generator, d=37, o=29, dtype=torch.float32)
-    assert "native" in routing.runnable_kernels(bank, torch.float32)
+    assert "native" in kernel_choice.runnable_kernels(bank, torch.float32)
     x = torch.randn(tokens, 40, generator=generator)[:, :37]  # rows with a stride of 40
     logits = torch.randn(tokens, len(ranks), generator=generator)
     mask = torch.tensor(present)
@@ -281,7 +284,7 @@ def test_fused_routing_matches_the_torch_path(bank_name, router, simd, tokens, g
     x = 3.0 + 2.0 * torch.randn(tokens, 37, generator=generator)  # a mean and scale the scores must ignore
     bias = torch.randn(groups, len(ranks), generator=generator)
     start = torch.randn(tokens, 29, generator=generator)
-    assert routing.can_fuse_routing(rows, bank)
+    assert kernels.can_fuse_routing(rows, bank)
 
     dots = routing.standardized_dots if router == "phatgoose" else routing.arrow_dots
     mask = torch.tensor(present)
@@ -291,19 +294,19 @@ def test_fused_routing_matches_the_torch_path(bank_name, router, simd, tokens, g
     expected = start.double() + per_pair_reference(x.double(), make_bank_double(bank), expected_selection)
     out = start.clone()
     indices, weights = native.route_and_add(
-        x, rows, router == "phatgoose", routing.LN_EPS, bias, k, bank.A, bank.BT,
+        x, rows, router == "phatgoose", bank_packing.LN_EPS, bias, k, bank.A, bank.BT,
         bank.expert_row_start, bank.expert_rank, bank.expert_scaling, out, simd=simd,
     )  # fmt: skip
     assert indices.tolist() == expected_selection.indices.tolist()
     torch.testing.assert_close(weights, expected_selection.weights, atol=1e-5, rtol=1e-4)  # float32 logits
     torch.testing.assert_close(out.double(), expected, atol=1e-3, rtol=1e-4)  # deltas of about 100
-    selection, got = routing.route_and_apply_native(x, rows, router == "phatgoose", bias, k, bank, start.clone())
+    selection, got = kernels.route_and_apply_native(x, rows, router == "phatgoose", bias, k, bank, start.clone())
     assert selection.indices.tolist() == indices.tolist()
     torch.testing.assert_close(got.double(), expected, atol=1e-3, rtol=1e-4)  # (with SIMD)
 
 
 def make_bank_double(bank):
-    return routing.ExpertBank(
+    return bank_packing.ExpertBank(
         A=bank.A.double(), BT=bank.BT.double(), rank_expert=bank.rank_expert,
         rank_scaling=bank.rank_scaling.double(), spans=bank.spans, expert_slot=bank.expert_slot,
     )  # fmt: skip
@@ -320,9 +323,9 @@ def test_native_kernel_steps_aside_where_it_cannot_run():
     """Gradients, half precision and float64 take a torch kernel, also when `native` is forced."""
     generator = torch.Generator().manual_seed(0)
     bank = make_bank([4] * 6, [2.0] * 6, [True] * 6, generator, dtype=torch.float32)
-    assert "native" not in routing.runnable_kernels(bank, torch.float32, needs_grad=True)
-    assert "native" not in routing.runnable_kernels(bank, torch.bfloat16)
-    assert "native" not in routing.runnable_kernels(make_bank([4] * 6, [2.0] * 6, [True] * 6, generator), torch.float64)
+    assert "native" not in kernel_choice.runnable_kernels(bank, torch.float32, needs_grad=True)
+    assert "native" not in kernel_choice.runnable_kernels(bank, torch.bfloat16)
+    assert "native" not in kernel_choice.runnable_kernels(make_bank([4] * 6, [2.0] * 6, [True] * 6, generator), torch.float64)
     x = torch.randn(5, 24, generator=generator, requires_grad=True)
     selection = routing.select_top_k(torch.randn(5, 6, generator=generator), None, 2)
     got = routing.apply_experts(x, bank, selection, "native")
@@ -342,17 +345,17 @@ def test_auto_kernel_follows_the_shapes():
     if native.available():
         for bank in (few, many, mixed):
             for tokens in (1, 512):
-                assert routing.choose_kernel(tokens, bank, 2, torch.float32) == "native"
-            assert routing.choose_kernel(512, bank, 2, torch.float32, needs_grad=True) != "native"
+                assert kernel_choice.choose_kernel(tokens, bank, 2, torch.float32) == "native"
+            assert kernel_choice.choose_kernel(512, bank, 2, torch.float32, needs_grad=True) != "native"
             bank.native_ready = False  # as without the compiled kernel
-            bank.kernel_choices.clear()
-    assert routing.choose_kernel(512, few, 2, torch.float32) == "concat"
-    assert routing.choose_kernel(1, few, 2, torch.float32) == "concat"
-    assert routing.choose_kernel(1, many, 2, torch.float32) == "gather"
-    assert routing.choose_kernel(512, many, 2, torch.float32) == "sparse"
-    assert routing.choose_kernel(512, many, 2, torch.float32, needs_grad=True) != "sparse"
-    assert routing.choose_kernel(512, many, 2, torch.bfloat16) != "sparse"
-    assert routing.choose_kernel(512, mixed, 2, torch.float32) == "concat"
+            kernel_choice.choices_for(bank).clear()
+    assert kernel_choice.choose_kernel(512, few, 2, torch.float32) == "concat"
+    assert kernel_choice.choose_kernel(1, few, 2, torch.float32) == "concat"
+    assert kernel_choice.choose_kernel(1, many, 2, torch.float32) == "gather"
+    assert kernel_choice.choose_kernel(512, many, 2, torch.float32) == "sparse"
+    assert kernel_choice.choose_kernel(512, many, 2, torch.float32, needs_grad=True) != "sparse"
+    assert kernel_choice.choose_kernel(512, many, 2, torch.bfloat16) != "sparse"
+    assert kernel_choice.choose_kernel(512, mixed, 2, torch.float32) == "concat"
 
 
 def test_unknown_kernel_is_refused():

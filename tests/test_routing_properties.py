@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peft_glider import bank as bank_packing
 from peft_glider import routing
 from peft_glider.experts import LoraFactors
 
@@ -33,7 +34,7 @@ def build(case: dict, permutation: list[int] | None = None):
     if permutation is not None:
         factors, gates, bias = [factors[i] for i in permutation], gates[permutation], bias[:, permutation]
     rows = routing.phatgoose_rows(gates) if case["router"] == "phatgoose" else routing.arrow_rows(gates, 1.0)
-    return routing.ExpertBank.from_factors(factors), rows, u, bias
+    return bank_packing.ExpertBank.from_factors(factors), rows, u, bias
 
 
 def route(case: dict, bank, rows, u, bias, k: int = 2):

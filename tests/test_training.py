@@ -8,6 +8,7 @@ from conftest import input_ids, random_gates, tiny_llama, tiny_t5
 from peft import get_peft_model
 
 from peft_glider import GliderConfig
+from peft_glider import bank as bank_packing
 from peft_glider import routing
 from peft_glider.experts import LoraFactors
 
@@ -91,7 +92,7 @@ def test_routing_gradient_matches_finite_differences():
     generator = torch.Generator().manual_seed(0)
     experts = [LoraFactors(torch.randn(3, 6, generator=generator, dtype=torch.float64),
                            torch.randn(5, 3, generator=generator, dtype=torch.float64), 0.5) for _ in range(4)]
-    bank = routing.ExpertBank.from_factors(experts)  # packed as a Glider layer packs its experts
+    bank = bank_packing.ExpertBank.from_factors(experts)  # packed as a Glider layer packs its experts
     u = torch.randn(7, 6, generator=generator, dtype=torch.float64)
     gates = torch.randn(4, 6, generator=generator, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(7, 4, generator=generator, dtype=torch.float64)

@@ -95,7 +95,7 @@ def run_all(device: str) -> None:
     check_model(device)
 
 
-@pytest.mark.skipif(not __import__("peft_glider.routing").routing.triton_interpreter_usable(),
+@pytest.mark.skipif(not __import__("peft_glider.kernels").kernels.triton_interpreter_usable(),
                     reason="Triton < 3.7's interpreter cannot run with NumPy >= 2.4 (compiled kernels can)")
 def test_triton_kernel_under_the_interpreter_on_cpu():
     result = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=600,
@@ -113,19 +113,19 @@ def test_kernel_choices_are_bounded_and_bucketed(tmp_path):
     from conftest import make_expert, tiny_llama
     from peft import get_peft_model
 
-    from peft_glider import GliderConfig, routing
+    from peft_glider import GliderConfig, kernel_choice
 
     experts = [make_expert(tiny_llama, tmp_path / f"e{i}", seed=i) for i in range(2)]
     model = get_peft_model(tiny_llama(), GliderConfig(experts=experts, top_k=1))
     layer = next(iter(model.base_model.glider_layers().values()))
     bank = layer.expert_bank("default")
     for tokens in range(1, 3000, 7):  # one prompt length after another
-        routing.choose_kernel(tokens, bank, 1, torch.float32)
-    choices = bank.kernel_choices
+        kernel_choice.choose_kernel(tokens, bank, 1, torch.float32)
+    choices = kernel_choice.choices_for(bank)
     assert len(choices) <= choices.capacity
-    assert routing.KernelChoices.key(300, 1, torch.float32, False, "cpu")[0] == 512
-    assert "triton" not in routing.kernel_costs(64, bank, 1, torch.float32)  # auto never picks it on CPU
-    assert routing.choose_kernel_cuda(bank, torch.float32, False) == "concat"  # a small library: the rule's answer
+    assert kernel_choice.KernelChoices.key(300, 1, torch.float32, False, "cpu")[0] == 512
+    assert "triton" not in kernel_choice.kernel_costs(64, bank, 1, torch.float32)  # auto never picks it on CPU
+    assert kernel_choice.choose_kernel_cuda(bank, torch.float32, False) == "concat"  # a small library: the rule's answer
     import copy
     import pickle
 
