@@ -33,6 +33,7 @@ from .local_router.routers import local_router
 if TYPE_CHECKING:
     from .global_router import ExpertDescriptions
     from .layer import GliderLayer, LayerSnapshot
+    from .state import RoutingState
 
 
 class LibraryHost(Protocol):
@@ -269,6 +270,29 @@ class ExpertLibrary:
             config.instruction_writer = descriptions.writer
             if descriptions.auto_alpha_threshold is not None:
                 config.auto_alpha_threshold = descriptions.auto_alpha_threshold
+
+    def fill_placeholders(self, state: "RoutingState", model: nn.Module) -> None:
+        """Load, from their sources at the pinned commits, the experts of layers still holding zero placeholders
+        (a saved adapter's config whose checkpoint was never loaded), as one version; nothing when none waits."""
+        adapter = self.adapter_name
+        waiting = {name: layer for name, layer in self.host.layers().items() if adapter in layer.glider_awaiting_checkpoint}
+        if not waiting:  # its checkpoint filled every placeholder
+            return
+        try:
+            sources = ExpertLibrary.resolve(self.config, model, placeholders=False)
+        except (OSError, ValueError) as error:
+            raise RuntimeError(
+                f"Glider adapter {adapter!r} comes from a saved adapter's config, but its checkpoint was never loaded "
+                "and its experts could not be loaded from their sources either. Load it with "
+                f"PeftModel.from_pretrained(base_model, path) (or peft_glider.load_glider). Cause: {error}"
+            ) from error
+        with self._edit_lock:
+            snapshots = dict(self.current.layers)
+            for name, layer in waiting.items():
+                snapshots[name] = layer.update_layer(adapter, sources.module_factors(name), state, self)
+                del layer.glider_awaiting_checkpoint[adapter]
+            self.publish(layers=snapshots)
+        self.install_shipped_gates(warn=False)
 
     def _checked_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         num_experts = len(self.config.experts)

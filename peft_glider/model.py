@@ -134,32 +134,9 @@ class GliderModel(BaseTuner):
 
     def _load_placeholders_from_sources(self, adapter_name: str) -> None:
         with _PLACEHOLDER_LOCK:
-            waiting = {
-                name: layer
-                for name, layer in self.glider_layers(adapter_name).items()
-                if adapter_name in layer.glider_awaiting_checkpoint
-            }
-            if not waiting:  # its checkpoint filled every placeholder
-                self._awaiting_checkpoint.discard(adapter_name)
-                return
-            config: GliderConfig = self.peft_config[adapter_name]
-            try:
-                library = ExpertLibrary.resolve(config, self.model, placeholders=False)
-            except (OSError, ValueError) as error:
-                raise RuntimeError(
-                    f"Glider adapter {adapter_name!r} comes from a saved adapter's config, but its checkpoint was never "
-                    "loaded and its experts could not be loaded from their sources either. Load it with "
-                    f"PeftModel.from_pretrained(base_model, path) (or peft_glider.load_glider). Cause: {error}"
-                ) from error
-            state, published = self._routing_states[adapter_name], self._libraries[adapter_name]
-            with published.editing:
-                snapshots = dict(published.current.layers)
-                for name, layer in waiting.items():
-                    snapshots[name] = layer.update_layer(adapter_name, library.module_factors(name), state, published)
-                    del layer.glider_awaiting_checkpoint[adapter_name]
-                published.publish(layers=snapshots)
+            library = self._libraries[adapter_name]
+            library.fill_placeholders(self._routing_states[adapter_name], self.model)
             self._awaiting_checkpoint.discard(adapter_name)
-            published.install_shipped_gates(warn=False)
 
     def _prepare_adapter_config(self, peft_config: GliderConfig, model_config: dict) -> GliderConfig:
         return peft_config  # target modules come from the experts (see inject_adapter)
