@@ -67,7 +67,7 @@ class LayerSnapshot:
         self.bank = bank
         self.gates = gates  # (E, in)
         self.k = k  # top_k capped by the number of experts present here
-        self._rows: Optional[tuple] = None  # (key, rows)
+        self._rows: Optional[tuple] = None  # (gates, the rest of the key, rows)
 
     def rebind(self, bank: ExpertBank, gates: torch.Tensor) -> None:
         """Point at the same values after the layer's tensors were moved or cast."""
@@ -84,19 +84,17 @@ class LayerSnapshot:
         if torch.is_grad_enabled() and gates.requires_grad:
             return _rows_from_gates(gates.float(), state)
         try:
-            key = (gates, gates._version, _optimizer_steps[0], gates.dtype, gates.device, state.local_router.name,
+            key = (gates._version, _optimizer_steps[0], gates.dtype, gates.device, state.local_router.name,
                    state.arrow_temperature)
         except RuntimeError:  # inference tensors keep no version counter: do not cache
             key = None
         cached = self._rows
-        if key is not None and cached is not None and len(cached[0]) == len(key) and all(
-            a is b if i == 0 else a == b for i, (a, b) in enumerate(zip(cached[0], key))
-        ):
-            return cached[1]
+        if key is not None and cached is not None and cached[0] is gates and cached[1] == key:
+            return cached[2]
         with torch.no_grad():
             rows = _rows_from_gates(gates.detach().float(), state).clone()
         if key is not None:
-            self._rows = (key, rows)
+            self._rows = (gates, key, rows)
         return rows
 
 

@@ -61,6 +61,7 @@ class GliderModel(BaseTuner):
         self._libraries: dict[str, ExpertLibrary] = {}
         self._awaiting_checkpoint: set[str] = set()  # adapters whose layers were laid out as placeholders
         self._global_routers: dict[str, "GlobalRouter"] = {}
+        self._call_contexts: dict[str, CallContexts] = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ------------------------------------------------------------------ injection
@@ -199,6 +200,7 @@ class GliderModel(BaseTuner):
         self._libraries.pop(adapter_name, None)
         self._awaiting_checkpoint.discard(adapter_name)
         self._global_routers.pop(adapter_name, None)
+        self._call_contexts.pop(adapter_name, None)
         if adapter_name in self.glider_instruction_embeddings:
             del self.glider_instruction_embeddings[adapter_name]
 
@@ -317,15 +319,18 @@ class GliderModel(BaseTuner):
         self._global_routers[self.resolve_adapter(adapter_name)] = router
 
     def _calls(self, adapter_name: Optional[str]) -> CallContexts:
-        """The routing contexts of the adapter (the active one by default)."""
+        """The routing contexts of the adapter (the active one by default), made once per adapter."""
         adapter = self.resolve_adapter(adapter_name)
-        return CallContexts(
-            self.peft_config[adapter],
-            self._routing_states[adapter],
-            self._libraries[adapter],
-            embeddings=lambda: self.get_instruction_embeddings(adapter),
-            router=lambda: self._global_routers.get(adapter) or self._recorded_router(adapter),
-        )
+        contexts = self._call_contexts.get(adapter)
+        if contexts is None:
+            contexts = self._call_contexts[adapter] = CallContexts(
+                self.peft_config[adapter],
+                self._routing_states[adapter],
+                self._libraries[adapter],
+                embeddings=lambda: self.get_instruction_embeddings(adapter),
+                router=lambda: self._global_routers.get(adapter) or self._recorded_router(adapter),
+            )
+        return contexts
 
     def global_scores(
         self,
