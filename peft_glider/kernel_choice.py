@@ -4,13 +4,13 @@
 
 from __future__ import annotations
 
-import collections
 import threading
 import weakref
 
 import torch
 
 from .bank import ExpertBank
+from .lru import LRUCache
 from .kernels import _TRITON_DTYPES, KERNEL_FUNCTIONS, KERNELS, triton_available
 
 # Cost model of the kernels on CPU, in microseconds, fitted to measurements on 2 cores (docs/benchmarks.md):
@@ -73,46 +73,16 @@ def choose_kernel_cuda(bank: ExpertBank, dtype: torch.dtype, needs_grad: bool) -
     return "gather" if "gather" in kernels else "concat"
 
 
-class KernelChoices:
+class KernelChoices(LRUCache):
     """A bounded memory of kernel choices per call shape: token counts bucketed to powers of two, least recently
     used entries dropped past `capacity` (one entry per prompt length would grow without bound)."""
 
     def __init__(self, capacity: int = 64) -> None:
-        self.capacity = capacity
-        self._choices: collections.OrderedDict[tuple, str] = collections.OrderedDict()
-        self._lock = threading.Lock()  # a model serves threads: lookups reorder, insertions evict
-
-    def __getstate__(self) -> dict:  # models are copied and pickled: a lock is not, a fresh one is made
-        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        super().__init__(capacity)
 
     @staticmethod
     def key(num_tokens: int, k: int, dtype: torch.dtype, needs_grad: bool, device_type: str) -> tuple:
         return (1 << max(num_tokens - 1, 0).bit_length(), k, dtype, needs_grad, device_type)
-
-    def get(self, key: tuple) -> str | None:
-        with self._lock:
-            choice = self._choices.get(key)
-            if choice is not None:
-                self._choices.move_to_end(key)
-            return choice
-
-    def put(self, key: tuple, choice: str) -> None:
-        with self._lock:
-            self._choices[key] = choice
-            if len(self._choices) > self.capacity:
-                self._choices.popitem(last=False)
-
-    def clear(self) -> None:
-        """Forget every choice (e.g. after what a kernel needs changed)."""
-        with self._lock:
-            self._choices.clear()
-
-    def __len__(self) -> int:
-        return len(self._choices)
 
 
 _CHOICES: "weakref.WeakKeyDictionary[ExpertBank, KernelChoices]" = weakref.WeakKeyDictionary()

@@ -47,7 +47,8 @@ class GliderModel(BaseTuner):
     one model serves concurrent requests.
 
     In train mode the gates receive gradients through the routing weights (the selected experts' softmax), so a
-    plain PyTorch loop or `transformers.Trainer` fine-tunes the router; the experts' factors are frozen buffers.
+    plain PyTorch loop or `transformers.Trainer` fine-tunes the router; the experts' factors are frozen buffers
+    (trainable parameters too with `GliderConfig(train_expert_factors=True)`).
     """
 
     prefix: str = "glider_"
@@ -375,9 +376,9 @@ class GliderModel(BaseTuner):
         return self._calls(adapter_name).trace()
 
     def set_kernel(self, kernel: str, adapter_name: Optional[str] = None) -> None:
-        """Force a kernel for the experts' products ("concat", "gather", "sparse" or "native", the compiled one that
-        also routes; see `kernels.KERNELS`) or let each call's shapes decide ("auto", the default). A forced kernel
-        that cannot run a call falls back to "concat"."""
+        """Force a kernel for the experts' products ("concat", "gather", "sparse", "native", the compiled one that
+        also routes, or "triton", on a GPU; see `kernels.KERNELS`) or let each call's shapes decide ("auto", the
+        default). A forced kernel that cannot run a call falls back to "concat"."""
         from .kernels import KERNELS
 
         if kernel not in KERNELS:

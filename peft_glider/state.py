@@ -88,10 +88,10 @@ class RoutingTrace:
 class RoutingState:
     """Router settings of one Glider adapter, shared by its layers (per-call inputs live in `CallRouting`)."""
 
-    top_k: int
-    local_router: "LocalRouter" = field(default_factory=lambda: LOCAL_ROUTERS["phatgoose"])
-    arrow_temperature: float = 1.0
-    kernel: str = "auto"
+    top_k: int  # experts per token
+    local_router: "LocalRouter" = field(default_factory=lambda: LOCAL_ROUTERS["phatgoose"])  # its strategy
+    arrow_temperature: float = 1.0  # T of Arrow's |u . v| / T
+    kernel: str = "auto"  # "auto" or a forced kernel name (`GliderModel.set_kernel`)
 
     def current_call(self) -> Optional["CallRouting"]:
         """What the current call (this thread or task) routes this adapter with; None for plain local routing."""

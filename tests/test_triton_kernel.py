@@ -130,7 +130,7 @@ def test_kernel_choices_are_bounded_and_bucketed(tmp_path):
     import pickle
 
     for clone in (copy.deepcopy(choices), pickle.loads(pickle.dumps(choices))):  # models are copied and pickled
-        assert len(clone) == len(choices) and clone.get(next(iter(clone._choices))) is not None
+        assert len(clone) == len(choices) and clone.get(next(clone.keys())) is not None
 
 
 if __name__ == "__main__":

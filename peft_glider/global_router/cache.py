@@ -8,8 +8,6 @@ import hashlib
 import json
 import os
 import tempfile
-import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -161,41 +159,3 @@ class BoundedJsonCache(JsonCache):
                 os.unlink(path)
             except FileNotFoundError:  # another process evicted it first
                 pass
-
-
-class LRUCache:
-    """A bounded mapping in memory, least recently used evicted; safe to share between threads.
-
-    Ten lines over `OrderedDict` with a lock: not worth a dependency (cachetools) of its own.
-    """
-
-    def __init__(self, max_entries: int) -> None:
-        if max_entries < 0:
-            raise ValueError(f"max_entries must be at least 0, got {max_entries}.")
-        self.max_entries = max_entries
-        self._entries: OrderedDict[str, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> Optional[Any]:
-        with self._lock:
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-            return value
-
-    def put(self, key: str, value: Any) -> None:
-        with self._lock:
-            self._entries[key] = value
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __getstate__(self) -> dict:  # routers are copied and pickled: a lock is not, a fresh one is made
-        return {"max_entries": self.max_entries, "_entries": self._entries}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()

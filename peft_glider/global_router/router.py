@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..records import as_sample
-from .cache import BoundedJsonCache, JsonCache, LRUCache, cache_key, default_cache_dir
+from ..lru import LRUCache
+from .cache import BoundedJsonCache, JsonCache, cache_key, default_cache_dir
 from .embedders import Embedder, SentenceTransformerEmbedder
 from .writers import (
     PROMPT_VERSION,
