@@ -49,6 +49,12 @@ def pack_experts(experts: "list[LoraFactors | None]") -> Packed:
     return A, BT, rank_expert, rank_scaling, spans
 
 
+def expert_slots(spans: list) -> torch.Tensor:
+    """(E,) long: each expert's position among the experts present at the module, -1 where it is absent."""
+    present = torch.tensor([span is not None for span in spans])
+    return torch.where(present, present.long().cumsum(0) - 1, -1)
+
+
 @dataclass(eq=False)  # compared and hashed by identity: kernel choices are kept per bank
 class ExpertBank:
     """The experts at one module, concatenated along the rank axis (absent experts take no rows)."""
@@ -95,8 +101,7 @@ class ExpertBank:
     def from_factors(cls, experts: "list[LoraFactors | None]") -> "ExpertBank":
         """The bank of these experts (None: absent from the module), packed in routing order (`pack_experts`)."""
         A, BT, rank_expert, rank_scaling, spans = pack_experts(experts)
-        present = torch.tensor([span is not None for span in spans])
-        slot = torch.where(present, present.long().cumsum(0) - 1, -1)
+        slot = expert_slots(spans)
         return cls(A=A, BT=BT, rank_expert=rank_expert, rank_scaling=rank_scaling, spans=spans, expert_slot=slot)
 
     def appended(self, factors: "LoraFactors | None") -> Packed:

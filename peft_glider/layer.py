@@ -11,7 +11,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import routing
-from .bank import ExpertBank, pack_experts
+from .bank import ExpertBank, expert_slots, pack_experts
 from .kernels import delta_gated_single
 from .experts import LoraFactors
 from .state import CallRouting, RoutingState
@@ -288,8 +288,7 @@ class GliderLayer(BaseTunerLayer):
         self.glider_B[adapter_name] = BT
         self.glider_rank_expert[adapter_name] = rank_expert
         self.glider_rank_scaling[adapter_name] = rank_scaling
-        present = torch.tensor([span is not None for span in spans])
-        self.glider_slot[adapter_name] = torch.where(present, present.long().cumsum(0) - 1, -1).to(rank_expert.device)
+        self.glider_slot[adapter_name] = expert_slots(spans).to(rank_expert.device)
         self.glider_spans[adapter_name] = spans
         self.glider_gates[adapter_name] = gates
         return self._snapshot_installed(adapter_name)
