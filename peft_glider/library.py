@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
@@ -172,7 +172,7 @@ class ExpertLibrary:
             entry["gates"] = "shipped with the expert"
         with self._edit_lock:
             gates = {name: torch.as_tensor(vector) for name, vector in gates.items()}
-            self.add(loaded, self.host.layers(), self.host.wrap, gates, instruction_embedding)
+            self._add(loaded, gates, instruction_embedding)
             config.experts.append(entry)
             config.target_modules = sorted(self.host.layers())
             if embeddings is not None:
@@ -193,7 +193,7 @@ class ExpertLibrary:
             raise ValueError(f"remove_expert: top_k={config.top_k} would exceed the {len(names) - 1} experts left.")
         index = names.index(name)
         with self._edit_lock:
-            self.remove(index, self.host.layers(), self.host.retire)
+            self._remove(index)
             del config.experts[index]
             config.target_modules = sorted(self.host.layers())
             if self.current.embeddings is not None:
@@ -248,7 +248,9 @@ class ExpertLibrary:
 
     def set_embeddings(self, embeddings: torch.Tensor) -> None:
         """See `GliderModel.set_instruction_embeddings`."""
-        embeddings = self._checked_embeddings(embeddings)
+        self._publish_embeddings(self._checked_embeddings(embeddings))
+
+    def _publish_embeddings(self, embeddings: torch.Tensor) -> None:
         with self._edit_lock:
             self.host.store_embeddings(embeddings)
             self.config.instruction_embedding_dim = embeddings.shape[1]
@@ -261,9 +263,9 @@ class ExpertLibrary:
             raise ValueError(
                 f"The descriptions are for experts {list(descriptions.names)}, the adapter has {config.expert_names}."
             )
-        self._checked_embeddings(descriptions.embeddings)
+        embeddings = self._checked_embeddings(descriptions.embeddings)  # checked before anything changes
         with self._edit_lock:
-            self.set_embeddings(descriptions.embeddings)
+            self._publish_embeddings(embeddings)
             for entry, text in zip(config.experts, descriptions.instructions):
                 entry["instruction"] = text
             config.embedder = descriptions.embedder
@@ -320,18 +322,14 @@ class ExpertLibrary:
             self.current = version
             return version
 
-    def add(
-        self,
-        expert: LoadedExpert,
-        layers: Mapping[str, "GliderLayer"],
-        wrap: Callable[[str], "GliderLayer"],
-        gates: Mapping[str, torch.Tensor],
-        embedding: Optional[torch.Tensor] = None,
+    def _add(
+        self, expert: LoadedExpert, gates: Mapping[str, torch.Tensor], embedding: Optional[torch.Tensor] = None
     ) -> LibraryVersion:
-        """Append `expert`: each layer of the adapter (`layers`) inserts it (or an absent slot), `wrap(module_name)`
-        makes the layer of a module only it adapts, and its `gates` ({module: (in,)}, checked) are installed with
-        it. Published as one version, with `embedding` (1, e) appended to the instruction embeddings."""
+        """Append `expert`: each layer of the adapter inserts it (or an absent slot), the host wraps a module only it
+        adapts, and its `gates` ({module: (in,)}, checked) are installed with it. Published as one version, with
+        `embedding` (1, e) appended to the instruction embeddings."""
         with self._edit_lock:
+            layers = self.host.layers()
             current = self.current
             index = current.num_experts
             self.experts.append(expert)
@@ -341,7 +339,7 @@ class ExpertLibrary:
                 gate = gates.get(module_name) if factors is not None else None
                 snapshots[module_name] = layer.append_expert(self.adapter_name, factors, gate)
             for module_name in sorted(set(expert.factors) - set(layers)):
-                layer = wrap(module_name)
+                layer = self.host.wrap(module_name)
                 if module_name in gates:
                     snapshots[module_name] = layer.replace_gates(self.adapter_name, {index: gates[module_name]})
                 else:
@@ -353,17 +351,15 @@ class ExpertLibrary:
                 expert_names=(*current.expert_names, expert.name), layers=snapshots, embeddings=embeddings
             )
 
-    def remove(
-        self, index: int, layers: Mapping[str, "GliderLayer"], retire: Callable[[list[str], int], None]
-    ) -> LibraryVersion:
+    def _remove(self, index: int) -> LibraryVersion:
         """Drop the expert at routing index `index` from every layer and publish the result. The modules it alone
-        adapted are released; `retire(module_names, version_number)` runs once no call holds an older version any
-        more (at once when none does), to take their layers out of the model."""
+        adapted are released; the host's `retire(module_names, version_number)` runs once no call holds an older
+        version any more (at once when none does), to take their layers out of the model."""
         with self._edit_lock:
             current = self.current
             del self.experts[index]
             snapshots, released = {}, []
-            for module_name, layer in layers.items():
+            for module_name, layer in self.host.layers().items():
                 snapshot = layer.remove_expert(self.adapter_name, index)
                 if snapshot is None:
                     layer.release(self.adapter_name, current.number + 1)
@@ -376,7 +372,7 @@ class ExpertLibrary:
                 expert_names=tuple(current.expert_names[i] for i in keep), layers=snapshots, embeddings=embeddings
             )
             if released:
-                weakref.finalize(current, retire, released, version.number)
+                weakref.finalize(current, self.host.retire, released, version.number)
             return version
 
     def replace_gates(self, rows: Mapping["GliderLayer", Mapping[int, torch.Tensor]]) -> LibraryVersion:
