@@ -80,6 +80,11 @@ class GliderConfig(PeftConfig):
             built, each entry is completed with its resolved `commit`, a `sha256` of its tensors and its
             `layout` (adapted modules, ranks and scalings), which pins the expert in a saved adapter.
         top_k: Experts added per token and module (where fewer experts adapt a module, all of them are used).
+        candidates: With global scores, each row's local routing at a module runs over only its `candidates`
+            experts of best global score among those adapting the module (the hierarchy of a large library:
+            the local router never touches the others). None (default), or at least the number of experts:
+            every expert is scored. Rows without global scores (outside `route` / `global_scores`) score every
+            expert.
         alpha: Weight of the global (instruction) score against the local (gate) score. The paper used 100 when
             the query's task is among the experts' tasks and 3 otherwise. `"auto"` decides per row: a row whose
             best global score reaches `auto_alpha_threshold` gets `alpha_held_in`, the others `alpha_held_out`.
@@ -104,6 +109,7 @@ class GliderConfig(PeftConfig):
 
     experts: list[ExpertEntry] = field(default_factory=list, metadata={"help": "The LoRA experts to route among."})
     top_k: int = field(default=2, metadata={"help": "Experts selected per token and module."})
+    candidates: Optional[int] = field(default=None, metadata={"help": "Experts scored locally per row (by global score)."})
     alpha: Union[float, str] = field(default=3.0, metadata={"help": "Weight of the global score, or 'auto'."})
     alpha_held_in: float = field(default=100.0, metadata={"help": "alpha='auto': weight for held-in queries."})
     alpha_held_out: float = field(default=3.0, metadata={"help": "alpha='auto': weight for held-out queries."})
@@ -132,6 +138,10 @@ class GliderConfig(PeftConfig):
             )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= len(names):
             raise ValueError(f"top_k must be an integer in [1, {len(names)}] (the number of experts), got {self.top_k!r}.")
+        if self.candidates is not None and (
+            isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < self.top_k
+        ):
+            raise ValueError(f"candidates must be None or an integer >= top_k={self.top_k}, got {self.candidates!r}.")
         if self.alpha != "auto":
             if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
                 raise ValueError(f"alpha must be a number or 'auto', got {self.alpha!r}.")

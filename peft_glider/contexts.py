@@ -87,7 +87,7 @@ class CallContexts:
             raise ValueError("Global scores contain non-finite values.")
         scores = scores.detach().float().cpu()
         row_alpha = self._row_alpha(scores, alpha)
-        with call_routing(self.state, version=version, row_bias=row_alpha[:, None] * scores):
+        with call_routing(self.state, version=version, row_bias=row_alpha[:, None] * scores, row_scores=scores):
             yield row_alpha
 
     def _row_alpha(self, scores: torch.Tensor, alpha: Optional[Union[float, torch.Tensor]]) -> torch.Tensor:

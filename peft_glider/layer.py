@@ -463,6 +463,7 @@ class GliderLinear(nn.Module, GliderLayer):
             global_bias=call.global_bias(batch_rows, u.device),
             kernel=state.kernel,
             out=out,
+            candidates=call.candidate_experts(bank.present, state.candidates, u.device),
         )
         if call.trace is not None:
             call.trace.record(self.module_name, selection.indices.view(batch_rows, -1, selection.indices.shape[-1]))

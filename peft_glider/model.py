@@ -93,6 +93,7 @@ class GliderModel(BaseTuner):
         library.attach(adapter_name, config, _AdapterHost(self, adapter_name))
         self._routing_states[adapter_name] = RoutingState(
             top_k=config.top_k,
+            candidates=config.candidates,
             local_router=local_router(config.local_router),
             arrow_temperature=config.arrow_temperature,
         )

@@ -41,7 +41,8 @@ _LAYER_NORM_MAX_FEATURES = 32_768
 
 
 def standardized_dots(u: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """`LN(u) @ rows.T` for zero-mean rows (standardized gates): u (N, d), rows (E, d) -> (N, E).
+    """`LN(u) @ rows.T` for zero-mean rows (standardized gates): u (N, d), rows (E, d) -> (N, E); or per group of
+    tokens, u (B, T, d) and rows (B, M, d) -> (B, T, M).
 
     The mean of `u` drops out against zero-mean rows, so only its scale is needed: `(u @ rows.T) / std(u)`, with
     `d var(u) = |u|^2 - (sum u)^2 / d` from two fast reductions, no standardized copy of the tokens (torch's fused
@@ -49,12 +50,12 @@ def standardized_dots(u: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """
     d = u.shape[-1]
     if u.numel() <= _LAYER_NORM_MAX_FEATURES:
-        return torch.nn.functional.layer_norm(u, (d,), eps=LN_EPS) @ rows.T
+        return torch.nn.functional.layer_norm(u, (d,), eps=LN_EPS) @ rows.mT
     total = u.sum(dim=-1, keepdim=True)  # (N, 1)
     d_variance = torch.addcmul(torch.linalg.vector_norm(u, dim=-1, keepdim=True).square(), total, total, value=-1 / d)
     # Rounding can leave the variance a hair below zero for constant tokens: clamp it to zero.
     inverse_std = torch.rsqrt(d_variance.clamp_min(0.0) / d + LN_EPS)  # (N, 1)
-    return (u @ rows.T).mul_(inverse_std)
+    return (u @ rows.mT).mul_(inverse_std)
 
 
 def arrow_rows(prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -63,8 +64,9 @@ def arrow_rows(prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def arrow_dots(u: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Arrow scores `|u . v_e| / T = |u . (v_e / T)|` from `arrow_rows`: u (N, d), rows (E, d) -> (N, E)."""
-    return (u @ rows.T).abs()
+    """Arrow scores `|u . v_e| / T = |u . (v_e / T)|` from `arrow_rows`: u (N, d), rows (E, d) -> (N, E); or
+    per group, u (B, T, d) and rows (B, M, d) -> (B, T, M)."""
+    return (u @ rows.mT).abs()
 
 
 def top_right_singular_vector(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -87,6 +89,38 @@ def select_top_k(logits: torch.Tensor, present: torch.Tensor | None, k: int) -> 
     masked = logits if present is None else logits.masked_fill(~present, float("-inf"))
     top_logits, indices = masked.topk(k, dim=-1)
     return Selection(indices=indices, weights=torch.softmax(top_logits, dim=-1))
+
+
+def candidate_experts(scores: torch.Tensor, present: torch.Tensor | None, m: int) -> torch.Tensor:
+    """Each row's `m` experts of best global score among those present at a module: scores (B, E), present (E,)
+    bool or None (all) -> (B, m) expert indices. Where fewer than m are present, absent ones fill the rest (their
+    logits are masked later)."""
+    masked = scores if present is None else scores.masked_fill(~present.to(scores.device), float("-inf"))
+    return masked.topk(m, dim=-1).indices
+
+
+def select_among_candidates(
+    u: torch.Tensor,
+    router_rows: torch.Tensor,
+    standardized: bool,
+    candidates: torch.Tensor,
+    global_bias: torch.Tensor,
+    present: torch.Tensor | None,
+    k: int,
+) -> Selection:
+    """Top-k and softmax over each group's candidate experts only: the local scores of the tokens u (N, d), in B
+    consecutive groups (as in `combine_logits`), against the candidates' router rows (gathered, (B, M, d)), plus
+    the global bias (B, E) at the candidates. Returns expert indices into all E experts."""
+    groups, m = candidates.shape
+    tokens = u.view(groups, -1, u.shape[-1])  # (B, T, d)
+    rows = router_rows[candidates]  # (B, M, d)
+    local = standardized_dots(tokens, rows) if standardized else arrow_dots(tokens, rows)  # (B, T, M)
+    logits = local + global_bias.gather(1, candidates).to(local.dtype).unsqueeze(1)
+    if present is not None:
+        logits = logits.masked_fill(~present[candidates].unsqueeze(1), float("-inf"))
+    top_logits, chosen = logits.topk(k, dim=-1)  # (B, T, k) positions among the candidates
+    indices = candidates.unsqueeze(1).expand(-1, tokens.shape[1], -1).gather(2, chosen)
+    return Selection(indices=indices.reshape(-1, k), weights=torch.softmax(top_logits, dim=-1).reshape(-1, k))
 
 
 def combine_logits(local: torch.Tensor, global_bias: torch.Tensor | None) -> torch.Tensor:
@@ -123,6 +157,7 @@ def route(
     global_bias: torch.Tensor | None = None,
     kernel: str = "auto",
     out: torch.Tensor | None = None,
+    candidates: torch.Tensor | None = None,
 ) -> tuple[Selection, torch.Tensor]:
     """GLIDER at one module for one call: the single entry point of a Glider layer.
 
@@ -130,7 +165,8 @@ def route(
     `arrow_rows`), plus the global bias (B, E) per group of rows (`combine_logits`), experts absent here masked,
     top-k and softmax (`select_top_k`), then the selected experts' products by the kernel resolved once for this
     call (`resolve_kernel`; the compiled one routes too). Adds into `out` (N, o) (zeros if None) and returns the
-    selection with it.
+    selection with it. With `candidates` (B, M) expert indices per group (`candidate_experts`, needs the global
+    bias), only those experts' router rows are read and scored (`select_among_candidates`).
 
     Differentiable in the router rows (the gates reach the loss through the chosen experts' softmax weights), in u
     and in the factors (when trainable): when gradients are needed the kernel is one that carries them.
@@ -139,9 +175,12 @@ def route(
     if not _warned_no_native and not needs_grad and u.dtype == torch.float32 and u.device.type == "cpu":
         _warn_without_native()
     chosen = resolve_kernel(kernel, u.shape[0], bank, k, u.dtype, needs_grad)
+    scored = u if u.dtype == router_rows.dtype else u.to(router_rows.dtype)
+    if candidates is not None:
+        selection = select_among_candidates(scored, router_rows, standardized, candidates, global_bias, bank.present, k)
+        return selection, KERNEL_FUNCTIONS[chosen](u, bank, selection, out)
     if chosen == "native" and can_fuse_routing(router_rows, bank):
         return route_and_apply_native(u, router_rows, standardized, global_bias, k, bank, out)
-    scored = u if u.dtype == router_rows.dtype else u.to(router_rows.dtype)
     local = standardized_dots(scored, router_rows) if standardized else arrow_dots(scored, router_rows)  # (N, E)
     selection = select_top_k(combine_logits(local, global_bias), bank.present, k)
     return selection, KERNEL_FUNCTIONS[chosen](u, bank, selection, out)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Optional
 import torch
 
 from .local_router.routers import LOCAL_ROUTERS
+from .routing import candidate_experts
 
 if TYPE_CHECKING:
     from .library import LibraryVersion
@@ -89,6 +90,7 @@ class RoutingState:
     """Router settings of one Glider adapter, shared by its layers (per-call inputs live in `CallRouting`)."""
 
     top_k: int  # experts per token
+    candidates: Optional[int] = None  # M: with global scores, experts scored locally per row (None: all)
     local_router: "LocalRouter" = field(default_factory=lambda: LOCAL_ROUTERS["phatgoose"])  # its strategy
     arrow_temperature: float = 1.0  # T of Arrow's |u . v| / T
     kernel: str = "auto"  # "auto" or a forced kernel name (`GliderModel.set_kernel`)
@@ -103,12 +105,15 @@ class CallRouting:
     """What one call routes an adapter with; set by `call_routing`, read by the adapter's layers."""
 
     row_bias: Optional[torch.Tensor] = None  # (B, E) alpha_b * global score, on the CPU, float32
+    row_scores: Optional[torch.Tensor] = None  # (B, E) the global scores, which pick each row's candidates
     trace: Optional[RoutingTrace] = None
     gate_training_expert: Optional[int] = None  # Phatgoose gate training: only this expert, sigmoid-gated
     # The library version the call began with: every layer routes with it to the call's end, whatever is edited.
     version: Optional["LibraryVersion"] = None
     # The bias per device, moved once per call and shared by the layers (not by other calls).
     _bias_on_device: dict = field(default_factory=dict, compare=False, repr=False)
+    # Each row's candidates per set of experts present at a module and device (see `candidate_experts`).
+    _candidates: dict = field(default_factory=dict, compare=False, repr=False)
 
     def global_bias(self, rows: int, device: torch.device) -> Optional[torch.Tensor]:
         """The global bias for a layer call with `rows` batch rows, (B, E) on `device`, or None (local only).
@@ -130,6 +135,22 @@ class CallRouting:
             bias = self._bias_on_device[device] = self.row_bias.to(device)
         return bias
 
+    def candidate_experts(
+        self, present: Optional[torch.Tensor], num_candidates: Optional[int], device: torch.device
+    ) -> Optional[torch.Tensor]:
+        """(B, M) each row's M candidate experts at a module whose present experts are `present` (E,) bool (None:
+        all), on `device`; None when the call has no global scores or M covers every expert. Computed once per
+        call for each set of present experts."""
+        if self.row_scores is None or num_candidates is None or num_candidates >= self.row_scores.shape[1]:
+            return None
+        key = (id(present), device)
+        cached = self._candidates.get(key)
+        if cached is not None and cached[0] is present:
+            return cached[1]
+        chosen = candidate_experts(self.row_scores, present, num_candidates).to(device)
+        self._candidates[key] = (present, chosen)  # holds `present`: its id cannot be reused meanwhile
+        return chosen
+
 
 _CALL_ROUTING: contextvars.ContextVar[Mapping[RoutingState, CallRouting]] = contextvars.ContextVar(
     "peft_glider_call_routing", default={}
@@ -142,7 +163,7 @@ def call_routing(state: RoutingState, **changes) -> Iterator[CallRouting]:
     in this thread or task only; other fields keep what an enclosing context set."""
     current = _CALL_ROUTING.get()
     previous = current.get(state, CallRouting())
-    routing = dataclasses.replace(previous, **changes, _bias_on_device={})
+    routing = dataclasses.replace(previous, **changes, _bias_on_device={}, _candidates={})
     token = _CALL_ROUTING.set({**current, state: routing})
     try:
         yield routing
