@@ -3,6 +3,9 @@ experts, `pack_experts` / `ExpertBank.from_factors` the one place that packs the
 
 Shapes: E experts, R the sum of the experts' ranks at the module (A factors concatenated along the rank axis, B
 factors likewise), d input and o output features.
+
+With a resident-experts budget (`GliderConfig.max_resident_experts`) a bank holds the factors of the resident experts
+only: `adapts` then says which experts adapt the module (what routing masks), the spans which of them are here.
 """
 
 from __future__ import annotations
@@ -31,12 +34,16 @@ class Selection:
 Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list]  # A, BT, rank_expert, rank_scaling, spans
 
 
-def pack_experts(experts: "list[LoraFactors | None]") -> Packed:
+def pack_experts(experts: "list[LoraFactors | None]", features: tuple[int, int] | None = None) -> Packed:
     """Concatenate the experts' factors along the rank axis, in routing order (None: absent from the module).
 
     Returns A (R, d), BT (R, o) in the first expert's dtype, rank_expert (R,) long, rank_scaling (R,) and the spans
-    `[start, end)` of each expert's rows (None where absent)."""
+    `[start, end)` of each expert's rows (None where absent). With no expert here, `features` (d, o) shapes the
+    empty factors (float32)."""
     present = [factors for factors in experts if factors is not None]
+    if not present:
+        d, o = features
+        return torch.zeros(0, d), torch.zeros(0, o), torch.zeros(0, dtype=torch.long), torch.zeros(0), [None] * len(experts)
     dtype = present[0].A.dtype
     spans, offset = [], 0
     for factors in experts:
@@ -63,8 +70,11 @@ class ExpertBank:
     BT: torch.Tensor  # (R, o): the B factors, transposed, so each rank's output direction is a contiguous row
     rank_expert: torch.Tensor  # (R,) long: which expert each rank row belongs to
     rank_scaling: torch.Tensor  # (R,) the LoRA scaling of that row's expert
-    spans: list[tuple[int, int] | None]  # per expert: its [start, end) rows, None where it does not adapt here
+    spans: list[tuple[int, int] | None]  # per expert: its [start, end) rows, None where its factors are not here
     expert_slot: torch.Tensor  # (E,) long: position of each expert among those present here (-1 if absent)
+    # (E,) bool: the experts adapting the module, when not all of their factors are here (a resident-experts
+    # budget); None: exactly the experts with factors here adapt it.
+    adapts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.device, self.dtype = self.A.device, self.A.dtype  # where the factors were when the bank was made
@@ -78,13 +88,18 @@ class ExpertBank:
         self.uniform_rank = ranks.pop() if len(ranks) == 1 else None  # None for mixed ranks
         self.uniform_scaling = scalings.pop() if len(scalings) == 1 else None  # None for mixed scalings
         self.expert_scaling = torch.tensor(expert_scaling, dtype=self.A.dtype, device=self.A.device)  # (E,)
+        adapting = self.expert_slot >= 0 if self.adapts is None else self.adapts
+        self.num_adapting = int(adapting.sum())
+        # Whether some experts adapting the module have no factors here: routing must then stay among those that do.
+        self.partial = self.num_adapting > self.num_present
         # (E,) bool: the experts adapting this module, or None when all do (nothing to mask before top-k).
-        self.present = None if self.num_present == self.num_experts else self.expert_slot >= 0
+        self.present = None if self.num_adapting == self.num_experts else adapting
         # Each expert's first row and rank (0 where absent), for the compiled kernel.
         self.expert_row_start = torch.tensor([0 if span is None else span[0] for span in self.spans])  # (E,)
         self.expert_rank = torch.tensor([0 if span is None else span[1] - span[0] for span in self.spans])  # (E,)
         self.native_ready = (  # whether the compiled kernel can read these factors
             native.available()
+            and self.num_present > 0
             and self.A.dtype == self.BT.dtype == torch.float32
             and self.A.device.type == "cpu"
             and self.A.is_contiguous()
@@ -103,6 +118,20 @@ class ExpertBank:
         A, BT, rank_expert, rank_scaling, spans = pack_experts(experts)
         slot = expert_slots(spans)
         return cls(A=A, BT=BT, rank_expert=rank_expert, rank_scaling=rank_scaling, spans=spans, expert_slot=slot)
+
+    def adapting(self, index: int) -> bool:
+        """Whether expert `index` adapts this module (its factors here or not)."""
+        return bool(self.adapts[index]) if self.adapts is not None else self.spans[index] is not None
+
+    def factors_of(self, index: int) -> "LoraFactors | None":
+        """Expert `index`'s factors here (views of this bank's rows), or None when they are not here."""
+        from .experts import LoraFactors
+
+        span = self.spans[index]
+        if span is None:
+            return None
+        start, end = span
+        return LoraFactors(self.A[start:end], self.BT[start:end].T, float(self.expert_scaling[index]))
 
     def appended(self, factors: "LoraFactors | None") -> Packed:
         """The packed tensors with one more expert after the others (None: absent here), in this bank's dtype and

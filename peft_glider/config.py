@@ -85,6 +85,12 @@ class GliderConfig(PeftConfig):
             the local router never touches the others). None (default), or at least the number of experts:
             every expert is scored. Rows without global scores (outside `route` / `global_scores`) score every
             expert.
+        max_resident_experts: Hold the LoRA factors of at most this many experts in the layers (a budget for large
+            libraries); the others stay in their files, read when a call's candidates need them (when `route` or
+            `global_scores` is entered), the least recently used evicted. Gates and instruction embeddings stay
+            resident for every expert. Needs `save_expert_weights=False` (a router-only adapter: the factors are
+            read from the experts' sources) and, for libraries larger than the budget, `candidates`: a call may
+            need at most the budget (its rows' candidates at every module). None (default): every expert resident.
         alpha: Weight of the global (instruction) score against the local (gate) score. The paper used 100 when
             the query's task is among the experts' tasks and 3 otherwise. `"auto"` decides per row: a row whose
             best global score reaches `auto_alpha_threshold` gets `alpha_held_in`, the others `alpha_held_out`.
@@ -110,6 +116,7 @@ class GliderConfig(PeftConfig):
     experts: list[ExpertEntry] = field(default_factory=list, metadata={"help": "The LoRA experts to route among."})
     top_k: int = field(default=2, metadata={"help": "Experts selected per token and module."})
     candidates: Optional[int] = field(default=None, metadata={"help": "Experts scored locally per row (by global score)."})
+    max_resident_experts: Optional[int] = field(default=None, metadata={"help": "Experts whose factors stay loaded."})
     alpha: Union[float, str] = field(default=3.0, metadata={"help": "Weight of the global score, or 'auto'."})
     alpha_held_in: float = field(default=100.0, metadata={"help": "alpha='auto': weight for held-in queries."})
     alpha_held_out: float = field(default=3.0, metadata={"help": "alpha='auto': weight for held-out queries."})
@@ -142,6 +149,17 @@ class GliderConfig(PeftConfig):
             isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < self.top_k
         ):
             raise ValueError(f"candidates must be None or an integer >= top_k={self.top_k}, got {self.candidates!r}.")
+        budget = self.max_resident_experts
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < max(self.top_k, self.candidates or 0):
+                raise ValueError(
+                    f"max_resident_experts must be None or an integer >= top_k and candidates, got {budget!r}."
+                )
+            if self.save_expert_weights:
+                raise ValueError(
+                    "max_resident_experts needs save_expert_weights=False: the experts' factors are read from their "
+                    "sources when needed, so the adapter saves the router only."
+                )
         if self.alpha != "auto":
             if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
                 raise ValueError(f"alpha must be a number or 'auto', got {self.alpha!r}.")

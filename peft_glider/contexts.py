@@ -15,7 +15,7 @@ import torch
 
 from .config import GliderConfig
 from .library import ExpertLibrary, LibraryVersion
-from .routing import auto_alpha
+from .routing import auto_alpha, candidate_experts
 from .state import RoutingState, RoutingTrace, call_routing
 
 if TYPE_CHECKING:
@@ -56,6 +56,12 @@ class CallContexts:
                 version = self.library.current
         return version
 
+    def bare_call_version(self) -> LibraryVersion:
+        """The version a call outside any routing context routes with: the current one, with every expert made
+        resident first under a resident-experts budget (such a call scores them all)."""
+        version = self.current_version()
+        return version if self.library.budget is None else self.library.resident_version(None)
+
     def call_version(self) -> LibraryVersion:
         """The version a call routes with: the one an enclosing context of this call took, else the current one
         (which the context about to be entered then keeps to its end)."""
@@ -87,8 +93,26 @@ class CallContexts:
             raise ValueError("Global scores contain non-finite values.")
         scores = scores.detach().float().cpu()
         row_alpha = self._row_alpha(scores, alpha)
+        if self.library.budget is not None:  # the call's candidates resident before it begins
+            version = self.library.resident_version(self._needed_experts(version, scores))
         with call_routing(self.state, version=version, row_bias=row_alpha[:, None] * scores, row_scores=scores):
             yield row_alpha
+
+    def _needed_experts(self, version: LibraryVersion, scores: torch.Tensor) -> Optional[set[str]]:
+        """The experts a call with these global scores (B, E) may route to: each row's candidates at every module
+        (`routing.candidate_experts`, per set of experts present there), or None (all) without candidates."""
+        m = self.state.candidates
+        if m is None or m >= version.num_experts:
+            return None
+        needed, seen = set(), set()
+        for snapshot in version.layers.values():
+            present = snapshot.bank.present
+            key = None if present is None else tuple(present.tolist())
+            if key not in seen:
+                seen.add(key)
+                chosen = candidate_experts(scores, present, m)
+                needed.update((chosen if present is None else chosen[present.cpu()[chosen]]).unique().tolist())
+        return {version.expert_names[index] for index in needed}
 
     def _row_alpha(self, scores: torch.Tensor, alpha: Optional[Union[float, torch.Tensor]]) -> torch.Tensor:
         """Per-row alpha (B,): the given one, the config's, or for `alpha="auto"` the calibrated rule's."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Mapping, Optional, Sequence
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -127,6 +127,7 @@ class GliderLayer(BaseTunerLayer):
         "glider_rank_scaling",
         "glider_slot",
         "glider_spans",
+        "glider_adapts",
         "glider_routing",
         "glider_library",
         "glider_awaiting_checkpoint",
@@ -158,6 +159,9 @@ class GliderLayer(BaseTunerLayer):
         self.glider_rank_scaling = BufferDict({}, persistent=False)  # (R,) scaling of each rank row
         self.glider_slot = BufferDict({}, persistent=False)  # (E,) position among present experts, -1 if absent
         self.glider_spans: dict[str, list[tuple[int, int] | None]] = {}
+        # (E,) bool: the experts adapting this module, for an adapter with a resident-experts budget (its factors
+        # here are the resident experts' only); absent otherwise (the spans say it).
+        self.glider_adapts: dict[str, torch.Tensor] = {}
         self.glider_routing: dict[str, RoutingState] = {}
         self.glider_library: dict[str, "ExpertLibrary"] = {}  # publishes the versions calls route with
         # Adapters restored from a saved config whose expert factors are still zero placeholders: a checkpoint's
@@ -177,8 +181,11 @@ class GliderLayer(BaseTunerLayer):
         routing_state: RoutingState,
         library: "ExpertLibrary",
         device: Optional[torch.device] = None,
+        resident: Optional[Collection[int]] = None,
     ) -> LayerSnapshot:
         """Install one Glider adapter: `experts[e]` is expert e's factors here, or None where it does not adapt.
+        `resident`: under a resident-experts budget, the experts whose factors are read and held here (the others
+        only adapt it; None: all).
 
         Factors take the base layer's dtype and execution device. Gates take the base layer's dtype too (PEFT's
         `autocast_adapter_dtype` then upcasts half precision to float32), or keep the dtype this adapter's gates
@@ -186,19 +193,25 @@ class GliderLayer(BaseTunerLayer):
         self.glider_routing[adapter_name] = routing_state
         self.glider_library[adapter_name] = library
         previous = self.glider_gates[adapter_name] if adapter_name in self.glider_gates else None
-        A, BT, rank_expert, rank_scaling, spans = pack_experts(experts)
         gates = torch.zeros(len(experts), self.in_features)
         for index, factors in enumerate(experts):
             if factors is not None:
                 gates[index] = self._initial_gate(factors, routing_state)
+        adapts = None
+        if resident is not None:
+            adapts = torch.tensor([factors is not None for factors in experts])
+            experts = [factors if index in resident else None for index, factors in enumerate(experts)]
+        A, BT, rank_expert, rank_scaling, spans = pack_experts(experts, (self.in_features, self.out_features))
         device, dtype = self._placement(device)
         if device is not None:
             A, BT, rank_scaling = (t.to(device, dtype=dtype) for t in (A, BT, rank_scaling))
             rank_expert = rank_expert.to(device)
+            adapts = None if adapts is None else adapts.to(device)
             gates = gates.to(device, dtype=previous.dtype if previous is not None else dtype)
         requires_grad = previous.requires_grad if previous is not None else True
         snapshot = self._install(
-            adapter_name, A, BT, rank_expert, rank_scaling, spans, nn.Parameter(gates, requires_grad=requires_grad)
+            adapter_name, A, BT, rank_expert, rank_scaling, spans, nn.Parameter(gates, requires_grad=requires_grad),
+            adapts,
         )
         self.set_adapter(self.active_adapters)
         return snapshot
@@ -223,22 +236,25 @@ class GliderLayer(BaseTunerLayer):
         its prototype under Arrow). The other experts' factors and gates are not copied out or changed."""
         current = self.installed_snapshot(adapter_name)
         bank, state = current.bank, self.glider_routing[adapter_name]
+        adapts = bank.adapts
         with torch.no_grad():
-            A, BT, rank_expert, rank_scaling, spans = bank.appended(factors)
+            if adapts is not None:  # under a resident-experts budget it starts out of residence
+                adapts = torch.cat([adapts, torch.tensor([factors is not None], device=adapts.device)])
+            A, BT, rank_expert, rank_scaling, spans = bank.appended(factors if adapts is None else None)
             if gate is None:
                 gate = self._initial_gate(factors, state) if factors is not None else torch.zeros(self.in_features)
             old_gates = current.gates.detach()
             gates = torch.cat([old_gates, gate.to(old_gates.device, old_gates.dtype)[None]])
         return self._install(
             adapter_name, A, BT, rank_expert, rank_scaling, spans,
-            nn.Parameter(gates, requires_grad=current.gates.requires_grad),
+            nn.Parameter(gates, requires_grad=current.gates.requires_grad), adapts,
         )  # fmt: skip
 
     def remove_expert(self, adapter_name: str, index: int) -> Optional[LayerSnapshot]:
         """Drop expert `index` here; None (and nothing changed) when it is the only expert adapting this module."""
         current = self.installed_snapshot(adapter_name)
         bank = current.bank
-        if bank.spans[index] is not None and bank.num_present == 1:
+        if bank.adapting(index) and bank.num_adapting == 1:
             return None
         with torch.no_grad():
             A, BT, rank_expert, rank_scaling, spans = bank.without(index)
@@ -247,7 +263,20 @@ class GliderLayer(BaseTunerLayer):
         return self._install(
             adapter_name, A, BT, rank_expert, rank_scaling, spans,
             nn.Parameter(gates, requires_grad=current.gates.requires_grad),
+            None if bank.adapts is None else bank.adapts[keep],
         )  # fmt: skip
+
+    def install_resident(self, adapter_name: str, experts: Sequence[Optional[LoraFactors]]) -> LayerSnapshot:
+        """Hold exactly these experts' factors here (None: not resident, or not adapting this module), under a
+        resident-experts budget; the gates and which experts adapt the module stay as they are."""
+        current = self.installed_snapshot(adapter_name)
+        bank = current.bank
+        with torch.no_grad():
+            A, BT, rank_expert, rank_scaling, spans = pack_experts(list(experts), (self.in_features, self.out_features))
+            A, BT, rank_scaling = (t.to(bank.device, bank.dtype) for t in (A, BT, rank_scaling))
+        return self._install(
+            adapter_name, A, BT, rank_expert.to(bank.device), rank_scaling, spans, current.gates, bank.adapts
+        )
 
     def replace_gates(self, adapter_name: str, rows: Mapping[int, torch.Tensor]) -> LayerSnapshot:
         """New gate tensor with `rows` (expert index -> (in,) vector) replaced; the factors stay as they are."""
@@ -267,7 +296,7 @@ class GliderLayer(BaseTunerLayer):
         self.released_in[adapter_name] = version_number
         self._installed[adapter_name] = None
         for name in ("glider_gates", "glider_A", "glider_B", "glider_rank_expert", "glider_rank_scaling", "glider_slot",
-                     "glider_spans", "glider_awaiting_checkpoint", "_installed"):  # fmt: skip
+                     "glider_spans", "glider_adapts", "glider_awaiting_checkpoint", "_installed"):  # fmt: skip
             container = getattr(self, name)
             if adapter_name in container:
                 del container[adapter_name]
@@ -281,8 +310,10 @@ class GliderLayer(BaseTunerLayer):
         rank_scaling: torch.Tensor,
         spans: list[tuple[int, int] | None],
         gates: nn.Parameter,
+        adapts: Optional[torch.Tensor] = None,
     ) -> LayerSnapshot:
-        """Make these the adapter's tensors here and snapshot them. Nothing an older snapshot holds is written to."""
+        """Make these the adapter's tensors here and snapshot them. Nothing an older snapshot holds is written to.
+        `adapts`: (E,) bool, the experts adapting the module under a resident-experts budget (None: no budget)."""
         self._installed[adapter_name] = None  # calls of older versions must not rebind to what follows
         self.glider_A[adapter_name] = A
         self.glider_B[adapter_name] = BT
@@ -290,13 +321,15 @@ class GliderLayer(BaseTunerLayer):
         self.glider_rank_scaling[adapter_name] = rank_scaling
         self.glider_slot[adapter_name] = expert_slots(spans).to(rank_expert.device)
         self.glider_spans[adapter_name] = spans
+        if adapts is not None:
+            self.glider_adapts[adapter_name] = adapts
         self.glider_gates[adapter_name] = gates
         return self._snapshot_installed(adapter_name)
 
     def _snapshot_installed(self, adapter_name: str) -> LayerSnapshot:
-        spans = self.glider_spans[adapter_name]
-        k = min(self.glider_routing[adapter_name].top_k, sum(span is not None for span in spans))
-        snapshot = LayerSnapshot(self._bank(adapter_name), self.glider_gates[adapter_name], k)
+        bank = self._bank(adapter_name)
+        k = min(self.glider_routing[adapter_name].top_k, bank.num_adapting)
+        snapshot = LayerSnapshot(bank, self.glider_gates[adapter_name], k)
         self._installed[adapter_name] = snapshot
         return snapshot
 
@@ -308,6 +341,7 @@ class GliderLayer(BaseTunerLayer):
             rank_scaling=self.glider_rank_scaling[adapter_name],
             spans=self.glider_spans[adapter_name],
             expert_slot=self.glider_slot[adapter_name],
+            adapts=self.glider_adapts.get(adapter_name),
         )
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
@@ -320,7 +354,7 @@ class GliderLayer(BaseTunerLayer):
             container = getattr(self, name)
             if adapter_name in container:
                 container[adapter_name] = container[adapter_name].to(device, dtype=dtype)
-        for name in ("glider_rank_expert", "glider_slot"):
+        for name in ("glider_rank_expert", "glider_slot", "glider_adapts"):
             container = getattr(self, name)
             if adapter_name in container:
                 container[adapter_name] = container[adapter_name].to(device)
@@ -375,7 +409,8 @@ class GliderLayer(BaseTunerLayer):
 
     def adapts(self, adapter_name: str, expert: int) -> bool:
         """Whether expert `expert` (routing index) of the adapter adapts this module, as the layer holds it now."""
-        return self.glider_spans[adapter_name][expert] is not None
+        adapts = self.glider_adapts.get(adapter_name)
+        return bool(adapts[expert]) if adapts is not None else self.glider_spans[adapter_name][expert] is not None
 
     def gate_parameter(self, adapter_name: str) -> nn.Parameter:
         """The adapter's trainable gates here, (E, in), one row per expert (prototypes under Arrow)."""
@@ -425,12 +460,13 @@ class GliderLinear(nn.Module, GliderLayer):
         save_expert_weights: bool = True,
         device: Optional[torch.device] = None,
         train_expert_factors: bool = False,
+        resident: Optional[Collection[int]] = None,
     ) -> None:
         super().__init__()
         GliderLayer.__init__(self, base_layer, module_name, save_expert_weights, train_expert_factors)
         self.register_load_state_dict_pre_hook(self._note_loaded_factors)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, experts, routing_state, library, device)
+        self.update_layer(adapter_name, experts, routing_state, library, device, resident)
 
     def routed_delta(
         self,

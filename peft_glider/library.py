@@ -6,6 +6,11 @@ tensor hash, layout: `LoadedExpert.pins`). A resolved config of a self-contained
 layout, which the adapter's checkpoint fills; a router-only one reloads its experts from their sources at the pinned
 commits and checks their hashes. Factors are read lazily, one module at a time, and not kept by the library.
 
+With a resident-experts budget (`GliderConfig.max_resident_experts`), the layers hold the factors of at most that
+many experts, the least recently used evicted: a call's experts are made resident when it begins (its candidates,
+known from its global scores), read from their sources and checked against their pinned hashes, and published as
+a new version like an edit. Gates and instruction embeddings stay resident for every expert.
+
 Edits (add or remove an expert, new gates or instruction embeddings) are copy-on-write: the library tells each
 layer to install new tensors beside the ones the current version holds, then publishes a whole new
 `LibraryVersion` in one assignment. A call takes the version current when it begins and keeps it to its end, in
@@ -16,8 +21,9 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Collection, Mapping, Optional, Protocol
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
@@ -26,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ._warnings import warn_user
 from .config import ExpertEntry, GliderConfig, normalize_expert_entry
-from .experts import LoadedExpert, LoraFactors, load_expert
+from .experts import LoadedExpert, LoraFactors, load_expert, tensor_sha256
 from .hub import GATES_FILE
 from .local_router.routers import local_router
 
@@ -92,6 +98,9 @@ class ExpertLibrary:
         self.adapter_name: Optional[str] = None  # the adapter, its config and its model, once attached
         self.config: Optional[GliderConfig] = None
         self.host: Optional[LibraryHost] = None
+        # Under a resident-experts budget: the names of the experts whose factors the layers hold, least recently
+        # used first.
+        self.resident: "OrderedDict[str, None]" = OrderedDict()
 
     def attach(self, adapter_name: str, config: GliderConfig, host: LibraryHost) -> None:
         """Bind the library to its adapter: its name, its config (whose expert entries follow every edit) and the
@@ -124,6 +133,16 @@ class ExpertLibrary:
             for module_name, factors in expert.factors.items():
                 check_fits(expert.name, module_name, factors, modules)
         return cls(experts, placeholders)
+
+    @property
+    def budget(self) -> Optional[int]:
+        """The resident-experts budget (`GliderConfig.max_resident_experts`), None without one."""
+        return None if self.config is None else self.config.max_resident_experts
+
+    def initially_resident(self) -> Optional[set[int]]:
+        """The experts whose factors a new layer reads: none under a budget (they are read when a call needs them),
+        all (None) otherwise."""
+        return None if self.budget is None else {i for i, e in enumerate(self.experts) if e.name in self.resident}
 
     @property
     def modules(self) -> list[str]:
@@ -213,7 +232,7 @@ class ExpertLibrary:
                     layer = layers.get(module_name)
                     if layer is None:
                         raise KeyError(f"set_gates: expert {expert!r}: no Glider layer at module {module_name!r}.")
-                    adapts = self.current.layers[module_name].bank.spans[index] is not None
+                    adapts = self.current.layers[module_name].bank.adapting(index)
                     in_features = layer.in_features if adapts else None
                     rows.setdefault(layer, {})[index] = check_gate(expert, module_name, vector, in_features, "set_gates")
             self.replace_gates(rows)
@@ -241,8 +260,8 @@ class ExpertLibrary:
         version = self.current
         gates: dict[str, dict[str, torch.Tensor]] = {name: {} for name in version.expert_names}
         for module_name, snapshot in sorted(version.layers.items()):
-            for index, span in enumerate(snapshot.bank.spans):
-                if span is not None:
+            for index in range(snapshot.bank.num_experts):
+                if snapshot.bank.adapting(index):
                     gates[version.expert_names[index]][module_name] = snapshot.gates[index].detach().clone()
         return gates
 
@@ -357,6 +376,7 @@ class ExpertLibrary:
         version any more (at once when none does), to take their layers out of the model."""
         with self._edit_lock:
             current = self.current
+            self.resident.pop(self.experts[index].name, None)
             del self.experts[index]
             snapshots, released = {}, []
             for module_name, layer in self.host.layers().items():
@@ -382,6 +402,65 @@ class ExpertLibrary:
             for layer, per_expert in rows.items():
                 snapshots[layer.module_name] = layer.replace_gates(self.adapter_name, per_expert)
             return self.publish(layers=snapshots)
+
+    # ------------------------------------------------------------------ residency (max_resident_experts)
+
+    def resident_version(self, needed: Optional[Collection[str]] = None) -> LibraryVersion:
+        """The current version, with the experts named in `needed` (None: all of them) resident first when the
+        adapter has a budget: the least recently used others are evicted, the missing ones read from their sources
+        (checked against their pinned hashes), and the result published as a new version. Calls holding an older
+        version keep its factors until they end, so nothing they route with is evicted under them."""
+        budget = self.budget
+        if budget is None:
+            return self.current
+        with self._edit_lock:
+            version = self.current
+            names = version.expert_names
+            wanted = list(names) if needed is None else [name for name in names if name in set(needed)]
+            if len(wanted) > budget:
+                raise ValueError(
+                    f"This call needs {len(wanted)} experts' factors at once, more than max_resident_experts={budget}. "
+                    + ("A call without global scores routes over every expert: run it inside route(...) or "
+                       "global_scores(...) with GliderConfig(candidates=M)." if needed is None else
+                       "Raise max_resident_experts, lower candidates, or route fewer rows per call.")
+                )  # fmt: skip
+            for name in wanted:
+                if name in self.resident:
+                    self.resident.move_to_end(name)
+            missing = [name for name in wanted if name not in self.resident]
+            if not missing:
+                return version
+            fetched = {name: self._fetch(names.index(name)) for name in missing}
+            keep = set(wanted)
+            for name in [name for name in self.resident if name not in keep][: max(0, len(self.resident) + len(missing) - budget)]:
+                del self.resident[name]
+            self.resident.update((name, None) for name in missing)
+            snapshots = {}
+            for module_name, snapshot in version.layers.items():
+                bank = snapshot.bank
+                factors = [
+                    (fetched[name].get(module_name) if name in fetched else bank.factors_of(index))
+                    if name in self.resident else None
+                    for index, name in enumerate(names)
+                ]  # fmt: skip
+                snapshots[module_name] = self.host.layers()[module_name].install_resident(self.adapter_name, factors)
+            return self.publish(layers=snapshots)
+
+    def _fetch(self, index: int) -> dict[str, LoraFactors]:
+        """Expert `index`'s factors at every module it adapts, read from its source and checked against its pinned
+        hash; an expert whose files vanished or changed is refused, naming it."""
+        expert = self.experts[index]
+        try:
+            factors = {module: LoraFactors(*f.read(), f.scaling) for module, f in expert.factors.items()}
+        except (OSError, ValueError, KeyError) as error:
+            raise RuntimeError(f"Expert '{expert.name}' could not be read from its source when fetched: {error}") from error
+        sha256 = tensor_sha256(factors, expert.name)
+        if sha256 != expert.sha256:
+            raise RuntimeError(
+                f"Expert '{expert.name}' changed since it was opened: its tensors now hash to {sha256[:12]}..., it was "
+                f"pinned at {expert.sha256[:12]}...; reload the adapter (or pin a 'revision')."
+            )
+        return factors
 
     def __getstate__(self) -> dict:  # models are copied and pickled: a lock is not, a fresh one is made
         return {key: value for key, value in self.__dict__.items() if key != "_edit_lock"}

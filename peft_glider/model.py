@@ -132,7 +132,7 @@ class GliderModel(BaseTuner):
                 state = self._routing_states[adapter_name]
                 call = state.current_call()
                 if call is None or call.version is None:  # the call keeps the version it began with, to its end
-                    stack.enter_context(call_routing(state, version=self._calls(adapter_name).current_version()))
+                    stack.enter_context(call_routing(state, version=self._calls(adapter_name).bare_call_version()))
             yield
 
     def _load_placeholders_from_sources(self, adapter_name: str) -> None:
@@ -154,8 +154,9 @@ class GliderModel(BaseTuner):
         library = self._libraries[adapter_name]
         experts = library.module_factors(current_key)
         state = self._routing_states[adapter_name]
+        resident = library.initially_resident()
         if isinstance(target, GliderLayer):
-            target.update_layer(adapter_name, experts, state, library)
+            target.update_layer(adapter_name, experts, state, library, resident=resident)
             return
         new_module = GliderLinear(
             target,
@@ -167,6 +168,7 @@ class GliderModel(BaseTuner):
             save_expert_weights=config.save_expert_weights,
             device=execution_device(target),
             train_expert_factors=config.train_expert_factors,
+            resident=resident,
         )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)

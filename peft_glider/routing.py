@@ -171,6 +171,8 @@ def route(
     Differentiable in the router rows (the gates reach the loss through the chosen experts' softmax weights), in u
     and in the factors (when trainable): when gradients are needed the kernel is one that carries them.
     """
+    if bank.partial:
+        _check_resident(bank, candidates)
     needs_grad = _needs_grad(bank, u, router_rows)
     if not _warned_no_native and not needs_grad and u.dtype == torch.float32 and u.device.type == "cpu":
         _warn_without_native()
@@ -187,6 +189,25 @@ def route(
 
 
 _warned_no_native = False
+
+
+def _check_resident(bank: ExpertBank, candidates: torch.Tensor | None) -> None:
+    """Under a resident-experts budget, a call may only route among experts whose factors are here: refuse one
+    without candidates, or whose candidates were not made resident when it began (never route to missing factors)."""
+    if candidates is None:
+        raise RuntimeError(
+            "This Glider adapter holds only some experts' factors (max_resident_experts) and this call has no "
+            "candidates: run it inside route(...) or global_scores(...) with GliderConfig(candidates=M), so that "
+            "its experts are made resident when it begins."
+        )
+    missing = bank.expert_slot[candidates] < 0
+    if bank.present is not None:
+        missing &= bank.present[candidates]
+    if bool(missing.any()):
+        raise RuntimeError(
+            "A Glider call's candidate experts are not resident (max_resident_experts): their factors are made "
+            "resident when route(...) or global_scores(...) is entered; route inside one."
+        )
 
 
 def _warn_without_native() -> None:

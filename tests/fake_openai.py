@@ -19,13 +19,17 @@ def echo_inputs(request: dict) -> str:
 class FakeOpenAI:
     """Serves POST /v1/chat/completions. `script` holds actions for the next requests, consumed in order:
     ("status", code), ("sleep", seconds), ("empty",), ("no_choices",), ("invalid_json",); afterwards, or for
-    ("ok",), it answers with `reply(request)`."""
+    ("ok",), it answers with `reply(request)`. `max_in_flight` records the most requests it served at once; with
+    `gather` = n, each request waits (up to 2 s) until n are in flight, so that a client sending n at once is seen
+    doing so."""
 
     def __init__(self, reply: Callable[[dict], str] = echo_inputs) -> None:
         self.reply = reply
         self.script: list[tuple] = []
         self.requests: list[dict] = []
         self.lock = threading.Lock()
+        self.in_flight = self.max_in_flight = self.gather = 0
+        self.changed = threading.Condition(self.lock)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -37,6 +41,17 @@ class FakeOpenAI:
                 with server.lock:
                     server.requests.append({"body": body, "auth": self.headers.get("Authorization")})
                     action = server.script.pop(0) if server.script else ("ok",)
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    server.changed.notify_all()
+                    server.changed.wait_for(lambda: server.in_flight >= server.gather, timeout=2)
+                try:
+                    self._answer(body, action)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _answer(self, body: dict, action: tuple) -> None:
                 if action[0] == "status":
                     self._send(action[1], {"error": {"message": f"scripted {action[1]}", "type": "server_error"}})
                     return

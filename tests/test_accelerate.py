@@ -53,3 +53,29 @@ def test_load_glider_rejects_other_adapters(tmp_path):
     get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path / "lora")
     with pytest.raises(ValueError, match="not a Glider adapter"):
         load_glider(tiny_llama(), tmp_path / "lora")
+
+
+def test_a_resident_budget_holds_on_a_disk_offloaded_model(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    experts = [make_expert(tiny_llama, tmp_path / f"e{i}", seed=i, target_modules=LLAMA_MODULES) for i in range(4)]
+    knobs = dict(experts=experts, candidates=2, save_expert_weights=False)
+    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), GliderConfig(**knobs))
+    gates = random_gates(reference.base_model)
+    reference.base_model.set_gates(gates)
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", device_map=DEVICE_MAP, offload_folder=str(tmp_path / "offload")
+    )
+    model = get_peft_model(offloaded, GliderConfig(max_resident_experts=2, **knobs))
+    model.base_model.set_gates(gates)
+    library = model.base_model._libraries["default"]
+    ids = input_ids(batch=1)
+    for best in ([0, 1], [2, 3], [1, 3]):
+        scores = torch.zeros(1, 4)
+        scores[0, best] = 5.0
+        with torch.no_grad(), reference.base_model.global_scores(scores):
+            expected = reference(ids).logits
+        with torch.no_grad(), model.base_model.global_scores(scores):
+            torch.testing.assert_close(model(ids).logits, expected, atol=1e-6, rtol=0)
+        assert sorted(library.resident) == [f"e{i}" for i in best]
+        layer = model.base_model.glider_layers()["model.layers.1.self_attn.q_proj"]  # an offloaded layer
+        assert layer.glider_A["default"].device.type == "cpu" and layer.glider_A["default"].shape[0] == 2 * 4

@@ -62,6 +62,14 @@ def test_build_from_folders_and_an_experts_file(workspace, tmp_path):
     config = json.loads((tmp_path / "g" / "adapter_config.json").read_text())
     assert config["peft_type"] == "GLIDER" and config["alpha"] == "auto"
     assert config["base_model_name_or_path"] == str(workspace["base"])  # taken from the first expert
+
+    result = run("build", "--experts-file", str(listing), "--router-only", "--top-k", "1", "--candidates", "1",
+                 "--max-resident-experts", "1", "--out", str(tmp_path / "large"))
+    config = json.loads((tmp_path / "large" / "adapter_config.json").read_text())
+    assert config["candidates"] == 1 and config["max_resident_experts"] == 1
+    assert_user_error(run("build", "--experts-file", str(listing), "--max-resident-experts", "2", "--out",
+                          str(tmp_path / "bad"), ok=False), "max_resident_experts needs save_expert_weights=False")
+    assert not (tmp_path / "bad").exists()
     assert (tmp_path / "g" / "README.md").exists()
 
     assert_user_error(run("build", "--experts-file", str(tmp_path / "nope.yaml"), "--out", "x", ok=False),

@@ -282,3 +282,21 @@ def test_a_shared_adapter_routes_as_it_was_built(tmp_path, library, embedder):
     with pytest.raises(ValueError, match="written by 'openai:gpt-4o-mini'.*pass router="):
         with by_llm.base_model.route("x"):
             pass
+
+
+@pytest.mark.parametrize("limit", [1, 4])
+def test_describing_many_experts_sends_requests_concurrently_within_the_limit(tmp_path, embedder, limit):
+    samples = {f"task{i}": [(f"question {i} number {j}", f"answer {j}") for j in range(3)] for i in range(12)}
+    with FakeOpenAI() as server:
+        server.gather = limit  # each request waits for `limit` in flight: a client sending that many is seen to
+        writer = OpenAIWriter("writer", base_url=server.base_url, api_key="k", concurrent_requests=limit)
+        descriptions = GlobalRouter(writer, embedder, cache_dir=tmp_path / "cache").describe(samples, calibrate=False)
+        assert server.max_in_flight == limit and len(server.requests) == 12
+        # in the experts' order, each from its own samples; a second describe is served from the cache
+        assert descriptions.instructions == [
+            f"Solve tasks like: question {i} number 0 | question {i} number 1 | question {i} number 2" for i in range(12)
+        ]
+        GlobalRouter(writer, embedder, cache_dir=tmp_path / "cache").describe(samples, calibrate=False)
+        assert len(server.requests) == 12
+    with pytest.raises(ValueError, match="concurrent_requests must be a positive integer"):
+        OpenAIWriter("writer", base_url="http://127.0.0.1:1/v1", api_key="k", concurrent_requests=0)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -167,38 +169,54 @@ class GlobalRouter:
         labels: Optional[Sequence[str]] = None,
         cache: Optional[JsonCache] = None,
         kind: str = "instructions",
+        progress: Optional[str] = None,
     ) -> list[str]:
         """One instruction per task (each a list of samples), through `cache` (default: the expert cache, under
         `kind`); time and calls go to `info`.
 
         `labels` name the tasks in errors (e.g. "expert 'math'"); a writer that returns no text is an error. A
         `HybridWriter`'s instruction is cached under its inner writer's key (one LLM call serves both sources),
-        then the samples are appended.
+        then the samples are appended. Tasks missing from the cache are written once each (the same samples
+        twice: one call), up to the writer's `concurrent_requests` at a time, each cached as soon as it is
+        written; `progress` titles a progress bar over them.
         """
         cache = cache if cache is not None else self.cache
         hybrid = isinstance(self.writer, HybridWriter)
         writer = self.writer.writer if hybrid else self.writer
-        texts = []
-        for position, samples in enumerate(tasks):
+        prepared = []  # (samples, cache key) per task
+        for samples in tasks:
             samples = [_valid_sample(sample) for sample in list(samples)[: self.samples_per_instruction]]
-            key = cache_key("instruction", PROMPT_VERSION, writer.cache_id, instruction_prompt(samples))
-            text = cache.get(kind, key, _is_instruction)
-            if text is None:
-                start = time.perf_counter()
-                text = writer.write(samples)
-                if isinstance(text, str):  # lone surrogates (a bad decode in the writer) become U+FFFD, as in prompts
-                    text = _valid_text(text)
-                info.llm_seconds += time.perf_counter() - start
+            prepared.append((samples, cache_key("instruction", PROMPT_VERSION, writer.cache_id, instruction_prompt(samples))))
+        found = {key: cache.get(kind, key, _is_instruction) for _, key in prepared}
+        missing: dict[str, tuple[int, list]] = {}  # key -> (first position, samples), in task order
+        for position, (samples, key) in enumerate(prepared):
+            if found[key] is None and key not in missing:
+                missing[key] = (position, samples)
+
+        def write(key: str) -> tuple[str, float]:
+            start = time.perf_counter()
+            text = writer.write(missing[key][1])
+            if isinstance(text, str):  # lone surrogates (a bad decode in the writer) become U+FFFD, as in prompts
+                text = _valid_text(text)
+            return text, time.perf_counter() - start
+
+        workers = min(writer.concurrent_requests, len(missing))
+        with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+            written = pool.map(write, missing) if pool is not None else map(write, missing)
+            bar = tqdm(written, total=len(missing), desc=progress, disable=progress is None or self._instant())
+            for key, (text, seconds) in zip(missing, bar):
+                info.llm_seconds += seconds
                 info.llm_calls += 1
                 if not _is_instruction(text):
+                    position = missing[key][0]
                     label = labels[position] if labels else f"task {position}"
                     raise InstructionWriterError(
                         f"The instruction writer {writer.name!r} returned {text!r} for {label}: an instruction "
                         "must be non-empty text."
                     )
                 cache.put(kind, key, text)
-            texts.append(self.writer.compose(text, samples) if hybrid else text)
-        return texts
+                found[key] = text
+        return [self.writer.compose(found[key], samples) if hybrid else found[key] for samples, key in prepared]
 
     def embed(self, texts: Sequence[str], info: RouteInfo, cached: bool = True) -> torch.Tensor:
         """(len(texts), dim) embeddings, through the on-disk cache (`cached`) or computed."""
@@ -252,9 +270,8 @@ class GlobalRouter:
         if missing:
             raise KeyError(f"describe_experts: no samples for expert(s) {missing}.")
         info = RouteInfo(instructions=[], scores=torch.empty(0))
-        texts = []
-        for name in tqdm(names, desc="Writing expert instructions", disable=self._instant()):
-            texts += self.write_instructions([expert_samples[name]], info, [f"expert {name!r}"])
+        texts = self.write_instructions([expert_samples[name] for name in names], info,
+                                        [f"expert {name!r}" for name in names], progress="Writing expert instructions")
         embeddings = self.embed(texts, info)
         threshold = None
         if calibrate:

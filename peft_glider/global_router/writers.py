@@ -69,6 +69,9 @@ class InstructionWriter(ABC):
 
     #: Names the writer and its model, e.g. "openai:gpt-4o-mini@https://...".
     name: str
+    #: How many `write` calls may run at once (from threads): 1 for a writer that is not thread-safe or gains
+    #: nothing from it (a local model); an endpoint writer's concurrency limit.
+    concurrent_requests: int = 1
 
     @property
     def cache_id(self) -> str:
@@ -135,6 +138,8 @@ class OpenAIWriter(InstructionWriter):
         backoff: First backoff in seconds (doubled each retry, with jitter).
         max_tokens: Completion length limit.
         system_prompt: The system message.
+        concurrent_requests: At most this many requests in flight at once when many instructions are written
+            (`GlobalRouter.describe` of a large library); 1 sends them one after another.
     """
 
     def __init__(
@@ -147,8 +152,13 @@ class OpenAIWriter(InstructionWriter):
         backoff: float = 1.0,
         max_tokens: int = 120,
         system_prompt: str = SYSTEM_PROMPT,
+        concurrent_requests: int = 8,
     ) -> None:
         import openai
+
+        if isinstance(concurrent_requests, bool) or not isinstance(concurrent_requests, int) or concurrent_requests < 1:
+            raise ValueError(f"concurrent_requests must be a positive integer, got {concurrent_requests!r}.")
+        self.concurrent_requests = concurrent_requests
 
         api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         if not api_key:

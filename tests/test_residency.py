@@ -1,0 +1,171 @@
+"""A resident-experts budget (`GliderConfig(max_resident_experts=N)`): the layers hold at most N experts' factors,
+read from their files when a call's candidates need them, least recently used evicted; routing is unchanged."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from peft_glider import GliderConfig
+
+from conftest import input_ids, make_expert, random_gates, tiny_llama
+from test_library_versions import HoldBetweenLayers
+
+NUM_EXPERTS = 6
+MODULES = ["q_proj", "v_proj", "up_proj"]
+
+
+@pytest.fixture
+def experts(tmp_path) -> list[str]:
+    """Experts on the same modules: a row's candidates are the same at every module."""
+    return [make_expert(tiny_llama, tmp_path / f"e{i}", seed=500 + i, target_modules=MODULES) for i in range(NUM_EXPERTS)]
+
+
+@pytest.fixture
+def mixed_experts(tmp_path) -> list[str]:
+    """Odd experts also adapt up_proj: there a row's candidates are its best odd experts."""
+    return [make_expert(tiny_llama, tmp_path / f"m{i}", seed=500 + i, target_modules=MODULES[: 2 + i % 2])
+            for i in range(NUM_EXPERTS)]
+
+
+def build(experts: list[str], **config):
+    config = {"top_k": 2, "alpha": 5.0, "candidates": 2, "save_expert_weights": False, **config}
+    model = get_peft_model(tiny_llama(), GliderConfig(experts=experts, **config))
+    model.base_model.set_gates(random_gates(model.base_model, seed=2))
+    return model
+
+
+def scores(rows: int, seed: int) -> torch.Tensor:
+    return torch.randn(rows, NUM_EXPERTS, generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids, row_scores) -> torch.Tensor:
+    with torch.no_grad(), model.base_model.global_scores(row_scores):
+        return model(input_ids=ids).logits
+
+
+def resident_factor_rows(model) -> dict[str, int]:
+    """Rank rows of factors each layer holds now."""
+    return {name: layer.glider_A["default"].shape[0] for name, layer in model.base_model.glider_layers().items()}
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_budget_routes_exactly_as_every_expert_resident_and_holds_at_most_the_budget(mixed_experts, rows):
+    # a row needs up to 2 candidates at q/v (all experts) and 2 more at up_proj (odd experts only)
+    everything, budgeted = build(mixed_experts), build(mixed_experts, max_resident_experts=4 * rows)
+    library = budgeted.base_model._libraries["default"]
+    assert set(resident_factor_rows(budgeted).values()) == {0}  # nothing read at build
+    ids = input_ids(batch=rows)
+    for seed in range(12):  # distinct queries: the resident set turns over
+        row_scores = scores(rows, seed)
+        torch.testing.assert_close(logits(budgeted, ids, row_scores), logits(everything, ids, row_scores))
+        assert len(library.resident) <= 4 * rows
+        for name, held in resident_factor_rows(budgeted).items():  # rank 4 each, only the resident ones adapting
+            adapting = [e for e in library.resident if name.endswith(tuple(MODULES[: 2 + int(e[1:]) % 2]))]
+            assert held == 4 * len(adapting), (name, held, list(library.resident))
+
+
+def test_the_least_recently_used_expert_is_evicted(experts):
+    budgeted = build(experts, max_resident_experts=3, candidates=1, top_k=1)
+    library, ids = budgeted.base_model._libraries["default"], input_ids(batch=1)
+    for best in (0, 1, 2, 0, 3):  # one candidate per call: expert `best`; 1 is then the least recently used
+        logits(budgeted, ids, torch.nn.functional.one_hot(torch.tensor([best]), NUM_EXPERTS).float())
+    assert list(library.resident) == ["e2", "e0", "e3"]
+
+
+def test_a_call_that_needs_more_than_the_budget_is_refused_naming_the_knob(experts):
+    budgeted = build(experts, max_resident_experts=3)
+    with pytest.raises(ValueError, match="max_resident_experts=3"):
+        with torch.no_grad():
+            budgeted(input_ids=input_ids())  # no global scores: every expert
+    with pytest.raises(ValueError, match="more than max_resident_experts=3"):
+        logits(budgeted, input_ids(batch=2), torch.tensor([[9.0, 8, 0, 0, 0, 0], [0, 0, 9, 8, 0, 0]]))  # 4 experts
+    # a library within its budget serves calls without global scores too
+    everything, roomy = build(experts), build(experts, max_resident_experts=NUM_EXPERTS)
+    with torch.no_grad():
+        torch.testing.assert_close(roomy(input_ids=input_ids()).logits, everything(input_ids=input_ids()).logits)
+
+
+def test_a_trace_inside_scores_routes_resident_experts_only(experts):
+    budgeted = build(experts, max_resident_experts=2)
+    glider = budgeted.base_model
+    with torch.no_grad(), glider.routing_trace() as trace:
+        with pytest.raises(RuntimeError, match="no candidates"):  # a trace alone gives no candidates
+            budgeted(input_ids=input_ids(batch=1))
+    row_scores = scores(1, seed=3)
+    with torch.no_grad(), glider.global_scores(row_scores), glider.routing_trace() as trace:
+        budgeted(input_ids=input_ids(batch=1))
+    chosen = set().union(*(torch.cat(s, 1).unique().tolist() for s in trace.selections.values()))
+    assert chosen <= {glider.expert_names.index(name) for name in glider._libraries["default"].resident}
+
+
+def test_generate_with_beams_under_a_budget_equals_every_expert_resident(experts):
+    everything, budgeted = build(experts), build(experts, max_resident_experts=4)
+    row_scores, ids = scores(2, seed=5), input_ids(batch=2, length=5)
+
+    def generate(model):
+        with torch.no_grad(), model.base_model.global_scores(row_scores):
+            return model.generate(input_ids=ids, max_new_tokens=5, num_beams=2, do_sample=False, pad_token_id=0)
+
+    assert torch.equal(generate(budgeted), generate(everything))
+
+
+def test_a_call_held_mid_forward_keeps_the_experts_another_call_evicts(experts):
+    everything, budgeted = build(experts), build(experts, max_resident_experts=2)
+    library, ids = budgeted.base_model._libraries["default"], input_ids(batch=1)
+    first, second = torch.tensor([[9.0, 8, 0, 0, 0, 0]]), torch.tensor([[0.0, 0, 9, 8, 0, 0]])
+    hold = HoldBetweenLayers(budgeted)
+    held = hold.run(lambda: logits(budgeted, ids, first), lambda: logits(budgeted, ids, second))
+    assert set(library.resident) == {"e2", "e3"}  # the second call evicted both of the first call's experts
+    torch.testing.assert_close(held, logits(everything, ids, first))
+
+
+def test_an_expert_whose_files_vanished_or_changed_is_refused_naming_it(experts):
+    budgeted, everything = build(experts, max_resident_experts=2), build(experts)
+    shutil.rmtree(experts[4])
+    with pytest.raises(RuntimeError, match="Expert 'e4' could not be read"):
+        logits(budgeted, input_ids(batch=1), torch.tensor([[0.0, 0, 0, 0, 9, 8]]))
+    weights = f"{experts[3]}/adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({key: value * 2 for key, value in tensors.items()}, weights, metadata={"format": "pt"})  # same layout
+    with pytest.raises(RuntimeError, match="Expert 'e3' changed since it was opened"):
+        logits(budgeted, input_ids(batch=1), torch.tensor([[0.0, 0, 0, 9, 0, 8]]))
+    # nothing half-done: the experts still there serve as before
+    row_scores = torch.tensor([[9.0, 8, 0, 0, 0, 0]])
+    torch.testing.assert_close(logits(budgeted, input_ids(batch=1), row_scores),
+                               logits(everything, input_ids(batch=1), row_scores))
+
+
+def test_edits_under_a_budget(experts, tmp_path):
+    budgeted = build(experts[:5], max_resident_experts=2)
+    glider = budgeted.base_model
+    library, ids = glider._libraries["default"], input_ids(batch=1)
+    logits(budgeted, ids, torch.tensor([[9.0, 8, 0, 0, 0]]))
+    glider.remove_expert("e0")
+    assert list(library.resident) == ["e1"]
+    glider.add_expert({"source": experts[5], "name": "e5"})
+    glider.set_gates(random_gates(glider, seed=2))
+    reference = build([experts[i] for i in (1, 2, 3, 4, 5)])
+    reference.base_model.set_gates(random_gates(reference.base_model, seed=2))
+    row_scores = torch.tensor([[0.0, 0, 0, 8, 9]])  # the newcomer and e4
+    torch.testing.assert_close(logits(budgeted, ids, row_scores), logits(reference, ids, row_scores))
+    assert set(library.resident) == {"e4", "e5"}
+
+
+def test_a_budget_needs_a_router_only_adapter_and_survives_save_and_load(experts, tmp_path):
+    with pytest.raises(ValueError, match="max_resident_experts needs save_expert_weights=False"):
+        GliderConfig(experts=experts, max_resident_experts=2, candidates=2)
+    with pytest.raises(ValueError, match="max_resident_experts must be None or an integer >= top_k and candidates"):
+        GliderConfig(experts=experts, max_resident_experts=2, candidates=3, save_expert_weights=False)
+    budgeted = build(experts, max_resident_experts=3)
+    ids, row_scores = input_ids(batch=1), scores(1, seed=8)
+    expected = logits(budgeted, ids, row_scores)
+    budgeted.save_pretrained(tmp_path / "saved")
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "saved")
+    assert reloaded.peft_config["default"].max_resident_experts == 3
+    assert set(resident_factor_rows(reloaded).values()) == {0}
+    torch.testing.assert_close(logits(reloaded, ids, row_scores), expected)
