@@ -69,6 +69,12 @@ class LayerSnapshot:
         self.k = k  # top_k capped by the number of experts present here
         self._rows: Optional[tuple] = None  # (gates, the rest of the key, rows)
 
+    def inherit_rows(self, previous: "LayerSnapshot") -> None:
+        """Take over `previous`'s cached router rows: valid here when both hold the same gates tensor (the cache is
+        keyed by it and its version)."""
+        if previous.gates is self.gates:
+            self._rows = previous._rows
+
     def rebind(self, bank: ExpertBank, gates: torch.Tensor) -> None:
         """Point at the same values after the layer's tensors were moved or cast."""
         self.bank, self.gates, self._rows = bank, gates, None
@@ -274,9 +280,11 @@ class GliderLayer(BaseTunerLayer):
         with torch.no_grad():
             A, BT, rank_expert, rank_scaling, spans = pack_experts(list(experts), (self.in_features, self.out_features))
             A, BT, rank_scaling = (t.to(bank.device, bank.dtype) for t in (A, BT, rank_scaling))
-        return self._install(
+        snapshot = self._install(
             adapter_name, A, BT, rank_expert.to(bank.device), rank_scaling, spans, current.gates, bank.adapts
         )
+        snapshot.inherit_rows(current)  # the same gates: their router rows (E, in) need not be computed again
+        return snapshot
 
     def replace_gates(self, adapter_name: str, rows: Mapping[int, torch.Tensor]) -> LayerSnapshot:
         """New gate tensor with `rows` (expert index -> (in,) vector) replaced; the factors stay as they are."""

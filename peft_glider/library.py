@@ -416,7 +416,8 @@ class ExpertLibrary:
         with self._edit_lock:
             version = self.current
             names = version.expert_names
-            wanted = list(names) if needed is None else [name for name in names if name in set(needed)]
+            needed = None if needed is None else set(needed)
+            wanted = list(names) if needed is None else [name for name in names if name in needed]
             if len(wanted) > budget:
                 raise ValueError(
                     f"This call needs {len(wanted)} experts' factors at once, more than max_resident_experts={budget}. "
@@ -435,7 +436,7 @@ class ExpertLibrary:
             for name in [name for name in self.resident if name not in keep][: max(0, len(self.resident) + len(missing) - budget)]:
                 del self.resident[name]
             self.resident.update((name, None) for name in missing)
-            snapshots = {}
+            snapshots, layers = {}, self.host.layers()
             for module_name, snapshot in version.layers.items():
                 bank = snapshot.bank
                 factors = [
@@ -443,7 +444,7 @@ class ExpertLibrary:
                     if name in self.resident else None
                     for index, name in enumerate(names)
                 ]  # fmt: skip
-                snapshots[module_name] = self.host.layers()[module_name].install_resident(self.adapter_name, factors)
+                snapshots[module_name] = layers[module_name].install_resident(self.adapter_name, factors)
             return self.publish(layers=snapshots)
 
     def _fetch(self, index: int) -> dict[str, LoraFactors]:
