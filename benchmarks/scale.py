@@ -199,6 +199,33 @@ def print_report(report: dict, reference: str) -> None:
               f"{speed[f'prefill_vs_{reference}']:>10.2f} {speed[f'decode_vs_{reference}']:>9.2f}")
 
 
+def plot_reports(reports: list[dict], path: str) -> None:
+    """Per model: resident memory growth and the decode step against E=8, over E, full routing vs candidates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(reports), 3, figsize=(13, 3.4 * len(reports)), squeeze=False)
+    for row, report in zip(axes, reports):
+        for variant, style in (("full", "o-"), ("candidates", "s--")):
+            keys = [key for key in report["speed"] if key.startswith(variant + "@")]
+            counts = [int(key.split("@")[1]) for key in keys]
+            reference = next(name for name in report["speed"]["base"] if name.startswith("decode_vs_full@")).split("_vs_")[1]
+            label = "full routing" if variant == "full" else "candidates M=16, budget 64"
+            row[0].plot(counts, [report["first_forward"][k]["rss_growth_mb"] for k in keys], style, label=label)
+            row[1].plot(counts, [report["speed"][k][f"prefill_vs_{reference}"] for k in keys], style, label=label)
+            row[2].plot(counts, [report["speed"][k][f"decode_vs_{reference}"] for k in keys], style, label=label)
+        for axis, title in zip(row, ("resident memory growth (MB)", "prefill 4x128 / E=8", "one decode step / E=8")):
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("experts E")
+            axis.set_title(f"{report['model']}: {title}", fontsize=9)
+            axis.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["llama512-qv"], choices=sorted(MODELS))
@@ -208,7 +235,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="E in {8, 64}, 3 rounds")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "peft-glider-scale"))
     parser.add_argument("--out", help="write the report as JSON here")
+    parser.add_argument("--plot", help="draw memory and speed against E into this PNG (needs matplotlib)")
+    parser.add_argument("--from-json", help="plot a report written by --out instead of measuring")
     args = parser.parse_args()
+    if args.from_json:
+        plot_reports(json.loads(Path(args.from_json).read_text()), args.plot)
+        return
     if args.quick:
         args.experts, args.rounds = [8, 64], 3
     torch.set_num_threads(args.threads)
@@ -222,6 +254,8 @@ def main() -> None:
     print(f"\nload average {os.getloadavg()}, torch {torch.__version__}")
     if args.out:
         Path(args.out).write_text(json.dumps(reports, indent=1))
+    if args.plot:
+        plot_reports(reports, args.plot)
 
 
 if __name__ == "__main__":

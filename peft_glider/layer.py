@@ -498,16 +498,17 @@ class GliderLinear(nn.Module, GliderLayer):
             delta = delta_gated_single(u, bank, call.gate_training_expert, gate)
             return delta.view(*x.shape[:-1], self.out_features)
         batch_rows = x.shape[0] if x.dim() > 1 else 1
+        router_rows = snapshot.router_rows(state)
         selection, delta = routing.route(
             u,
             bank,
-            snapshot.router_rows(state),
+            router_rows,
             standardized=state.local_router.standardized,
             k=snapshot.k,
             global_bias=call.global_bias(batch_rows, u.device),
             kernel=state.kernel,
             out=out,
-            candidates=call.candidate_experts(bank.present, state.candidates, u.device),
+            candidates=call.candidates_at(bank, router_rows, state.candidates),
         )
         if call.trace is not None:
             call.trace.record(self.module_name, selection.indices.view(batch_rows, -1, selection.indices.shape[-1]))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Collection, Mapping, Optional, Protocol
 
@@ -125,9 +126,8 @@ class ExpertLibrary:
         if placeholders:
             experts = [placeholder_expert(entry, modules) for entry in config.experts]
         else:
-            entries = config.experts
-            experts = [load_expert(entry) for entry in tqdm(entries, desc="Loading LoRA experts", disable=len(entries) < 4)]
-            for entry, expert in zip(entries, experts):
+            experts = open_experts(config.experts)
+            for entry, expert in zip(config.experts, experts):
                 check_pinned_hash(entry, expert)
         for expert in experts:
             for module_name, factors in expert.factors.items():
@@ -469,6 +469,20 @@ class ExpertLibrary:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._edit_lock = threading.RLock()
+
+
+#: How many experts are opened at once (Hub downloads of their adapter files, reads and hashes of their tensors).
+OPEN_WORKERS = 8
+
+
+def open_experts(entries: list[dict[str, Any]], workers: int = OPEN_WORKERS) -> list[LoadedExpert]:
+    """`load_expert` of every entry, up to `workers` at a time (a large library from the Hub downloads its adapters
+    concurrently; huggingface_hub resumes partial downloads), with one progress bar; in the entries' order. The first
+    failure, in that order, is raised."""
+    workers = max(1, min(workers, len(entries)))
+    with ThreadPoolExecutor(workers) as pool:
+        opened = pool.map(load_expert, entries)
+        return list(tqdm(opened, total=len(entries), desc="Loading LoRA experts", disable=len(entries) < 4))
 
 
 def check_gate(

@@ -9,6 +9,7 @@ chosen in `kernel_choice`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -99,27 +100,43 @@ def candidate_experts(scores: torch.Tensor, present: torch.Tensor | None, m: int
     return masked.topk(m, dim=-1).indices
 
 
-def select_among_candidates(
-    u: torch.Tensor,
-    router_rows: torch.Tensor,
-    standardized: bool,
-    candidates: torch.Tensor,
-    global_bias: torch.Tensor,
-    present: torch.Tensor | None,
-    k: int,
-) -> Selection:
+@dataclass
+class Candidates:
+    """Each group's candidate experts at one module with what scoring them needs, gathered once per call
+    (`gather_candidates`) and reused by every forward of the call (each decoding step)."""
+
+    indices: torch.Tensor  # (B, M) expert indices
+    rows: torch.Tensor  # (B, M, d) their router rows
+    bias: torch.Tensor  # (B, 1, M) their global bias
+    absent: torch.Tensor | None  # (B, 1, M) bool: candidates not adapting the module (fewer than M do); None: none
+    router_rows: torch.Tensor  # (E, d) the rows gathered from (a new tensor when the gates change)
+
+
+def gather_candidates(
+    scores: torch.Tensor, global_bias: torch.Tensor, router_rows: torch.Tensor, present: torch.Tensor | None, m: int
+) -> Candidates:
+    """Each group's `candidate_experts` (by the global scores (B, E)), their router rows from `router_rows` (E, d)
+    and their global bias from `global_bias` (B, E), on the rows' device."""
+    indices = candidate_experts(scores, present, m).to(router_rows.device)
+    absent = None if present is None else ~present[indices].unsqueeze(1)
+    bias = global_bias.to(router_rows.device).gather(1, indices).to(router_rows.dtype).unsqueeze(1)
+    return Candidates(indices, router_rows[indices], bias, absent if absent is not None and absent.any() else None,
+                      router_rows)
+
+
+def select_among_candidates(u: torch.Tensor, candidates: Candidates, standardized: bool, k: int) -> Selection:
     """Top-k and softmax over each group's candidate experts only: the local scores of the tokens u (N, d), in B
-    consecutive groups (as in `combine_logits`), against the candidates' router rows (gathered, (B, M, d)), plus
-    the global bias (B, E) at the candidates. Returns expert indices into all E experts."""
-    groups, m = candidates.shape
+    consecutive groups (as in `combine_logits`), against the candidates' router rows, plus their global bias.
+    Returns expert indices into all E experts."""
+    groups = candidates.indices.shape[0]
     tokens = u.view(groups, -1, u.shape[-1])  # (B, T, d)
-    rows = router_rows[candidates]  # (B, M, d)
+    rows = candidates.rows  # (B, M, d)
     local = standardized_dots(tokens, rows) if standardized else arrow_dots(tokens, rows)  # (B, T, M)
-    logits = local + global_bias.gather(1, candidates).to(local.dtype).unsqueeze(1)
-    if present is not None:
-        logits = logits.masked_fill(~present[candidates].unsqueeze(1), float("-inf"))
+    logits = local + candidates.bias
+    if candidates.absent is not None:
+        logits = logits.masked_fill(candidates.absent, float("-inf"))
     top_logits, chosen = logits.topk(k, dim=-1)  # (B, T, k) positions among the candidates
-    indices = candidates.unsqueeze(1).expand(-1, tokens.shape[1], -1).gather(2, chosen)
+    indices = candidates.indices.unsqueeze(1).expand(-1, tokens.shape[1], -1).gather(2, chosen)
     return Selection(indices=indices.reshape(-1, k), weights=torch.softmax(top_logits, dim=-1).reshape(-1, k))
 
 
@@ -157,7 +174,7 @@ def route(
     global_bias: torch.Tensor | None = None,
     kernel: str = "auto",
     out: torch.Tensor | None = None,
-    candidates: torch.Tensor | None = None,
+    candidates: Candidates | None = None,
 ) -> tuple[Selection, torch.Tensor]:
     """GLIDER at one module for one call: the single entry point of a Glider layer.
 
@@ -165,21 +182,25 @@ def route(
     `arrow_rows`), plus the global bias (B, E) per group of rows (`combine_logits`), experts absent here masked,
     top-k and softmax (`select_top_k`), then the selected experts' products by the kernel resolved once for this
     call (`resolve_kernel`; the compiled one routes too). Adds into `out` (N, o) (zeros if None) and returns the
-    selection with it. With `candidates` (B, M) expert indices per group (`candidate_experts`, needs the global
-    bias), only those experts' router rows are read and scored (`select_among_candidates`).
+    selection with it. With `candidates` (gathered from these router rows and the global bias by
+    `gather_candidates`), only those experts are scored (`select_among_candidates`).
 
     Differentiable in the router rows (the gates reach the loss through the chosen experts' softmax weights), in u
     and in the factors (when trainable): when gradients are needed the kernel is one that carries them.
     """
-    if bank.partial:
-        _check_resident(bank, candidates)
+    if bank.partial and candidates is None:
+        raise RuntimeError(
+            "This Glider adapter holds only some experts' factors (max_resident_experts) and this call has no "
+            "candidates: run it inside route(...) or global_scores(...) with GliderConfig(candidates=M), so that "
+            "its experts are made resident when it begins."
+        )
     needs_grad = _needs_grad(bank, u, router_rows)
     if not _warned_no_native and not needs_grad and u.dtype == torch.float32 and u.device.type == "cpu":
         _warn_without_native()
     chosen = resolve_kernel(kernel, u.shape[0], bank, k, u.dtype, needs_grad)
     scored = u if u.dtype == router_rows.dtype else u.to(router_rows.dtype)
     if candidates is not None:
-        selection = select_among_candidates(scored, router_rows, standardized, candidates, global_bias, bank.present, k)
+        selection = select_among_candidates(scored, candidates, standardized, k)
         return selection, KERNEL_FUNCTIONS[chosen](u, bank, selection, out)
     if chosen == "native" and can_fuse_routing(router_rows, bank):
         return route_and_apply_native(u, router_rows, standardized, global_bias, k, bank, out)
@@ -191,18 +212,13 @@ def route(
 _warned_no_native = False
 
 
-def _check_resident(bank: ExpertBank, candidates: torch.Tensor | None) -> None:
-    """Under a resident-experts budget, a call may only route among experts whose factors are here: refuse one
-    without candidates, or whose candidates were not made resident when it began (never route to missing factors)."""
-    if candidates is None:
-        raise RuntimeError(
-            "This Glider adapter holds only some experts' factors (max_resident_experts) and this call has no "
-            "candidates: run it inside route(...) or global_scores(...) with GliderConfig(candidates=M), so that "
-            "its experts are made resident when it begins."
-        )
-    missing = bank.expert_slot[candidates] < 0
+def check_resident(bank: ExpertBank, candidates: Candidates) -> None:
+    """Under a resident-experts budget, a call may only route among experts whose factors are here: refuse
+    candidates that were not made resident when the call began (never route to missing factors)."""
+    indices = candidates.indices
+    missing = bank.expert_slot[indices] < 0
     if bank.present is not None:
-        missing &= bank.present[candidates]
+        missing &= bank.present[indices]
     if bool(missing.any()):
         raise RuntimeError(
             "A Glider call's candidate experts are not resident (max_resident_experts): their factors are made "

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Optional
 import torch
 
 from .local_router.routers import LOCAL_ROUTERS
-from .routing import candidate_experts
+from .routing import Candidates, check_resident, gather_candidates
 
 if TYPE_CHECKING:
+    from .bank import ExpertBank
     from .library import LibraryVersion
     from .local_router.routers import LocalRouter
 
@@ -112,7 +113,7 @@ class CallRouting:
     version: Optional["LibraryVersion"] = None
     # The bias per device, moved once per call and shared by the layers (not by other calls).
     _bias_on_device: dict = field(default_factory=dict, compare=False, repr=False)
-    # Each row's candidates per set of experts present at a module and device (see `candidate_experts`).
+    # Each row's candidates per module's bank, gathered once for the whole call (see `candidates_at`).
     _candidates: dict = field(default_factory=dict, compare=False, repr=False)
 
     def global_bias(self, rows: int, device: torch.device) -> Optional[torch.Tensor]:
@@ -135,21 +136,22 @@ class CallRouting:
             bias = self._bias_on_device[device] = self.row_bias.to(device)
         return bias
 
-    def candidate_experts(
-        self, present: Optional[torch.Tensor], num_candidates: Optional[int], device: torch.device
-    ) -> Optional[torch.Tensor]:
-        """(B, M) each row's M candidate experts at a module whose present experts are `present` (E,) bool (None:
-        all), on `device`; None when the call has no global scores or M covers every expert. Computed once per
-        call for each set of present experts."""
+    def candidates_at(
+        self, bank: "ExpertBank", router_rows: torch.Tensor, num_candidates: Optional[int]
+    ) -> Optional[Candidates]:
+        """Each row's M candidate experts at the module of `bank`, with their router rows (from `router_rows`) and
+        global bias; None when the call has no global scores or M covers every expert. Gathered once per call and
+        module (again only if the router rows changed: gates under training), and checked resident once."""
         if self.row_scores is None or num_candidates is None or num_candidates >= self.row_scores.shape[1]:
             return None
-        key = (id(present), device)
-        cached = self._candidates.get(key)
-        if cached is not None and cached[0] is present:
-            return cached[1]
-        chosen = candidate_experts(self.row_scores, present, num_candidates).to(device)
-        self._candidates[key] = (present, chosen)  # holds `present`: its id cannot be reused meanwhile
-        return chosen
+        cached = self._candidates.get(bank)
+        if cached is not None and cached.router_rows is router_rows:
+            return cached
+        gathered = gather_candidates(self.row_scores, self.row_bias, router_rows, bank.present, num_candidates)
+        if bank.partial:
+            check_resident(bank, gathered)
+        self._candidates[bank] = gathered
+        return gathered
 
 
 _CALL_ROUTING: contextvars.ContextVar[Mapping[RoutingState, CallRouting]] = contextvars.ContextVar(

@@ -117,10 +117,20 @@ def cases(tmp_path_factory) -> dict:
     return made
 
 
-@pytest.mark.parametrize("local_router", ["phatgoose", "arrow"])
+#: Config variants: each local router with every expert resident, and Phatgoose under a resident-experts budget
+#: (a router-only adapter whose layers start empty and read every expert on the first call: the suite's calls carry
+#: no global scores, so the budget holds the whole library).
+VARIANTS = {
+    "phatgoose": {"local_router": "phatgoose"},
+    "arrow": {"local_router": "arrow"},
+    "phatgoose-budget": {"local_router": "phatgoose", "save_expert_weights": False, "max_resident_experts": 3},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("arch", ["llama", "t5"])
 @pytest.mark.parametrize("check", sorted(CHECKS))
-def test_peft_generic_check(common_tester, cases, arch, local_router, check):
+def test_peft_generic_check(common_tester, cases, arch, variant, check):
     model_id, auto_class, experts = cases[arch]
 
     class GliderCommonTester(common_tester):
@@ -133,6 +143,6 @@ def test_peft_generic_check(common_tester, cases, arch, local_router, check):
                 inputs["decoder_input_ids"] = torch.tensor([[0, 4, 7], [0, 8, 9]])
             return inputs
 
-    config_kwargs = {"experts": experts, "top_k": 2, "local_router": local_router}
+    config_kwargs = {"experts": experts, "top_k": 2, **VARIANTS[variant]}
     method, arguments = CHECKS[check]
     getattr(GliderCommonTester(), method)(model_id, GliderConfig, config_kwargs, **arguments)

@@ -169,3 +169,35 @@ def test_a_budget_needs_a_router_only_adapter_and_survives_save_and_load(experts
     assert reloaded.peft_config["default"].max_resident_experts == 3
     assert set(resident_factor_rows(reloaded).values()) == {0}
     torch.testing.assert_close(logits(reloaded, ids, row_scores), expected)
+
+
+def test_a_library_opens_its_experts_concurrently_in_order(tmp_path, monkeypatch):
+    import threading
+
+    from peft_glider import library as library_module
+
+    folders = [make_expert(tiny_llama, tmp_path / f"c{i}", seed=600 + i) for i in range(12)]
+    in_flight, most, changed = [0], [0], threading.Condition()
+    real_load = library_module.load_expert
+
+    def counting_load(entry):
+        with changed:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            changed.notify_all()
+            changed.wait_for(lambda: in_flight[0] >= library_module.OPEN_WORKERS, timeout=2)  # make overlap happen
+        try:
+            return real_load(entry)
+        finally:
+            with changed:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(library_module, "load_expert", counting_load)
+    model = get_peft_model(tiny_llama(), GliderConfig(experts=folders))
+    assert most[0] == library_module.OPEN_WORKERS
+    assert model.base_model.expert_names == [f"c{i}" for i in range(12)]
+    # the first failure in the experts' order is the one raised, naming that expert
+    shutil.rmtree(folders[3])
+    shutil.rmtree(folders[7])
+    with pytest.raises(OSError, match="c3"):
+        get_peft_model(tiny_llama(), GliderConfig(experts=folders))
