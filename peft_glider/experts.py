@@ -261,10 +261,12 @@ def _factors(
     return factors
 
 
-def load_expert(entry: dict[str, Any]) -> LoadedExpert:
+def load_expert(entry: dict[str, Any], hash_tensors: bool = True) -> LoadedExpert:
     """Resolve one normalized expert entry (see `GliderConfig`) and describe its factors, read lazily.
 
     Safetensors checkpoints are read tensor by tensor when a layer is built; others through PEFT's own loader.
+    With `hash_tensors=False` an entry that pins a hash is taken at its word and no factor is read here: whoever
+    reads the factors later checks them against that hash (a resident-experts budget does, on first use).
     """
     name = entry["name"]
     folder, commit = _resolve_folder(entry)
@@ -289,7 +291,8 @@ def load_expert(entry: dict[str, Any]) -> LoadedExpert:
         keys = _module_keys(name, list(state))
         factors = _factors(name, config, keys, lambda k: state[k].shape, state.__getitem__, path)
     gates = load_gates(folder, name, factors)
-    return LoadedExpert(name=name, factors=factors, commit=commit, sha256=tensor_sha256(factors, name), gates=gates)
+    sha256 = tensor_sha256(factors, name) if hash_tensors or "sha256" not in entry else entry["sha256"]
+    return LoadedExpert(name=name, factors=factors, commit=commit, sha256=sha256, gates=gates)
 
 
 def save_gates(gates: dict[str, torch.Tensor], folder: str | os.PathLike) -> str:

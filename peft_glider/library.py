@@ -126,8 +126,8 @@ class ExpertLibrary:
             placeholders = config.is_resolved and config.save_expert_weights
         if placeholders:
             experts = [placeholder_expert(entry, modules) for entry in config.experts]
-        else:
-            experts = open_experts(config.experts)
+        else:  # under a budget a pinned expert is checked when first made resident, not read now
+            experts = open_experts(config.experts, hash_tensors=config.max_resident_experts is None)
             for entry, expert in zip(config.experts, experts):
                 check_pinned_hash(entry, expert)
         for expert in experts:
@@ -476,16 +476,19 @@ class ExpertLibrary:
 OPEN_WORKERS = 8
 
 
-def open_experts(entries: list[dict[str, Any]], workers: int = OPEN_WORKERS) -> list[LoadedExpert]:
-    """`load_expert` of every entry, in the entries' order with one progress bar; the first failure, in that order,
+def open_experts(
+    entries: list[dict[str, Any]], workers: int = OPEN_WORKERS, hash_tensors: bool = True
+) -> list[LoadedExpert]:
+    """`load_expert(entry, hash_tensors)` of every entry, in the entries' order with one progress bar; the first failure, in that order,
     is raised. Hub experts are opened up to `workers` at a time in threads (their downloads overlap; huggingface_hub
     resumes partial ones); local folders one after another in this thread (reading and hashing them in threads
     was twice as slow on 2 cores, and every thread's allocator arena kept memory: +25 MB at 1,024 experts)."""
     hub = [index for index, entry in enumerate(entries) if not os.path.isdir(entry["source"])]
     with ThreadPoolExecutor(max(1, min(workers, len(hub)))) as pool:
-        pending = {index: pool.submit(load_expert, entries[index]) for index in hub}
+        pending = {index: pool.submit(load_expert, entries[index], hash_tensors) for index in hub}
         progress = tqdm(range(len(entries)), desc="Loading LoRA experts", disable=len(entries) < 4)
-        return [pending[index].result() if index in pending else load_expert(entries[index]) for index in progress]
+        return [pending[index].result() if index in pending else load_expert(entries[index], hash_tensors)
+                for index in progress]
 
 
 def check_gate(

@@ -289,6 +289,24 @@ def test_pipeline_end_to_end_then_a_rerun_recomputes_nothing(tmp_path: Path, mon
     assert json.loads((tmp_path / "again" / "results.json").read_text())["accuracy"] == results["accuracy"]
 
 
+def test_candidate_rows_report_their_agreement_with_full_routing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    tiny_cache(cache)
+    monkeypatch.setattr(cli, "RunSettings", tiny_settings)
+    assert cli.main(["--cache-dir", str(cache), "--out", str(out), "--candidates", "2", "3"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    auto = methods.GLIDER_AUTO.name
+    agreement = results["candidates_agreement"]
+    assert set(agreement) == {f"{auto} · M=2", f"{auto} · M=3"}
+    # M = E (3 experts) routes exactly as full routing; M = 2 can only agree less or as much
+    assert set(agreement[f"{auto} · M=3"].values()) == {1.0}
+    assert results["accuracy"][f"{auto} · M=3"] == results["accuracy"][auto]
+    assert all(0.0 <= value <= 1.0 for value in agreement[f"{auto} · M=2"].values())
+    assert set(agreement[f"{auto} · M=2"]) == {"alpha", "beta", "gamma", "delta"}
+    report = (out / "results.md").read_text()
+    assert "## Candidates" in report and f"| {auto} · M=2 − {auto} |" in report
+
+
 def test_leave_one_expert_out_scores_each_held_in_task_without_its_expert_on_unevaluated_examples(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

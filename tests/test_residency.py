@@ -183,7 +183,7 @@ def test_a_library_opens_hub_experts_concurrently_and_in_order(tmp_path, monkeyp
     in_flight, most, threads, changed = [0], [0], {}, threading.Condition()
     real_load = library_module.load_expert
 
-    def counting_load(entry):
+    def counting_load(entry, *args):
         threads[entry["name"]] = threading.get_ident()
         with changed:
             in_flight[0] += 1
@@ -192,7 +192,7 @@ def test_a_library_opens_hub_experts_concurrently_and_in_order(tmp_path, monkeyp
             if entry["name"] != "local":  # make overlap happen: wait (2 s at most) until the pool is full
                 changed.wait_for(lambda: in_flight[0] >= library_module.OPEN_WORKERS, timeout=2)
         try:
-            return real_load(entry)
+            return real_load(entry, *args)
         finally:
             with changed:
                 in_flight[0] -= 1
@@ -204,3 +204,25 @@ def test_a_library_opens_hub_experts_concurrently_and_in_order(tmp_path, monkeyp
     assert library_module.OPEN_WORKERS <= most[0] <= library_module.OPEN_WORKERS + 1
     assert threads["local"] == threading.get_ident()  # a local folder in this thread
     assert model.base_model.expert_names == [f"c{i}" for i in range(6)] + ["local"] + [f"c{i}" for i in range(6, 12)]
+
+
+def test_a_saved_budget_adapter_opens_without_reading_any_factor(experts, tmp_path, monkeypatch):
+    from peft_glider import experts as expert_io
+
+    budgeted = build(experts, max_resident_experts=2)
+    ids, row_scores = input_ids(batch=1), torch.tensor([[9.0, 8, 0, 0, 0, 0]])
+    expected = logits(budgeted, ids, row_scores)
+    budgeted.save_pretrained(tmp_path / "saved")
+    reads: list[str] = []
+    real_read = expert_io.SafetensorsReader.read
+    monkeypatch.setattr(expert_io.SafetensorsReader, "read",
+                        lambda reader, key: reads.append(reader.path) or real_read(reader, key))
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "saved")
+    assert reads == []  # pins, gates and layouts only
+    torch.testing.assert_close(logits(reloaded, ids, row_scores), expected)
+    assert {path.split("/")[-2] for path in reads} == {"e0", "e1"}  # the call's candidates, read when it began
+    # an expert changed since the adapter was saved is refused when first needed, naming it
+    weights = f"{experts[2]}/adapter_model.safetensors"
+    save_file({key: value * 2 for key, value in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="Expert 'e2' changed since it was opened"):
+        logits(reloaded, ids, torch.tensor([[0.0, 0, 9, 8, 0, 0]]))

@@ -31,6 +31,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gate-steps", type=int, help="gate training steps per expert")
     parser.add_argument("--top-layers", type=int, help="experts adapt the top N layers (0: all)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--candidates", nargs="+", type=int, default=[],
+                        help="extra rows: GLIDER alpha=auto with candidates=M, for each M given")
     parser.add_argument("--endpoint-url", help="an OpenAI-compatible endpoint as an extra instruction source")
     parser.add_argument("--endpoint-model", help="the model the endpoint serves")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where data, models and experts are kept")
@@ -48,7 +50,7 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
     if args.top_layers is not None:
         expert_overrides["top_layers"] = args.top_layers or None
     experts: ExpertSettings = replace(settings.experts, **expert_overrides)
-    return replace(settings, **overrides, experts=experts)
+    return replace(settings, **overrides, experts=experts, candidates=tuple(args.candidates))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,29 @@ def paired_comparisons(results: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def candidates_section(results: dict) -> list[str]:
+    """Rows with candidates: per task, how often their token selections equal full routing's, and their average
+    against full routing (GLIDER alpha=auto) on the same examples."""
+    agreement, hits = results.get("candidates_agreement", {}), results.get("hits", {})
+    if not agreement:
+        return []
+    tasks = results["held_in"] + results["held_out"]
+    lines = ["", "## Candidates (each row routes among its M experts of best global score)", "",
+             "Token selections equal to full routing's (same top-k set, all modules, the prompts of 10 examples per "
+             "task), %:", "", "| Row | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for row, per_task in agreement.items():
+        lines.append(f"| {row} | " + " | ".join(_pct(per_task.get(task)) for task in tasks) + " |")
+    lines += ["", "| Comparison | Held-in (points) [95% CI] | Held-out (points) [95% CI] |", "|---|---|---|"]
+    for row in agreement:
+        cells = []
+        for half in (results["held_in"], results["held_out"]):
+            difference = paired_difference(hits.get(row, {}), hits.get(GLIDER_AUTO.name, {}), half)
+            cells.append("–" if difference is None else
+                         f"{100 * difference[0]:+.1f} [{100 * difference[1]:+.1f}, {100 * difference[2]:+.1f}]")
+        lines.append(f"| {row} − {GLIDER_AUTO.name} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 def _training_seconds(timings: dict) -> float:
     return sum(sum(parts.values()) for parts in timings.get("experts", {}).values())
 
@@ -94,6 +117,7 @@ def markdown(results: dict) -> str:
     comparisons = paired_comparisons(results)
     if comparisons:
         lines += ["", "## Paired comparisons (same examples, bootstrap over each task's examples)", ""] + comparisons
+    lines += candidates_section(results)
     lines += ["", "## Targets", "", "| Target | Met | Measured |", "|---|---|---|"]
     lines += [f"| {name} | {'yes' if met else 'no'} | {measured} |" for name, met, measured in targets(results)]
     lines += ["", "## Global router", ""]

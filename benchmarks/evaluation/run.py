@@ -24,7 +24,7 @@ from peft_glider.global_router import GlobalRouter, LocalModelWriter, OpenAIWrit
 
 from . import assets, methods
 from .library import ExpertSettings, build_library
-from .scoring import rank_classify
+from .scoring import rank_classify, tokenize_options
 from .tasks import TaskSplit, load_task, split_task
 
 DEFAULT_HELD_IN = [
@@ -48,6 +48,7 @@ class RunSettings:
     experts: ExpertSettings = field(default_factory=ExpertSettings)
     endpoint_url: Optional[str] = None  # an OpenAI-compatible endpoint as a third global-router source
     endpoint_model: Optional[str] = None
+    candidates: tuple[int, ...] = ()  # extra rows: GLIDER alpha="auto" routing among each row's M best experts
 
     @classmethod
     def quick(cls, **overrides: Any) -> "RunSettings":
@@ -196,6 +197,7 @@ class Pipeline:
             self.record(f"PEFT Arrow (k={methods.TOP_K})", task, self.score("arrow", arrow, task))
         del arrow
         routing, alphas, shares = self.run_glider(folders)
+        agreement = self.run_glider_candidates(folders, alphas)
         accuracy = self.accuracy
         eval_seconds = time.perf_counter() - start
 
@@ -208,6 +210,7 @@ class Pipeline:
             "resolved_alpha": alphas,
             "global_routing": routing,
             "first_choice_share": shares,
+            "candidates_agreement": agreement,
             "num_eval": {task: len(split.eval) for task, split in self.splits.items()},
             "num_train": {task: len(self.splits[task].train) for task in held_in},
             "timings": {
@@ -285,6 +288,55 @@ class Pipeline:
                 entry = self.score(f"glider-arrow:{router.writer.name}:alpha={alpha:g}", model, task, glider)
             self.record(row.name, task, entry)
             alphas[row.name][task] = alpha
+
+
+    def run_glider_candidates(self, folders: dict[str, str], alphas: dict) -> dict[str, dict[str, float]]:
+        """GLIDER alpha="auto" (the offline default) with `candidates=M`, for each M of the settings: its accuracy,
+        and how often its token selections equal full routing's (`selection_agreement`). Returns
+        `{row name: {task: agreement}}`."""
+        if not self.settings.candidates:
+            return {}
+        router = self.default_router()
+        expert_samples = self.expert_samples(folders)
+        full = methods.glider_model(self.load_base, folders)
+        router.describe_experts(full, expert_samples, calibrate_for="task")  # the cached instructions
+        agreement = {}
+        for m in self.settings.candidates:
+            model = methods.glider_model(self.load_base, folders, candidates=m)
+            router.describe_experts(model, expert_samples, calibrate_for="task")
+            row = f"{methods.GLIDER_AUTO.name} · M={m}"
+            alphas[row], agreement[row] = {}, {}
+            for task in self.tasks:
+                info, alpha = self.route_task(router, model.base_model, task)
+                with model.base_model.global_scores(info.scores, alpha=alpha):
+                    entry = self.score(f"glider-m{m}:{router.writer.name}:alpha={alpha:g}", model, task, model.base_model)
+                self.record(row, task, entry)
+                alphas[row][task] = alpha
+                agreement[row][task] = self.selection_agreement(full, model, info.scores, alpha, task, f"m{m}")
+        return agreement
+
+    def selection_agreement(self, full: Any, restricted: Any, scores: torch.Tensor, alpha: float, task: str,
+                            key: str, examples: int = 10) -> float:
+        """The share of (module, token) selections that `restricted` makes exactly as `full` (the same set of
+        top-k experts), over the prompts of the task's first `examples` evaluation examples, routed with the
+        same global scores and alpha. Cached like scores."""
+        entry_key = f"agreement-{key}:alpha={alpha:g}|{task}|{self.eval_keys[task]}"
+        if entry_key not in self.store:
+            equal = total = 0
+            for example in self.splits[task].eval[:examples]:
+                ids = torch.tensor([tokenize_options(example, self.tokenizer)[0]])
+                traces = []
+                for model in (full, restricted):
+                    glider = model.base_model
+                    with torch.no_grad(), glider.global_scores(scores, alpha=alpha), glider.routing_trace() as trace:
+                        model(input_ids=ids)
+                    traces.append(trace)
+                for module in traces[0].modules:
+                    chosen = [trace.selections[module][0].sort(dim=-1).values for trace in traces]  # (1, T, k)
+                    equal += int((chosen[0] == chosen[1]).all(dim=-1).sum())
+                    total += chosen[0].shape[1]
+            self.store.put(entry_key, {"agreement": equal / total})
+        return self.store[entry_key]["agreement"]
 
 
 def versions() -> dict[str, str]:
