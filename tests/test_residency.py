@@ -226,3 +226,36 @@ def test_a_saved_budget_adapter_opens_without_reading_any_factor(experts, tmp_pa
     save_file({key: value * 2 for key, value in load_file(weights).items()}, weights, metadata={"format": "pt"})
     with pytest.raises(RuntimeError, match="Expert 'e2' changed since it was opened"):
         logits(reloaded, ids, torch.tensor([[0.0, 0, 9, 8, 0, 0]]))
+
+
+def test_threads_with_different_candidates_under_a_small_budget_route_as_every_expert_resident(experts):
+    """4 threads x 60 calls, each call with its own candidates, against a budget that holds only two calls' worth:
+    experts are evicted and read again all the time, and every output equals full residency's, nothing raises."""
+    import threading
+
+    everything, budgeted = build(experts), build(experts, max_resident_experts=4)
+    library = budgeted.base_model._libraries["default"]
+    queries = [torch.nn.functional.one_hot(torch.tensor([[a, b]]), NUM_EXPERTS).float().sum(1) * 5
+               for a, b in ((0, 1), (2, 3), (4, 5), (1, 4), (3, 5), (0, 2))]  # 6 different candidate pairs
+    ids = input_ids(batch=1)
+    expected = [logits(everything, ids, q) for q in queries]
+    errors, wrong, reads = [], [], [0]
+    real_fetch = library._fetch
+    library._fetch = lambda index: reads.__setitem__(0, reads[0] + 1) or real_fetch(index)
+
+    def serve(thread: int) -> None:
+        try:
+            for n in range(60):
+                q = (thread + n) % len(queries)
+                if not torch.allclose(logits(budgeted, ids, queries[q]), expected[q], atol=1e-6, rtol=0):
+                    wrong.append(q)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=serve, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors and not wrong, (errors[:3], wrong[:5])
+    assert len(library.resident) <= 4 and reads[0] > 20  # the budget turned over many times
