@@ -154,9 +154,9 @@ def timed_workloads(model, scores) -> dict:
             start = time.perf_counter()
             model(input_ids=prefill_ids)
             result["prefill_s"] = time.perf_counter() - start
-            cache = model(input_ids=prompt, use_cache=True).past_key_values
+            cache = model(input_ids=prompt, use_cache=True).cache
             start = time.perf_counter()
-            model(input_ids=step, past_key_values=cache, use_cache=True)
+            model(input_ids=step, cache=cache, use_cache=True)
             result["decode_s"] = time.perf_counter() - start
         finally:
             if context is not None:
