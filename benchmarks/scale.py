@@ -36,18 +36,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 import peft_glider  # noqa: E402,F401
 from peft_glider import GliderConfig  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+import speed  # noqa: E402  the same tiny Llama, sizes and random gates as the speed benchmark
+from speed import RANK, TOP_K, VOCAB, random_gates  # noqa: E402
+
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODELS = {
-    "llama512-qv": dict(hidden=512, layers=4, modules=["q_proj", "v_proj"]),
-    "llama512-all": dict(hidden=512, layers=4, modules=ALL_LINEAR),
+    "llama512-qv": dict(kind="llama", hidden=512, layers=4, modules=["q_proj", "v_proj"]),
+    "llama512-all": dict(kind="llama", hidden=512, layers=4, modules=ALL_LINEAR),
     "smollm2-qv": dict(smollm2=True, modules=["q_proj", "v_proj"]),  # SmolLM2-135M-Instruct (the offline wheel)
 }
-RANK, TOP_K, VOCAB, BATCH = 8, 2, 1000, 4
+BATCH = 4
 VARIANTS = {  # name -> config knobs
     "full": {},
     "candidates": {"candidates": 16, "max_resident_experts": 64},
@@ -55,13 +59,7 @@ VARIANTS = {  # name -> config knobs
 
 
 def build_base(spec: dict) -> LlamaForCausalLM:
-    if spec.get("smollm2"):
-        return smollm2()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=spec["hidden"], intermediate_size=4 * spec["hidden"],
-                         num_hidden_layers=spec["layers"], num_attention_heads=8, num_key_value_heads=8,
-                         max_position_embeddings=512)
-    return LlamaForCausalLM(config).eval()
+    return smollm2() if spec.get("smollm2") else speed.build_base(spec)
 
 
 def smollm2() -> LlamaForCausalLM:
@@ -101,11 +99,6 @@ def write_experts(spec: dict, count: int, folder: Path) -> list[str]:
 
 def glider_config(paths: list[str], variant: str) -> GliderConfig:
     return GliderConfig(experts=paths, top_k=TOP_K, alpha=3.0, save_expert_weights=False, **VARIANTS[variant])
-
-
-def random_gates(glider) -> dict:
-    generator = torch.Generator().manual_seed(2)
-    return {e: {m: torch.randn(g.shape, generator=generator) for m, g in per.items()} for e, per in glider.get_gates().items()}
 
 
 def first_forward(spec: dict, paths: list[str], variant: str) -> dict:

@@ -417,8 +417,7 @@ class GliderLayer(BaseTunerLayer):
 
     def adapts(self, adapter_name: str, expert: int) -> bool:
         """Whether expert `expert` (routing index) of the adapter adapts this module, as the layer holds it now."""
-        adapts = self.glider_adapts.get(adapter_name)
-        return bool(adapts[expert]) if adapts is not None else self.glider_spans[adapter_name][expert] is not None
+        return self.expert_bank(adapter_name).adapting(expert)
 
     def gate_parameter(self, adapter_name: str) -> nn.Parameter:
         """The adapter's trainable gates here, (E, in), one row per expert (prototypes under Arrow)."""

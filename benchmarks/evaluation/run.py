@@ -16,7 +16,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -278,17 +278,24 @@ class Pipeline:
                          alphas: dict) -> None:
         """GLIDER over Arrow prototypes: the same global scores and alpha="auto", no gate training at all."""
         model = methods.glider_model(self.load_base, folders, local_router="arrow")
-        glider = model.base_model
         router.describe_experts(model, expert_samples, calibrate_for="task")  # the cached instructions
-        row = methods.GLIDER_ARROW
-        alphas[row.name] = {}
+        self.score_auto_row(methods.GLIDER_ARROW.name, "glider-arrow", model, router, alphas)
+
+    def score_auto_row(self, row: str, key: str, model: Any, router: GlobalRouter, alphas: dict,
+                       each_task: Optional[Callable[[str, RouteInfo, float], None]] = None) -> None:
+        """Score a GLIDER row at alpha="auto" on every task (scores cached under `key`), routed per task by
+        `router`, recording the alpha each task resolved to in `alphas[row]`; `each_task(task, info, alpha)` runs
+        after each task's score."""
+        glider = model.base_model
+        alphas[row] = {}
         for task in self.tasks:
             info, alpha = self.route_task(router, glider, task)
             with glider.global_scores(info.scores, alpha=alpha):
-                entry = self.score(f"glider-arrow:{router.writer.name}:alpha={alpha:g}", model, task, glider)
-            self.record(row.name, task, entry)
-            alphas[row.name][task] = alpha
-
+                entry = self.score(f"{key}:{router.writer.name}:alpha={alpha:g}", model, task, glider)
+            self.record(row, task, entry)
+            alphas[row][task] = alpha
+            if each_task is not None:
+                each_task(task, info, alpha)
 
     def run_glider_candidates(self, folders: dict[str, str], alphas: dict) -> dict[str, dict[str, float]]:
         """GLIDER alpha="auto" (the offline default) with `candidates=M`, for each M of the settings: its accuracy,
@@ -305,14 +312,12 @@ class Pipeline:
             model = methods.glider_model(self.load_base, folders, candidates=m)
             router.describe_experts(model, expert_samples, calibrate_for="task")
             row = f"{methods.GLIDER_AUTO.name} · M={m}"
-            alphas[row], agreement[row] = {}, {}
-            for task in self.tasks:
-                info, alpha = self.route_task(router, model.base_model, task)
-                with model.base_model.global_scores(info.scores, alpha=alpha):
-                    entry = self.score(f"glider-m{m}:{router.writer.name}:alpha={alpha:g}", model, task, model.base_model)
-                self.record(row, task, entry)
-                alphas[row][task] = alpha
+            agreement[row] = {}
+
+            def agree(task: str, info: RouteInfo, alpha: float) -> None:  # called within this iteration
                 agreement[row][task] = self.selection_agreement(full, model, info.scores, alpha, task, f"m{m}")
+
+            self.score_auto_row(row, f"glider-m{m}", model, router, alphas, agree)
         return agreement
 
     def selection_agreement(self, full: Any, restricted: Any, scores: torch.Tensor, alpha: float, task: str,
