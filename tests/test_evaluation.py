@@ -7,6 +7,7 @@ import json
 import os
 import time
 import xml.etree.ElementTree as ElementTree
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from benchmarks.evaluation import __main__ as cli
 from benchmarks.evaluation import assets, library, methods, report, run, scoring, unseen_alpha
-from benchmarks.evaluation.tasks import Example, load_bigbench, split_task
+from benchmarks.evaluation.tasks import Example, library_split, load_bigbench, majority_answer, split_task
 
 # ------------------------------------------------------------------ tasks
 
@@ -69,6 +70,26 @@ def test_split_is_seeded_and_never_shows_an_evaluation_question_elsewhere():
     assert not {e.input for e in small.eval} & {e.input for e in small.train + small.query_samples}
     with pytest.raises(ValueError, match="'toy' has 9 distinct multiple-choice examples"):
         split_task(toy_examples(9), "toy", num_eval=10, num_train=100, seed=0)
+
+
+def test_a_library_only_task_trains_on_every_distinct_example_and_evaluates_none():
+    examples = toy_examples(40, duplicate_every=30)
+    split = library_split(examples, "toy", num_train=100, seed=0)
+    assert split == library_split(examples, "toy", num_train=100, seed=0)
+    assert split.eval == [] and split.query_samples == [] and split.expert_samples == split.train[:6]
+    assert sorted(e.input for e in split.train) == sorted({e.input for e in examples})  # 30 distinct, all kept
+    assert len(library_split(examples, "toy", num_train=8, seed=0).train) == 8
+    with pytest.raises(ValueError, match="'toy' has 5 distinct multiple-choice examples: an expert needs at least 6"):
+        library_split(toy_examples(5), "toy", num_train=100, seed=0)
+
+
+def test_majority_answer_is_the_most_frequent_right_option_and_what_always_giving_it_scores():
+    examples = [Example("q0", ("yes", "no"), frozenset([0])), Example("q1", ("yes", "no"), frozenset([0])),
+                Example("q2", ("no", "yes"), frozenset([0])), Example("q3", ("no", "maybe"), frozenset([1])),
+                Example("q4", ("no", "yes"), frozenset([0, 1]))]  # right answers: yes, yes, no, maybe, no (first)
+    majority = majority_answer(examples)
+    assert majority.answer == "yes" and majority.share == 2 / 5  # "yes" and "no" tie: the first seen wins
+    assert majority.hits == [1, 1, 0, 0, 1] and majority.accuracy == 3 / 5  # q4 also accepts "yes"
 
 
 # ------------------------------------------------------------------ scoring
@@ -196,7 +217,7 @@ def test_markdown_and_svg_show_every_method():
     assert "- Examples per task: 10 evaluated; up to 20" in text
     results["num_eval"] = {"t1": 10, "t2": 7, "u1": 10}  # t2 had fewer distinct examples
     assert "- Examples per task: 10 evaluated (fewer where a task has fewer: t2 7); up to 20" in report.markdown(results)
-    assert "| GLIDER α=3 | 65.0 | **65.0** |" in text and "| t1 | t1 | 0.900 | 100 |" in text
+    assert "| GLIDER α=3 | 65.0 | **65.0** |" in text and "| t1 | t1 0.900, t2 0.100 | 100 |" in text
     svg = ElementTree.fromstring(report.svg_plot(results))
     titles = [element.text for element in svg.iter("{http://www.w3.org/2000/svg}title")]
     assert "Oracle expert: 80.0" in titles and "GLIDER α=3: 65.0" in titles
@@ -222,13 +243,14 @@ def test_cli_settings_and_bad_task_lists():
 
 
 def tiny_cache(cache: Path) -> None:
-    """A hand-laid cache: a tiny chat model where SmolLM2 would be, and four word-level BIG-bench-like tasks."""
+    """A hand-laid cache: a tiny chat model where SmolLM2 would be, and six word-level BIG-bench-like tasks (the
+    last two for library-only experts)."""
     model, tokenizer = tiny_chat_model()
     model.save_pretrained(assets.base_model_dir(cache))
     tokenizer.save_pretrained(assets.base_model_dir(cache))
     generator = torch.Generator().manual_seed(0)
-    for task_index, task in enumerate(["alpha", "beta", "gamma", "delta"]):
-        words = [f"w{10 * task_index + i}" for i in range(10)]
+    for task_index, task in enumerate(["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]):
+        words = [f"w{(10 * task_index + i) % 50}" for i in range(10)]
         rows = []
         for _ in range(22):
             picked = torch.randint(len(words), (4,), generator=generator).tolist()
@@ -240,7 +262,7 @@ def tiny_cache(cache: Path) -> None:
 def tiny_settings() -> run.RunSettings:
     experts = library.ExpertSettings(rank=2, lora_alpha=4, steps=3, gate_steps=2, top_layers=None, batch_size=4)
     return run.RunSettings(held_in=["alpha", "beta", "gamma"], held_out=["delta"], num_eval=5, num_train=12,
-                           experts=experts)
+                           experts=experts, library_experts=replace(experts, steps=2, gate_steps=1))
 
 
 def test_pipeline_end_to_end_then_a_rerun_recomputes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -250,7 +272,7 @@ def test_pipeline_end_to_end_then_a_rerun_recomputes_nothing(tmp_path: Path, mon
     assert cli.main(["--cache-dir", str(cache), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["accuracy"]) == {
-        "Base (zero-shot)", methods.ORACLE, "Uniform merge", "PEFT Arrow (k=2)", methods.PHATGOOSE.name,
+        run.MAJORITY, "Base (zero-shot)", methods.ORACLE, "Uniform merge", "PEFT Arrow (k=2)", methods.PHATGOOSE.name,
         methods.GLIDER_HELD_IN.name, methods.GLIDER_HELD_OUT.name, methods.GLIDER_AUTO.name, "GLIDER α=auto · llm",
         methods.GLIDER_ARROW.name,
     }
@@ -337,6 +359,76 @@ def test_leave_one_expert_out_scores_each_held_in_task_without_its_expert_on_une
     assert len(scored) == 3 * 3  # per task: two alphas and the merge
     table = unseen_alpha.summary(results)
     assert "| **Average** |" in table and "uniform merge" in table
+
+
+def test_a_large_library_run_adds_library_only_experts_reuses_what_needs_no_library_and_compares(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    tiny_cache(cache)
+    monkeypatch.setattr(cli, "RunSettings", tiny_settings)
+    assert cli.main(["--cache-dir", str(cache), "--out", str(tmp_path / "standard")]) == 0
+    standard = json.loads((tmp_path / "standard" / "results.json").read_text())
+    monkeypatch.setattr(run, "LARGE_LIBRARY", ["epsilon", "zeta"])
+    monkeypatch.setattr(run, "LARGE_CANDIDATES", (2, 5))
+    scored: list[str] = []
+    real_rank_classify = run.rank_classify
+
+    def recording(model, tokenizer, examples, desc=""):
+        scored.append(desc)
+        return real_rank_classify(model, tokenizer, examples, desc)
+
+    monkeypatch.setattr(run, "rank_classify", recording)
+    args = ["--cache-dir", str(cache), "--out", str(out), "--library", "large",
+            "--compare", str(tmp_path / "standard" / "results.json")]
+    assert cli.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["library"] == ["epsilon", "zeta"]
+    for method, scores in results["accuracy"].items():  # library-only tasks are never evaluated
+        assert set(scores) <= {"alpha", "beta", "gamma", "delta"}, method
+    cosines = results["global_routing"]["samples"]["tasks"]["delta"]["cosine"]
+    assert set(cosines) == {"alpha", "beta", "gamma", "epsilon", "zeta"}  # five experts, named by task
+    assert sorted(p.name.split("-")[0] for p in (cache / "experts" / "library-only").iterdir()) == ["epsilon", "zeta"]
+    # base and oracle need no library: the standard run's scores are reused; every routed method is scored anew
+    assert scored and not [d for d in scored if d.startswith(("base|", "oracle|"))]
+    assert {d.split("|")[0].split("/")[1] for d in scored} >= {"merge", "arrow", "phatgoose"}
+    for method in ("Base (zero-shot)", methods.ORACLE, run.MAJORITY):
+        assert results["accuracy"][method] == standard["accuracy"][method], method
+    auto = methods.GLIDER_AUTO.name
+    assert set(results["candidates_agreement"][f"{auto} · M=5"].values()) == {1.0}  # M = E: full routing
+    report_text = (out / "results.md").read_text()
+    for expected in ("## The lean of each task", "## Against the standard library (this run's 5 experts minus the "
+                     "3-expert run's, points)", f"| Held-out: GLIDER α=auto >= {run.MAJORITY} |",
+                     f"| Held-in: GLIDER α=auto at most 2 points below the standard library |",
+                     f"| {auto} · M=5 within 1 point of full routing (held-in) | yes |",
+                     "- Library-only experts (2, trained on every example up to 12 and never evaluated): epsilon, zeta"):
+        assert expected in report_text, expected
+    against = report_text.split("## Against the standard library")[1].splitlines()
+    change = next(line for line in against if line.startswith(f"| {methods.PHATGOOSE.name} | "))
+    delta = results["accuracy"][methods.PHATGOOSE.name]["alpha"] - standard["accuracy"][methods.PHATGOOSE.name]["alpha"]
+    assert change.split(" | ")[1] == f"{100 * delta:+.1f}"
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a cached stage ran again")
+
+    for module, name in ((library, "_train_lora"), (library, "train_expert_gates"), (run, "rank_classify")):
+        monkeypatch.setattr(module, name, must_not_run)
+    assert cli.main(args[:-2] + ["--out", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "results.json").read_text())["accuracy"] == results["accuracy"]
+
+
+def test_cli_large_library_settings_and_a_bad_compare_file(tmp_path: Path):
+    large = cli.settings_from(cli.parse_args(["--library", "large"]))
+    assert large.library == run.LARGE_LIBRARY and len(large.library) == 32 and large.candidates == (8, 16)
+    assert large.held_in == run.DEFAULT_HELD_IN and large.library_experts.steps < large.experts.steps
+    quick = cli.settings_from(cli.parse_args(["--quick", "--library", "large", "--candidates", "3"]))
+    assert quick.library == run.LARGE_LIBRARY[:run.QUICK_LARGE_LIBRARY] and quick.candidates == (3,)
+    assert cli.settings_from(cli.parse_args([])).library == []
+    with pytest.raises(ValueError, match=r"\['navigate'\] are library-only \(never evaluated\) and also evaluated"):
+        replace(large, library=large.library + ["navigate"]).check()
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="--compare .*bad.json: not a readable results.json"):
+        cli.main(["--compare", str(tmp_path / "bad.json"), "--cache-dir", str(tmp_path / "cache")])
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""CLI: `python -m benchmarks.evaluation [--quick] [--held-in ...] [--held-out ...] [--out DIR]`.
+"""CLI: `python -m benchmarks.evaluation [--quick] [--library large] [--held-in ...] [--held-out ...] [--out DIR]`.
 
 Runs the whole pipeline (set-up, experts, gates, instructions, evaluation) with everything cached under
 `--cache-dir` (default `$GLIDER_EVAL_CACHE` or `~/.cache/peft_glider_eval`, outside the repository), and writes
@@ -23,6 +23,11 @@ from .run import Pipeline, RunSettings, write_text_atomically
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.evaluation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 held-in, 2 held-out tasks, fewer steps (~10 min)")
+    parser.add_argument("--library", choices=("standard", "large"), default="standard",
+                        help="large: add 32 library-only BIG-bench experts (12 with --quick), never evaluated, and "
+                             "candidates rows at M = 8 and 16")
+    parser.add_argument("--compare", type=Path, metavar="RESULTS_JSON",
+                        help="a results.json of the standard library: the report adds what changed, row by row")
     parser.add_argument("--held-in", nargs="+", help="BIG-bench task names and/or 'bbc' that get an expert")
     parser.add_argument("--held-out", nargs="*", help="BIG-bench task names and/or 'bbc' without an expert")
     parser.add_argument("--num-eval", type=int, help="evaluation examples per task")
@@ -50,7 +55,19 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
     if args.top_layers is not None:
         expert_overrides["top_layers"] = args.top_layers or None
     experts: ExpertSettings = replace(settings.experts, **expert_overrides)
-    return replace(settings, **overrides, experts=experts, candidates=tuple(args.candidates))
+    settings = replace(settings, **overrides, experts=experts, candidates=tuple(args.candidates))
+    return settings.with_large_library(quick=args.quick) if args.library == "large" else settings
+
+
+def standard_library_accuracy(path: Path) -> dict[str, dict[str, float]]:
+    """The accuracies of a standard-library run's results.json, to set beside a large-library run's."""
+    try:
+        standard = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--compare {path}: not a readable results.json ({error}).") from error
+    if standard.get("library"):
+        raise SystemExit(f"--compare {path}: that run had library-only experts; compare with a standard run.")
+    return standard["accuracy"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,14 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.setup_only:
         from .assets import setup
 
-        setup(cache, settings.held_in + settings.held_out)
+        setup(cache, settings.evaluated + settings.library)
         print(f"Set-up done in {cache}")
         return 0
     from .report import markdown, svg_plot
 
+    standard = standard_library_accuracy(args.compare) if args.compare else None  # checked before the long run
     results = Pipeline(settings, cache).run()
     results["timings"]["total_seconds"] = time.perf_counter() - start
     results["command"] = "python -m benchmarks.evaluation " + " ".join(sys.argv[1:] if argv is None else argv)
+    if standard is not None:
+        results["standard_library"] = standard
     args.out.mkdir(parents=True, exist_ok=True)
     report = markdown(results)
     for name, text in (("results.md", report), ("results.json", json.dumps(results, indent=1)),

@@ -1,7 +1,10 @@
-"""The expert library: one LoRA expert per held-in task, trained with PEFT, then its Phatgoose gates.
+"""The expert library: one LoRA expert per held-in (and library-only) task, trained with PEFT, then its
+Phatgoose gates.
 
-Each expert lives in `<cache>/experts/<settings hash>/<task>/` (written atomically: a half-trained expert is
-never picked up); a rerun with the same settings and splits reuses it.
+A held-in expert lives in `<cache>/experts/<settings hash>/<task>/`, a library-only one in
+`<cache>/experts/library-only/<task>-<hash of its settings and data>/` (`library_only_folder`: cached per expert,
+so a larger library reuses the experts of a smaller one). Written atomically (a half-trained expert is never
+picked up); a rerun with the same settings and splits reuses it.
 """
 
 from __future__ import annotations
@@ -53,18 +56,22 @@ def _train_lora(base_model: Any, tokenizer: Any, split: TaskSplit, settings: Exp
     return time.perf_counter() - start
 
 
+def library_only_folder(cache: Path, split: TaskSplit, settings: ExpertSettings) -> Path:
+    """Where a library-only task's expert is kept: named by its own settings and training data only."""
+    return cache / "experts" / "library-only" / f"{split.name}-{settings.signature([e.input for e in split.train])}"
+
+
 def build_library(
     load_base: Callable[[], Any],
     tokenizer: Any,
     splits: dict[str, TaskSplit],
-    held_in: list[str],
+    targets: dict[str, Path],
     settings: ExpertSettings,
-    root: Path,
 ) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-    """Train (or reuse) the expert and gates of every held-in task: `({task: folder}, {task: timings})`."""
+    """Train (or reuse) the expert and gates of every task in `targets` ({task: its folder}):
+    `({task: folder}, {task: timings})`."""
     folders, timings = {}, {}
-    for task in held_in:
-        folder = root / task
+    for task, folder in targets.items():
         timing = json.loads((folder / "timings.json").read_text()) if (folder / "timings.json").exists() else {}
         if not (folder / "adapter_model.safetensors").exists():
             timing = {"lora_seconds": _train_lora(load_base(), tokenizer, splits[task], settings, folder)}

@@ -88,10 +88,11 @@ def arrow_model(load_base: Callable[[], Any], folders: dict[str, str]) -> Any:
 
 def glider_model(load_base: Callable[[], Any], folders: dict[str, str], local_router: str = "phatgoose",
                  candidates: Optional[int] = None) -> Any:
-    """Our tuner over the experts (their trained gates ship in their folders, or Arrow prototypes computed from
-    the weights), routing among each row's `candidates` best experts by global score when given; alpha is set per
+    """Our tuner over the experts named like their keys in `folders` (their trained gates ship in their folders,
+    or Arrow prototypes computed from the weights), routing among each row's `candidates` best experts by global score when given; alpha is set per
     pass."""
-    config = GliderConfig(experts=list(folders.values()), top_k=TOP_K, alpha="auto", local_router=local_router,
+    experts = [{"source": folder, "name": name} for name, folder in folders.items()]  # named by task
+    config = GliderConfig(experts=experts, top_k=TOP_K, alpha="auto", local_router=local_router,
                           candidates=candidates)
     model = get_peft_model(load_base(), config)
     ungated = untrained_experts(model) if local_router == "phatgoose" else []

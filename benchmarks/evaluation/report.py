@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .methods import DEFAULT_SOURCE, GLIDER_ARROW, GLIDER_AUTO, GLIDER_HELD_IN, GLIDER_HELD_OUT, ORACLE, PHATGOOSE
-from .run import averages
+from .run import MAJORITY, averages
 from .stats import bootstrap_average, paired_difference
 
 
@@ -70,6 +70,41 @@ def candidates_section(results: dict) -> list[str]:
     return lines
 
 
+def majority_section(results: dict) -> list[str]:
+    """Per evaluated task, its most frequent right answer: a row that scores near it is lean, not skill."""
+    majority = results.get("majority", {})
+    if not majority:
+        return []
+    lines = ["", "## The lean of each task (most frequent right answer among the evaluated examples)", "",
+             f"The `{MAJORITY}` row of the tables always gives it.", "",
+             "| Task | Most frequent answer | Its share % | Always answering it, accuracy % |", "|---|---|---|---|"]
+    for task, entry in majority.items():
+        answer = entry["answer"] if len(entry["answer"]) <= 40 else entry["answer"][:37] + "..."
+        lines.append(f"| {task} | {answer.replace('|', '/')} | {_pct(entry['share'])} | {_pct(entry['accuracy'])} |")
+    return lines
+
+
+def standard_library_section(results: dict) -> list[str]:
+    """What changed against the standard (held-in experts only) library, row by row and task by task, in points."""
+    standard = results.get("standard_library")
+    if not standard:
+        return []
+    tasks = results["held_in"] + results["held_out"]
+    rows = [m for m in results["accuracy"] if m in standard and m != MAJORITY]
+    lines = ["", f"## Against the standard library (this run's {len(results['held_in']) + len(results['library'])} "
+             f"experts minus the {len(results['held_in'])}-expert run's, points)", "",
+             "| Method | " + " | ".join(tasks) + " | Held-in avg | Held-out avg |", "|---" * (len(tasks) + 3) + "|"]
+    for method in rows:
+        now, before = results["accuracy"][method], standard[method]
+        cells = [f"{100 * (now[t] - before[t]):+.1f}" if t in now and t in before else "–" for t in tasks]
+        halves = []
+        for half in (results["held_in"], results["held_out"]):
+            shared = [t for t in half if t in now and t in before]
+            halves.append(f"{100 * sum(now[t] - before[t] for t in shared) / len(shared):+.1f}" if shared else "–")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {halves[0]} | {halves[1]} |")
+    return lines
+
+
 def _training_seconds(timings: dict) -> float:
     return sum(sum(parts.values()) for parts in timings.get("experts", {}).values())
 
@@ -90,6 +125,7 @@ def targets(results: dict) -> list[tuple[str, Optional[bool], str]]:
         glider, phatgoose, arrow_avg = (averages(results, m)[1] for m in (GLIDER_HELD_OUT.name, PHATGOOSE.name, arrow))
         checks.append(("Held-out: GLIDER >= Phatgoose", glider >= phatgoose, f"{_pct(glider)} vs {_pct(phatgoose)}"))
         checks.append(("Held-out: GLIDER >= Arrow", glider >= arrow_avg, f"{_pct(glider)} vs {_pct(arrow_avg)}"))
+    checks += _library_targets(results)
     if have(GLIDER_AUTO.name, GLIDER_HELD_IN.name, GLIDER_HELD_OUT.name):
         for half, name in ((0, "held-in"), (1, "held-out")):
             auto = averages(results, GLIDER_AUTO.name)[half]
@@ -101,11 +137,53 @@ def targets(results: dict) -> list[tuple[str, Optional[bool], str]]:
     return checks
 
 
+def _library_targets(results: dict) -> list[tuple[str, Optional[bool], str]]:
+    """The large-library targets, on GLIDER alpha=auto (the offline default): held-in against the oracle and its
+    standard-library figure, held-out against every baseline, candidates rows against full routing."""
+    accuracy, checks = results["accuracy"], []
+    if GLIDER_AUTO.name not in accuracy:
+        return checks
+    auto = averages(results, GLIDER_AUTO.name)
+    standard = results.get("standard_library", {}).get(GLIDER_AUTO.name)
+    if results.get("library") and standard and ORACLE in accuracy:
+        oracle = averages(results, ORACLE)[0]
+        before = sum(standard[t] for t in results["held_in"]) / len(results["held_in"])
+        checks.append(("Held-in: GLIDER α=auto >= 95% of the oracle", auto[0] >= 0.95 * oracle,
+                       f"{_pct(auto[0])} vs 0.95 x {_pct(oracle)} = {_pct(0.95 * oracle)}"))
+        checks.append(("Held-in: GLIDER α=auto at most 2 points below the standard library", auto[0] >= before - 0.02,
+                       f"{_pct(auto[0])} vs {_pct(before)}"))
+    if results.get("library") and results["held_out"]:
+        baselines = [m for m in accuracy if m == MAJORITY or m == PHATGOOSE.name or m.startswith(("PEFT Arrow",
+                                                                                                  "Uniform merge"))]
+        for baseline in baselines:
+            other = averages(results, baseline)[1]
+            checks.append((f"Held-out: GLIDER α=auto >= {baseline}", auto[1] >= other,
+                           f"{_pct(auto[1])} vs {_pct(other)}"))
+    for row in results.get("candidates_agreement", {}):
+        restricted = averages(results, row)
+        for half, name in ((0, "held-in"), (1, "held-out")):
+            if restricted[half] is not None:
+                checks.append((f"{row} within 1 point of full routing ({name})",
+                               abs(restricted[half] - auto[half]) <= 0.01,
+                               f"{_pct(restricted[half])} vs {_pct(auto[half])}"))
+    return checks
+
+
 def _fewer(results: dict) -> str:
     """" (fewer where a task has fewer: task n, ...)" for the tasks evaluated on fewer examples than asked."""
     asked = results["settings"]["num_eval"]
     short = {task: n for task, n in results.get("num_eval", {}).items() if n < asked}
     return f" (fewer where a task has fewer: {', '.join(f'{t} {n}' for t, n in short.items())})" if short else ""
+
+
+def _library_line(results: dict) -> list[str]:
+    library = results.get("library")
+    if not library:
+        return []
+    recipe = results["settings"]["library_experts"]
+    return [f"- Library-only experts ({len(library)}, trained on every example up to {results['settings']['num_train']}"
+            f" and never evaluated): {', '.join(library)}; the same recipe with {recipe['steps']} LoRA steps and "
+            f"{recipe['gate_steps']} gate steps, top {recipe['top_layers'] or 'all'} layers."]
 
 
 def markdown(results: dict) -> str:
@@ -117,16 +195,19 @@ def markdown(results: dict) -> str:
     comparisons = paired_comparisons(results)
     if comparisons:
         lines += ["", "## Paired comparisons (same examples, bootstrap over each task's examples)", ""] + comparisons
+    lines += majority_section(results)
     lines += candidates_section(results)
+    lines += standard_library_section(results)
     lines += ["", "## Targets", "", "| Target | Met | Measured |", "|---|---|---|"]
     lines += [f"| {name} | {'yes' if met else 'no'} | {measured} |" for name, met, measured in targets(results)]
     lines += ["", "## Global router", ""]
     for source, routing in results["global_routing"].items():
         lines += [f"**{source}** (auto-alpha threshold {routing['auto_alpha_threshold']:.3f})", "",
-                  "| Task | Top expert by cosine | Its cosine | alpha=auto gives |", "|---|---|---|---|"]
+                  "| Task | Top 3 experts by cosine | alpha=auto gives |", "|---|---|---|"]
         for task, info in routing["tasks"].items():
-            top = info["top_expert"]
-            lines.append(f"| {task} | {top} | {info['cosine'][top]:.3f} | {info['auto_alpha']:g} |")
+            top = sorted(info["cosine"], key=info["cosine"].get, reverse=True)[:3]
+            found = ", ".join(f"{name} {info['cosine'][name]:.3f}" for name in top)
+            lines.append(f"| {task} | {found} | {info['auto_alpha']:g} |")
         lines.append("")
     lines += ["## Where the tokens went (first choice, all modules, % of tokens)", "",
               "Held-in tasks: the share routed to the task's own expert.", "",
@@ -144,6 +225,7 @@ def markdown(results: dict) -> str:
               f"{', '.join(experts['target_modules'])} of the top {experts['top_layers'] or 'all'} layers; "
               f"{experts['steps']} steps of batch {experts['batch_size']}, lr {experts['learning_rate']}; gates "
               f"{experts['gate_steps']} steps of batch {experts['gate_batch_size']} (lr 5e-3).",
+              *_library_line(results),
               "- GLIDER rows name their global-router source unless it is peft_glider's offline default "
               f"(`{DEFAULT_SOURCE}`: the raw samples embedded, no LLM).",
               f"- Examples per task: {settings['num_eval']} evaluated{_fewer(results)}; up to {settings['num_train']} "

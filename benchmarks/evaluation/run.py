@@ -14,7 +14,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -23,9 +23,9 @@ import torch
 from peft_glider.global_router import GlobalRouter, LocalModelWriter, OpenAIWriter, RouteInfo, SamplesWriter
 
 from . import assets, methods
-from .library import ExpertSettings, build_library
+from .library import ExpertSettings, build_library, library_only_folder
 from .scoring import rank_classify, tokenize_options
-from .tasks import TaskSplit, load_task, split_task
+from .tasks import TaskSplit, library_split, load_task, majority_answer, split_task
 
 DEFAULT_HELD_IN = [
     "intent_recognition", "sports_understanding", "navigate", "hyperbaton",
@@ -34,6 +34,19 @@ DEFAULT_HELD_IN = [
 DEFAULT_HELD_OUT = ["implicatures", "metaphor_boolean", "snarks", "disambiguation_qa", "entailed_polarity"]
 QUICK_HELD_IN = ["intent_recognition", "sports_understanding", "navigate"]
 QUICK_HELD_OUT = ["implicatures", "metaphor_boolean"]
+LARGE_LIBRARY = [  # library-only experts of `--library large` (issue #23): trained, never evaluated
+    "anachronisms", "analogical_similarity", "discourse_marker_prediction", "emoji_movie", "empirical_judgments",
+    "epistemic_reasoning", "fantasy_reasoning", "formal_fallacies_syllogisms_negation", "geometric_shapes",
+    "hindu_knowledge", "hinglish_toxicity", "international_phonetic_alphabet_nli", "language_identification",
+    "misconceptions", "moral_permissibility", "movie_dialog_same_or_different", "movie_recommendation",
+    "parsinlu_qa", "penguins_in_a_table", "phrase_relatedness", "physical_intuition", "physics",
+    "reasoning_about_colored_objects", "ruin_names", "salient_translation_error_detection",
+    "simple_ethical_questions", "social_iqa", "social_support", "strategyqa", "temporal_sequences",
+    "understanding_fables", "vitaminc_fact_verification",
+]
+LARGE_CANDIDATES = (8, 16)  # the candidates rows of a large-library run
+QUICK_LARGE_LIBRARY = 12  # a quick large run takes the first 12 library-only tasks
+MAJORITY = "Majority answer"
 
 
 @dataclass
@@ -49,13 +62,26 @@ class RunSettings:
     endpoint_url: Optional[str] = None  # an OpenAI-compatible endpoint as a third global-router source
     endpoint_model: Optional[str] = None
     candidates: tuple[int, ...] = ()  # extra rows: GLIDER alpha="auto" routing among each row's M best experts
+    library: list[str] = field(default_factory=list)  # library-only tasks: an expert each, never evaluated
+    # how library-only experts are trained: half the held-in steps, to fit 32 of them in the run's budget
+    library_experts: ExpertSettings = field(default_factory=lambda: ExpertSettings(steps=30, gate_steps=20))
 
     @classmethod
     def quick(cls, **overrides: Any) -> "RunSettings":
         """3 held-in and 2 held-out tasks, fewer steps and examples: about 10 minutes on 2 CPU cores."""
         experts = ExpertSettings(steps=30, gate_steps=15, top_layers=6)
-        settings = dict(held_in=list(QUICK_HELD_IN), held_out=list(QUICK_HELD_OUT), num_eval=20, num_train=200)
+        settings = dict(held_in=list(QUICK_HELD_IN), held_out=list(QUICK_HELD_OUT), num_eval=20, num_train=200,
+                        library_experts=ExpertSettings(steps=10, gate_steps=5, top_layers=6))
         return cls(**{**settings, "experts": experts, **overrides})
+
+    def with_large_library(self, quick: bool = False) -> "RunSettings":
+        """These settings plus the 32 library-only experts (12 when `quick`) and candidates rows at M = 8, 16."""
+        library = LARGE_LIBRARY[:QUICK_LARGE_LIBRARY] if quick else LARGE_LIBRARY
+        return replace(self, library=list(library), candidates=self.candidates or LARGE_CANDIDATES)
+
+    @property
+    def evaluated(self) -> list[str]:
+        return self.held_in + self.held_out
 
     def check(self) -> None:
         if len(self.held_in) < 2:
@@ -63,7 +89,11 @@ class RunSettings:
         overlap = sorted(set(self.held_in) & set(self.held_out))
         if overlap:
             raise ValueError(f"Task(s) {overlap} are both held-in and held-out.")
-        duplicates = sorted({t for t in self.held_in + self.held_out if (self.held_in + self.held_out).count(t) > 1})
+        evaluated_in_library = sorted(set(self.library) & set(self.evaluated))
+        if evaluated_in_library:
+            raise ValueError(f"Task(s) {evaluated_in_library} are library-only (never evaluated) and also evaluated.")
+        everything = self.evaluated + self.library
+        duplicates = sorted({t for t in everything if everything.count(t) > 1})
         if duplicates:
             raise ValueError(f"Task(s) {duplicates} are listed twice.")
         if bool(self.endpoint_url) != bool(self.endpoint_model):
@@ -104,22 +134,31 @@ class Pipeline:
 
         settings.check()
         self.settings, self.cache = settings, cache
-        self.tasks = settings.held_in + settings.held_out
+        self.tasks = settings.evaluated
         start = time.perf_counter()
-        assets.setup(cache, self.tasks)
+        assets.setup(cache, self.tasks + settings.library)
         self.setup_seconds = time.perf_counter() - start
         self.tokenizer = AutoTokenizer.from_pretrained(assets.base_model_dir(cache))
         self.splits: dict[str, TaskSplit] = {
             task: split_task(load_task(cache, task), task, settings.num_eval, settings.num_train, settings.seed)
             for task in self.tasks
         }
+        self.splits.update({task: library_split(load_task(cache, task), task, settings.num_train, settings.seed)
+                            for task in settings.library})
         self.eval_keys = {  # names each task's evaluated inputs in the result keys
-            task: hashlib.sha256("\n".join(e.input for e in split.eval).encode()).hexdigest()[:8]
-            for task, split in self.splits.items()
+            task: hashlib.sha256("\n".join(e.input for e in self.splits[task].eval).encode()).hexdigest()[:8]
+            for task in self.tasks
         }
         trained_on = {task: [e.input for e in self.splits[task].train] for task in settings.held_in}
         signature = settings.experts.signature(trained_on)  # a change of data or settings: a new library
-        self.library_root = cache / "experts" / signature
+        self.expert_folders = {task: cache / "experts" / signature / task for task in settings.held_in}
+        self.expert_folders.update({
+            task: library_only_folder(cache, self.splits[task], settings.library_experts) for task in settings.library
+        })
+        # base and oracle need no library; every other method's scores are keyed by the library-only experts too
+        library_only = sorted(self.expert_folders[task].name for task in settings.library)
+        self.library_key = f"library-{hashlib.sha256(json.dumps(library_only).encode()).hexdigest()[:8]}/" \
+            if library_only else ""
         self.store = ResultStore(cache / "results" / f"{signature}.json")
 
     def load_base(self) -> Any:
@@ -128,9 +167,16 @@ class Pipeline:
         return AutoModelForCausalLM.from_pretrained(assets.base_model_dir(self.cache), dtype=torch.float32).eval()
 
     def library(self) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-        """The held-in tasks' experts and gates, trained where missing: `({task: folder}, {task: timings})`."""
-        return build_library(self.load_base, self.tokenizer, self.splits, self.settings.held_in, self.settings.experts,
-                             self.library_root)
+        """Every expert and its gates (held-in tasks', then library-only tasks'), trained where missing:
+        `({task: folder}, {task: timings})`."""
+        folders, timings = {}, {}
+        for tasks, settings in ((self.settings.held_in, self.settings.experts),
+                                (self.settings.library, self.settings.library_experts)):
+            built = build_library(self.load_base, self.tokenizer, self.splits,
+                                  {task: self.expert_folders[task] for task in tasks}, settings)
+            folders.update(built[0])
+            timings.update(built[1])
+        return folders, timings
 
     def expert_samples(self, tasks: Iterable[str]) -> dict[str, list[tuple[str, str]]]:
         """Each task's expert samples as (input, output) pairs: what its instruction is written from."""
@@ -138,10 +184,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------ scoring
 
-    def score(self, key: str, model: Any, task: str, glider: Any = None) -> dict:
-        """Accuracy of `model` on the task's evaluation examples, cached under `key|task`; with `glider`, also the
-        share of tokens whose first choice was each expert (all modules)."""
-        entry_key = f"{key}|{task}|{self.eval_keys[task]}"
+    def score(self, key: str, model: Any, task: str, glider: Any = None, uses_library: bool = True) -> dict:
+        """Accuracy of `model` on the task's evaluation examples, cached under `key|task` (prefixed by the
+        library-only experts when `uses_library`); with `glider`, also the share of tokens whose first choice was
+        each expert (all modules)."""
+        entry_key = f"{self.library_key if uses_library else ''}{key}|{task}|{self.eval_keys[task]}"
         if entry_key in self.store:
             return self.store[entry_key]
         start = time.perf_counter()
@@ -183,11 +230,15 @@ class Pipeline:
         start = time.perf_counter()
         self.accuracy, self.hits = {}, {}
 
+        majority = {task: majority_answer(self.splits[task].eval) for task in self.tasks}
+        for task, answer in majority.items():
+            self.record(MAJORITY, task, {"accuracy": answer.accuracy, "hits": answer.hits})
         base = self.load_base()
         for task in self.tasks:
-            self.record("Base (zero-shot)", task, self.score("base", base, task))
+            self.record("Base (zero-shot)", task, self.score("base", base, task, uses_library=False))
         for task in held_in:
-            self.record(methods.ORACLE, task, self.score("oracle", methods.oracle_model(self.load_base, folders[task]), task))
+            oracle = methods.oracle_model(self.load_base, folders[task])
+            self.record(methods.ORACLE, task, self.score("oracle", oracle, task, uses_library=False))
         merged = methods.merged_model(self.load_base, folders)
         for task in self.tasks:
             self.record("Uniform merge", task, self.score("merge", merged, task))
@@ -205,6 +256,9 @@ class Pipeline:
             "settings": {**asdict(self.settings), "top_k": methods.TOP_K},
             "held_in": held_in,
             "held_out": held_out,
+            "library": self.settings.library,
+            "majority": {task: {"answer": answer.answer, "share": answer.share, "accuracy": answer.accuracy}
+                         for task, answer in majority.items()},
             "accuracy": accuracy,
             "hits": self.hits,
             "resolved_alpha": alphas,
@@ -212,7 +266,7 @@ class Pipeline:
             "first_choice_share": shares,
             "candidates_agreement": agreement,
             "num_eval": {task: len(split.eval) for task, split in self.splits.items()},
-            "num_train": {task: len(self.splits[task].train) for task in held_in},
+            "num_train": {task: len(self.splits[task].train) for task in held_in + self.settings.library},
             "timings": {
                 "setup_seconds": self.setup_seconds, "library_seconds": library_seconds,
                 "evaluation_seconds": eval_seconds, "experts": expert_timings,
@@ -325,7 +379,7 @@ class Pipeline:
         """The share of (module, token) selections that `restricted` makes exactly as `full` (the same set of
         top-k experts), over the prompts of the task's first `examples` evaluation examples, routed with the
         same global scores and alpha. Cached like scores."""
-        entry_key = f"agreement-{key}:alpha={alpha:g}|{task}|{self.eval_keys[task]}"
+        entry_key = f"{self.library_key}agreement-{key}:alpha={alpha:g}|{task}|{self.eval_keys[task]}"
         if entry_key not in self.store:
             equal = total = 0
             for example in self.splits[task].eval[:examples]:

@@ -123,3 +123,40 @@ def split_task(
     query_samples = rest[-num_samples:]
     train = rest[:-num_samples][:num_train]
     return TaskSplit(name, evaluation, train, train[: 2 * num_samples], query_samples)
+
+
+def library_split(examples: list[Example], name: str, num_train: int, seed: int, num_samples: int = 3) -> TaskSplit:
+    """A library-only task: it gets an expert and is never evaluated, so every distinct example may train it; the
+    first 2 x `num_samples` training examples are its expert samples (its instruction and alpha calibration)."""
+    first: dict[str, Example] = {}
+    for example in examples:
+        first.setdefault(example.input, example)
+    order = list(first.values())
+    random.Random(f"{seed}:{name}").shuffle(order)
+    train = order[:num_train]
+    if len(train) < 2 * num_samples:
+        raise ValueError(f"Task {name!r} has {len(train)} distinct multiple-choice examples: an expert needs at "
+                         f"least {2 * num_samples}.")
+    return TaskSplit(name, [], train, train[: 2 * num_samples], [])
+
+
+@dataclass(frozen=True)
+class MajorityAnswer:
+    """The most frequent right answer among a task's evaluation examples, and what always giving it scores."""
+
+    answer: str
+    share: float  # of examples whose first right option is `answer`
+    hits: list[int]  # per example: 1 where `answer` is one of its right options
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.hits) / len(self.hits)
+
+
+def majority_answer(examples: list[Example]) -> MajorityAnswer:
+    """The lean of a task: a model that always answers the most frequent right option scores `accuracy` (above
+    `share` only where examples have several right options). Counted on the evaluated examples themselves."""
+    answers = [example.options[min(example.correct)] for example in examples]
+    answer = max(dict.fromkeys(answers), key=answers.count)  # the first of the most frequent, deterministic
+    hits = [int(any(example.options[i] == answer for i in example.correct)) for example in examples]
+    return MajorityAnswer(answer, answers.count(answer) / len(answers), hits)
