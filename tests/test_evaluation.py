@@ -423,7 +423,8 @@ def test_cli_large_library_settings_and_a_bad_compare_file(tmp_path: Path):
     assert large.held_in == run.DEFAULT_HELD_IN and large.library_experts.steps < large.experts.steps
     quick = cli.settings_from(cli.parse_args(["--quick", "--library", "large", "--candidates", "3"]))
     assert quick.library == run.LARGE_LIBRARY[:run.QUICK_LARGE_LIBRARY] and quick.candidates == (3,)
-    assert cli.settings_from(cli.parse_args([])).library == []
+    standard = cli.settings_from(cli.parse_args([]))
+    assert standard.library == [] and standard.llm_source and not large.llm_source  # 40 LLM instructions: no
     with pytest.raises(ValueError, match=r"\['navigate'\] are library-only \(never evaluated\) and also evaluated"):
         replace(large, library=large.library + ["navigate"]).check()
     (tmp_path / "bad.json").write_text("{not json")
@@ -443,6 +444,20 @@ def test_quick_run_on_the_real_parts_within_ten_minutes(tmp_path: Path):
     oracle = run.averages(results, methods.ORACLE)[0]
     base = run.averages(results, "Base (zero-shot)")[0]
     assert oracle > base  # the experts learned their tasks
+
+
+@pytest.mark.slow
+def test_quick_large_library_run_on_the_real_parts_within_fifteen_minutes(tmp_path: Path):
+    cache = Path(os.environ.get("GLIDER_EVAL_CACHE", tmp_path / "cache"))
+    settings = cli.settings_from(cli.parse_args(["--quick", "--library", "large"]))
+    assets.setup(cache, settings.evaluated + settings.library)  # downloads are not part of the budget
+    start = time.perf_counter()
+    assert cli.main(["--quick", "--library", "large", "--cache-dir", str(cache), "--out", str(tmp_path / "out")]) == 0
+    assert time.perf_counter() - start < 900
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(results["library"]) == run.QUICK_LARGE_LIBRARY
+    assert len(results["global_routing"]["samples"]["tasks"]["implicatures"]["cosine"]) == 3 + run.QUICK_LARGE_LIBRARY
+    assert run.averages(results, methods.ORACLE)[0] > run.averages(results, "Base (zero-shot)")[0]
 
 
 def test_arrow_baseline_is_peft_create_arrow_model_and_also_takes_top_layer_experts(tmp_path: Path):

@@ -182,8 +182,9 @@ def _library_line(results: dict) -> list[str]:
         return []
     recipe = results["settings"]["library_experts"]
     return [f"- Library-only experts ({len(library)}, trained on every example up to {results['settings']['num_train']}"
-            f" and never evaluated): {', '.join(library)}; the same recipe with {recipe['steps']} LoRA steps and "
-            f"{recipe['gate_steps']} gate steps, top {recipe['top_layers'] or 'all'} layers."]
+            f" and never evaluated): {', '.join(library)}; the same recipe with {recipe['steps']} LoRA steps at lr "
+            f"{recipe['learning_rate']} and {recipe['gate_steps']} gate steps, inputs cut to their last "
+            f"{recipe['max_length']} tokens, top {recipe['top_layers'] or 'all'} layers."]
 
 
 def markdown(results: dict) -> str:
