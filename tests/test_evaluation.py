@@ -383,7 +383,7 @@ def test_a_large_library_run_adds_library_only_experts_reuses_what_needs_no_libr
             "--compare", str(tmp_path / "standard" / "results.json")]
     assert cli.main(args) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["library"] == ["epsilon", "zeta"]
+    assert results["library"] == ["epsilon", "zeta"] and set(results["num_eval"]) == {"alpha", "beta", "gamma", "delta"}
     for method, scores in results["accuracy"].items():  # library-only tasks are never evaluated
         assert set(scores) <= {"alpha", "beta", "gamma", "delta"}, method
     cosines = results["global_routing"]["samples"]["tasks"]["delta"]["cosine"]

@@ -270,7 +270,7 @@ class Pipeline:
             "global_routing": routing,
             "first_choice_share": shares,
             "candidates_agreement": agreement,
-            "num_eval": {task: len(split.eval) for task, split in self.splits.items()},
+            "num_eval": {task: len(self.splits[task].eval) for task in self.tasks},
             "num_train": {task: len(self.splits[task].train) for task in held_in + self.settings.library},
             "timings": {
                 "setup_seconds": self.setup_seconds, "library_seconds": library_seconds,
