@@ -89,8 +89,8 @@ def arrow_model(load_base: Callable[[], Any], folders: dict[str, str]) -> Any:
 def glider_model(load_base: Callable[[], Any], folders: dict[str, str], local_router: str = "phatgoose",
                  candidates: Optional[int] = None) -> Any:
     """Our tuner over the experts named like their keys in `folders` (their trained gates ship in their folders,
-    or Arrow prototypes computed from the weights), routing among each row's `candidates` best experts by global score when given; alpha is set per
-    pass."""
+    or Arrow prototypes computed from the weights), routing among each row's `candidates` best experts by global
+    score when given; alpha is set per pass."""
     experts = [{"source": folder, "name": name} for name, folder in folders.items()]  # named by task
     config = GliderConfig(experts=experts, top_k=TOP_K, alpha="auto", local_router=local_router,
                           candidates=candidates)

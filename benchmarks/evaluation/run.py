@@ -177,10 +177,10 @@ class Pipeline:
         folders, timings = {}, {}
         for tasks, settings in ((self.settings.held_in, self.settings.experts),
                                 (self.settings.library, self.settings.library_experts)):
-            built = build_library(self.load_base, self.tokenizer, self.splits,
-                                  {task: self.expert_folders[task] for task in tasks}, settings)
-            folders.update(built[0])
-            timings.update(built[1])
+            built, took = build_library(self.load_base, self.tokenizer, self.splits,
+                                        {task: self.expert_folders[task] for task in tasks}, settings)
+            folders.update(built)
+            timings.update(took)
         return folders, timings
 
     def expert_samples(self, tasks: Iterable[str]) -> dict[str, list[tuple[str, str]]]:

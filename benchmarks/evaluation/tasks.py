@@ -97,28 +97,33 @@ def load_task(cache: Path, task: str) -> list[Example]:
     return load_bbc(cache) if task == "bbc" else load_bigbench(cache, task)
 
 
+def _distinct_in_seeded_order(examples: list[Example], name: str, seed: int) -> list[Example]:
+    """The task's examples with each input kept once (its first occurrence), shuffled by `seed` and the task name."""
+    first: dict[str, Example] = {}
+    for example in examples:
+        first.setdefault(example.input, example)
+    order = list(first.values())
+    random.Random(f"{seed}:{name}").shuffle(order)
+    return order
+
+
 def split_task(
     examples: list[Example], name: str, num_eval: int, num_train: int, seed: int, num_samples: int = 3
 ) -> TaskSplit:
     """Seeded, disjoint split. Inputs that repeat are kept once, so no evaluation question is ever seen in
     training, gates or instructions, and the query samples differ from the training ones. A task with fewer than
     `num_eval` + 3 x `num_samples` distinct examples evaluates all but those 3 x `num_samples` (logged)."""
-    first: dict[str, Example] = {}
-    for example in examples:
-        first.setdefault(example.input, example)
-    unique = list(first.values())
-    order = list(unique)
-    random.Random(f"{seed}:{name}").shuffle(order)
+    order = _distinct_in_seeded_order(examples, name, seed)
     reserved = 3 * num_samples  # expert samples (2 x) and query samples (1 x), never evaluated
-    if len(unique) <= reserved:
+    if len(order) <= reserved:
         raise ValueError(
-            f"Task {name!r} has {len(unique)} distinct multiple-choice examples: at least {reserved + 1} are needed "
+            f"Task {name!r} has {len(order)} distinct multiple-choice examples: at least {reserved + 1} are needed "
             f"({reserved} for the instructions, the rest evaluated)."
         )
-    num_evaluated = min(num_eval, len(unique) - reserved)
+    num_evaluated = min(num_eval, len(order) - reserved)
     if num_evaluated < num_eval:
         logger.warning("Task %r has %d distinct examples: %d evaluated instead of %d.",
-                       name, len(unique), num_evaluated, num_eval)
+                       name, len(order), num_evaluated, num_eval)
     evaluation, rest = order[:num_evaluated], order[num_evaluated:]
     query_samples = rest[-num_samples:]
     train = rest[:-num_samples][:num_train]
@@ -128,12 +133,7 @@ def split_task(
 def library_split(examples: list[Example], name: str, num_train: int, seed: int, num_samples: int = 3) -> TaskSplit:
     """A library-only task: it gets an expert and is never evaluated, so every distinct example may train it; the
     first 2 x `num_samples` training examples are its expert samples (its instruction and alpha calibration)."""
-    first: dict[str, Example] = {}
-    for example in examples:
-        first.setdefault(example.input, example)
-    order = list(first.values())
-    random.Random(f"{seed}:{name}").shuffle(order)
-    train = order[:num_train]
+    train = _distinct_in_seeded_order(examples, name, seed)[:num_train]
     if len(train) < 2 * num_samples:
         raise ValueError(f"Task {name!r} has {len(train)} distinct multiple-choice examples: an expert needs at "
                          f"least {2 * num_samples}.")
