@@ -73,6 +73,11 @@ def choose_kernel_cuda(bank: ExpertBank, dtype: torch.dtype, needs_grad: bool) -
     return "gather" if "gather" in kernels else "concat"
 
 
+def token_bucket(num_tokens: int) -> int:
+    """The power of two at or above `num_tokens`: kernel choices are made per bucket of token counts."""
+    return 1 << max(num_tokens - 1, 0).bit_length()
+
+
 class KernelChoices(LRUCache):
     """A bounded memory of kernel choices per call shape: token counts bucketed to powers of two, least recently
     used entries dropped past `capacity` (one entry per prompt length would grow without bound)."""
@@ -82,7 +87,7 @@ class KernelChoices(LRUCache):
 
     @staticmethod
     def key(num_tokens: int, k: int, dtype: torch.dtype, needs_grad: bool, device_type: str) -> tuple:
-        return (1 << max(num_tokens - 1, 0).bit_length(), k, dtype, needs_grad, device_type)
+        return (token_bucket(num_tokens), k, dtype, needs_grad, device_type)
 
 
 _CHOICES: "weakref.WeakKeyDictionary[ExpertBank, KernelChoices]" = weakref.WeakKeyDictionary()

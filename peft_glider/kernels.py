@@ -216,30 +216,33 @@ def can_fuse_routing(rows: torch.Tensor, bank: ExpertBank) -> bool:
     )
 
 
-def route_and_apply_native(
-    u: torch.Tensor,
-    rows: torch.Tensor,
-    standardized: bool,
-    global_bias: torch.Tensor | None,
-    k: int,
-    bank: ExpertBank,
-    out: torch.Tensor | None = None,
-) -> tuple[Selection, torch.Tensor]:
-    """`standardized_dots` (or `arrow_dots` when not `standardized`), `combine_logits`, `select_top_k` and
-    `delta_native` in one compiled call, each token routed and its experts applied while it sits in cache.
+def bind_native_routing(
+    rows: torch.Tensor, standardized: bool, global_bias: torch.Tensor | None, k: int, bank: ExpertBank
+) -> native.RouteAndAdd:
+    """The compiled routing call bound to one module's router rows (E, d) (`can_fuse_routing`), `standardized`
+    (`standardized_dots`, else `arrow_dots`), the global bias (B, E) for B consecutive groups of tokens (or None),
+    k and `bank`'s experts: what `route_and_apply_native` runs."""
+    if global_bias is not None and (global_bias.dtype != torch.float32 or not global_bias.is_contiguous()):
+        global_bias = global_bias.to(torch.float32).contiguous()
+    return native.RouteAndAdd(
+        rows, standardized, LN_EPS, global_bias, k,
+        bank.A, bank.BT, bank.expert_row_start, bank.expert_rank, bank.expert_scaling, layout_checked=True,
+    )  # fmt: skip
 
-    u (N, d) float32; rows (E, d) (`can_fuse_routing`); global_bias (B, E) for B consecutive groups of tokens, or
-    None. Adds into `out` (N, o) (zeros if None); returns the selection (for traces) and `out`. No gradients.
+
+def route_and_apply_native(
+    u: torch.Tensor, bound: native.RouteAndAdd, bank: ExpertBank, out: torch.Tensor | None = None,
+    want_selection: bool = True,
+) -> tuple[Selection | None, torch.Tensor]:
+    """`standardized_dots` (or `arrow_dots`), `combine_logits`, `select_top_k` and `delta_native` in one compiled
+    call (`bound` by `bind_native_routing` for `bank`), each token routed and its experts applied while it sits in
+    cache. u (N, d) float32. Adds into `out` (N, o) (zeros if None); returns the selection (for traces; None when
+    not `want_selection`) and `out`. No gradients.
     """
     out = _output(u, bank, out)
     x, target = _native_operands(u, out)
-    if global_bias is not None and (global_bias.dtype != torch.float32 or not global_bias.is_contiguous()):
-        global_bias = global_bias.to(torch.float32).contiguous()
-    indices, weights = native.route_and_add(
-        x, rows, standardized, LN_EPS, global_bias, k,
-        bank.A, bank.BT, bank.expert_row_start, bank.expert_rank, bank.expert_scaling, target, layout_checked=True,
-    )  # fmt: skip
-    return Selection(indices=indices, weights=weights), _native_result(out, target)
+    chosen = bound(x, target, selection=want_selection)
+    return (None if chosen is None else Selection(*chosen)), _native_result(out, target)
 
 
 def delta_gated_single(x: torch.Tensor, bank: ExpertBank, expert: int, gate: torch.Tensor) -> torch.Tensor:

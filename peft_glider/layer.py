@@ -104,12 +104,10 @@ class LayerSnapshot:
         return rows
 
 
-def _live(container: nn.Module, adapter_name: str) -> Optional[torch.Tensor]:
-    """The adapter's tensor in a ParameterDict or BufferDict, or None (an edit in another thread may remove it)."""
-    try:
-        return container[adapter_name]
-    except (KeyError, AttributeError):
-        return None
+def _storage(container: nn.Module) -> dict[str, torch.Tensor]:
+    """The dict in which a ParameterDict or BufferDict keeps its tensors, by adapter name (torch and accelerate
+    move, cast and load tensors in place in it, and an edit replaces its entries: the dict itself stays)."""
+    return container._parameters if isinstance(container, nn.ParameterDict) else container._buffers
 
 
 def _rows_from_gates(gates: torch.Tensor, state: RoutingState) -> torch.Tensor:
@@ -164,6 +162,11 @@ class GliderLayer(BaseTunerLayer):
         self.glider_rank_expert = BufferDict({}, persistent=False)  # (R,) expert of each rank row
         self.glider_rank_scaling = BufferDict({}, persistent=False)  # (R,) scaling of each rank row
         self.glider_slot = BufferDict({}, persistent=False)  # (E,) position among present experts, -1 if absent
+        # Where those containers keep the tensors, read directly at every call (`snapshot_in`): their own lookups
+        # pass through nn.Module's attribute fallback, ~1 microsecond each, at every module of every decoding step.
+        self._live_A, self._live_B, self._live_gates = (
+            _storage(self.glider_A), _storage(self.glider_B), _storage(self.glider_gates)
+        )
         self.glider_spans: dict[str, list[tuple[int, int] | None]] = {}
         # (E,) bool: the experts adapting this module, for an adapter with a resident-experts budget (its factors
         # here are the resident experts' only); absent otherwise (the spans say it).
@@ -391,9 +394,8 @@ class GliderLayer(BaseTunerLayer):
         if snapshot is None or snapshot is not self._installed.get(adapter_name):
             return snapshot
         bank = snapshot.bank
-        try:
-            A, gates = self.glider_A[adapter_name], self.glider_gates[adapter_name]
-        except (KeyError, AttributeError):  # released by an edit meanwhile
+        A, gates = self._live_A.get(adapter_name), self._live_gates.get(adapter_name)
+        if A is None or gates is None:  # released by an edit meanwhile
             return snapshot
         if A is not bank.A or gates is not snapshot.gates or A.device != bank.device or A.dtype != bank.dtype:
             self._follow_moves(snapshot, adapter_name)
@@ -404,8 +406,8 @@ class GliderLayer(BaseTunerLayer):
         makes a new snapshot). The tensors are read before checking that `snapshot` is still the installed one, and
         an edit marks it uninstalled before it replaces any tensor, so an edit's tensors are never bound here."""
         bank = snapshot.bank
-        A, BT, gates = (_live(self.glider_A, adapter_name), _live(self.glider_B, adapter_name),
-                        _live(self.glider_gates, adapter_name))  # fmt: skip
+        A, BT = self._live_A.get(adapter_name), self._live_B.get(adapter_name)
+        gates = self._live_gates.get(adapter_name)
         if A is bank.A and BT is bank.BT and gates is snapshot.gates and A.device == bank.device and A.dtype == bank.dtype:
             return
         try:
@@ -508,6 +510,8 @@ class GliderLinear(nn.Module, GliderLayer):
             kernel=state.kernel,
             out=out,
             candidates=call.candidates_at(bank, router_rows, state.candidates),
+            bindings=None if call is _LOCAL_ONLY else call.kernel_bindings,  # the shared default keeps none
+            want_selection=call.trace is not None,
         )
         if call.trace is not None:
             call.trace.record(self.module_name, selection.indices.view(batch_rows, -1, selection.indices.shape[-1]))

@@ -30,14 +30,21 @@ _SIGNATURES = {
         _POINTER, _SIZE, _INT, _INT,  # out, out row stride, threads, simd
     ],
     "glider_route_and_add": [
-        _POINTER, _SIZE, _SIZE, _SIZE,  # x, tokens, d, x row stride
-        _POINTER, _SIZE, _INT, ctypes.c_float, _POINTER, _SIZE,  # rows, E, standardize, eps, bias, group
-        _POINTER, _POINTER, _SIZE,  # A, BT, o
-        _POINTER, _POINTER, _POINTER,  # row_start, rank, scaling
-        _SIZE, _POINTER, _POINTER,  # k, indices (out), weights (out)
+        _POINTER, _POINTER, _SIZE, _SIZE, _SIZE,  # the bound operands (`_Routing`), x, tokens, x row stride, group
+        _POINTER, _POINTER,  # indices (out), weights (out)
         _POINTER, _SIZE, _INT, _INT,  # out, out row stride, threads, simd
     ],
 }  # fmt: skip
+
+
+class _Routing(ctypes.Structure):
+    """The C side's `GliderRouting`: what a routing call binds once (`RouteAndAdd`), passed by address."""
+
+    _fields_ = [
+        ("rows", _POINTER), ("E", _SIZE), ("d", _SIZE), ("standardize", _SIZE), ("eps", ctypes.c_double),
+        ("bias", _POINTER), ("A", _POINTER), ("BT", _POINTER), ("o", _SIZE),
+        ("row_start", _POINTER), ("rank", _POINTER), ("scaling", _POINTER), ("k", _SIZE),
+    ]  # fmt: skip
 
 
 def _load() -> Optional[ctypes.CDLL]:
@@ -96,16 +103,23 @@ def check_tokens(x: torch.Tensor, out: torch.Tensor, A: torch.Tensor, BT: torch.
                  indices: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None) -> None:
     """Check one call's operands (every call: a few attribute reads): x (N, d) and out (N, o) float32 CPU with
     contiguous rows, indices (N, k) int64 and weights (N, k) float32 contiguous. Raises `ValueError`."""
+    _check_tokens(x, out, A.shape[1], BT.shape[1])
     n = x.shape[0]
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[1] != A.shape[1] or x.stride(-1) != 1:
-        raise ValueError(f"native kernel: x must be float32 CPU (N, {A.shape[1]}) with contiguous rows.")
-    if out.dtype != torch.float32 or out.device.type != "cpu" or out.shape != (n, BT.shape[1]) or out.stride(-1) != 1:
-        raise ValueError(f"native kernel: out must be float32 CPU ({n}, {BT.shape[1]}) with contiguous rows.")
     if indices is not None and (
         indices.dtype != torch.int64 or weights.dtype != torch.float32 or indices.shape[0] != n
         or weights.shape != indices.shape or not indices.is_contiguous() or not weights.is_contiguous()
     ):  # fmt: skip
         raise ValueError(f"native kernel: indices (int64) and weights (float32) must be contiguous ({n}, k).")
+
+
+def _check_tokens(x: torch.Tensor, out: torch.Tensor, d: int, o: int) -> None:
+    # The cheapest reads of each property (a device's .type or .stride(i) cost several times is_cpu or .stride()):
+    # this runs at every module of every decoding step.
+    x_shape, out_shape = x.shape, out.shape
+    if x.dtype is not torch.float32 or not x.is_cpu or len(x_shape) != 2 or x_shape[1] != d or x.stride()[1] != 1:
+        raise ValueError(f"native kernel: x must be float32 CPU (N, {d}) with contiguous rows.")
+    if out.dtype is not torch.float32 or not out.is_cpu or out_shape != (x_shape[0], o) or out.stride()[1] != 1:
+        raise ValueError(f"native kernel: out must be float32 CPU ({x_shape[0]}, {o}) with contiguous rows.")
 
 
 def _add_selected_experts(x, A, BT, row_start, rank, scaling, indices, weights, out, simd) -> None:
@@ -119,28 +133,70 @@ def _add_selected_experts(x, A, BT, row_start, rank, scaling, indices, weights, 
     )  # fmt: skip
 
 
-def _route_and_add(x, rows, standardize, eps, bias, k, A, BT, row_start, rank, scaling, out, simd):
-    n, d = x.shape
-    num_experts = rows.shape[0]
-    if rows.dtype != torch.float32 or tuple(rows.shape) != (row_start.shape[0], d) or not rows.is_contiguous():
-        raise ValueError(f"native kernel: rows must be contiguous float32 (E, {d}), one per expert.")
-    if not 1 <= k <= num_experts or num_experts > MAX_EXPERTS:
-        raise ValueError(f"native kernel: k={k} must lie in [1, {num_experts}] and E <= {MAX_EXPERTS}.")
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.shape[1] != num_experts
-                             or bias.shape[0] == 0 or n % bias.shape[0]):
-        raise ValueError(f"native kernel: bias must be contiguous float32 (B, {num_experts}) with B dividing {n}.")
-    indices = torch.empty(n, k, dtype=torch.int64)
-    weights = torch.empty(n, k, dtype=torch.float32)
-    group = 1 if bias is None else n // bias.shape[0]
-    _library().glider_route_and_add(
-        x.data_ptr(), n, d, x.stride(0),
-        rows.data_ptr(), num_experts, int(standardize), eps, 0 if bias is None else bias.data_ptr(), group,
-        A.data_ptr(), BT.data_ptr(), BT.shape[1],
-        row_start.data_ptr(), rank.data_ptr(), scaling.data_ptr(),
-        k, indices.data_ptr(), weights.data_ptr(),
-        out.data_ptr(), out.stride(0), torch.get_num_threads(), int(simd),
-    )  # fmt: skip
-    return indices, weights
+class RouteAndAdd:
+    """`route_and_add` with everything but the tokens bound: router rows, bias, k and the experts, checked and their
+    addresses taken once. A call binds one per module and each of its forwards (every decoding step) then only
+    checks its tokens and makes the C call (binding costs ~4 microseconds, a decoding step's module ~50).
+
+    Holds its tensors, so the addresses it took stay valid while it lives. Arguments as `route_and_add`'s.
+    """
+
+    __slots__ = ("operands", "standardize", "k", "_features", "_groups", "_fixed", "_fixed_address")
+
+    def __init__(self, rows: torch.Tensor, standardize: bool, eps: float, bias: Optional[torch.Tensor], k: int,
+                 A: torch.Tensor, BT: torch.Tensor, row_start: torch.Tensor, rank: torch.Tensor,
+                 scaling: torch.Tensor, layout_checked: bool = False) -> None:  # fmt: skip
+        if not layout_checked:
+            check_layout(A, BT, row_start, rank, scaling)
+        d, num_experts = A.shape[1], rows.shape[0]
+        if rows.dtype != torch.float32 or tuple(rows.shape) != (row_start.shape[0], d) or not rows.is_contiguous():
+            raise ValueError(f"native kernel: rows must be contiguous float32 (E, {d}), one per expert.")
+        if not 1 <= k <= num_experts or num_experts > MAX_EXPERTS:
+            raise ValueError(f"native kernel: k={k} must lie in [1, {num_experts}] and E <= {MAX_EXPERTS}.")
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.dim() != 2
+                                 or bias.shape[1] != num_experts or bias.shape[0] == 0):
+            raise ValueError(f"native kernel: bias must be contiguous float32 (B, {num_experts}), B >= 1.")
+        self.operands = (rows, standardize, eps, bias, k, A, BT, row_start, rank, scaling)
+        self.standardize, self.k = standardize, k
+        self._features = (d, BT.shape[1])  # (d, o)
+        self._groups = 0 if bias is None else bias.shape[0]  # B (0: no bias)
+        self._fixed: Optional[_Routing] = None  # the operands' addresses for C, taken on first use
+        self._fixed_address = 0
+
+    def __call__(
+        self, x: torch.Tensor, out: torch.Tensor, simd: bool = True, selection: bool = True
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Route the tokens x (N, d) and add their experts' deltas into `out` (N, o); returns the selected experts
+        and their weights, (N, k) each, or None when no `selection` is wanted (none is allocated). Under
+        torch.compile, the operator `torch.ops.peft_glider.route_and_add`."""
+        if torch.compiler.is_compiling():
+            return torch.ops.peft_glider.route_and_add(x, *self.operands, out, simd)
+        _check_tokens(x, out, *self._features)
+        return self._run(x, out, simd, selection)
+
+    def _run(
+        self, x: torch.Tensor, out: torch.Tensor, simd: bool, selection: bool = True
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        n = x.shape[0]
+        if self._groups and n % self._groups:
+            raise ValueError(f"native kernel: {n} tokens do not split into the bias's {self._groups} groups.")
+        if self._fixed is None:
+            rows, standardize, eps, bias, k, A, BT, row_start, rank, scaling = self.operands
+            self._fixed = _Routing(
+                rows.data_ptr(), rows.shape[0], A.shape[1], int(standardize), eps,
+                0 if bias is None else bias.data_ptr(), A.data_ptr(), BT.data_ptr(), BT.shape[1],
+                row_start.data_ptr(), rank.data_ptr(), scaling.data_ptr(), k,
+            )  # fmt: skip
+            self._fixed_address = ctypes.addressof(self._fixed)
+        if selection:
+            indices = torch.empty(n, self.k, dtype=torch.int64)
+            weights = torch.empty(n, self.k, dtype=torch.float32)
+        _library().glider_route_and_add(
+            self._fixed_address, x.data_ptr(), n, x.stride()[0], n // self._groups if self._groups else 1,
+            indices.data_ptr() if selection else 0, weights.data_ptr() if selection else 0,
+            out.data_ptr(), out.stride()[0], torch.get_num_threads(), int(simd),
+        )  # fmt: skip
+        return (indices, weights) if selection else None
 
 
 # The C library is called through ctypes rather than built as a torch C++ extension: building against torch's
@@ -170,9 +226,8 @@ def _route_and_add_op(
     A: torch.Tensor, BT: torch.Tensor, row_start: torch.Tensor, rank: torch.Tensor, scaling: torch.Tensor,
     out: torch.Tensor, simd: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    check_layout(A, BT, row_start, rank, scaling)
     check_tokens(x, out, A, BT)
-    return _route_and_add(x, rows, standardize, eps, bias, k, A, BT, row_start, rank, scaling, out, simd)
+    return RouteAndAdd(rows, standardize, eps, bias, k, A, BT, row_start, rank, scaling)._run(x, out, simd)
 
 
 @_route_and_add_op.register_fake
@@ -234,12 +289,10 @@ def route_and_add(
 
     Returns the selected experts (N, k) int64 and their weights (N, k) float32. Same tensor requirements as
     `add_selected_experts`; rows and bias float32, contiguous; E <= `MAX_EXPERTS`. Under torch.compile, the
-    operator `torch.ops.peft_glider.route_and_add`.
+    operator `torch.ops.peft_glider.route_and_add`. To route many calls with the same operands, bind them once
+    (`RouteAndAdd`).
     """
     if torch.compiler.is_compiling():
         return torch.ops.peft_glider.route_and_add(x, rows, standardize, eps, bias, k, A, BT, row_start, rank,
                                                    scaling, out, simd)
-    if not layout_checked:
-        check_layout(A, BT, row_start, rank, scaling)
-    check_tokens(x, out, A, BT)
-    return _route_and_add(x, rows, standardize, eps, bias, k, A, BT, row_start, rank, scaling, out, simd)
+    return RouteAndAdd(rows, standardize, eps, bias, k, A, BT, row_start, rank, scaling, layout_checked)(x, out, simd)

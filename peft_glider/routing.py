@@ -16,8 +16,8 @@ import torch
 from . import native
 from ._warnings import warn_user
 from .bank import LN_EPS, ExpertBank, Selection
-from .kernel_choice import resolve_kernel
-from .kernels import KERNEL_FUNCTIONS, can_fuse_routing, route_and_apply_native
+from .kernel_choice import resolve_kernel, token_bucket
+from .kernels import KERNEL_FUNCTIONS, bind_native_routing, can_fuse_routing, route_and_apply_native
 
 def standardize(x: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
     """`(x - mean(x)) / sqrt(var(x) + eps)` over the last axis, without affine parameters."""
@@ -165,6 +165,39 @@ def _needs_grad(bank: ExpertBank, *inputs: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, bank.A, bank.BT))
 
 
+class FusedRoute:
+    """A decision of `route` that a call keeps per bank (in its `bindings`): for these router rows and global bias
+    (the same tensors), k, router, kernel setting and token-count bucket, the compiled kernel routes, bound once
+    (`bind_native_routing`). The call's later forwards through the module (each decoding step) reuse it and skip
+    the kernel choice, the operands' checks and the binding (~6 microseconds a module). Rows change identity when
+    the gates change, so a stale decision never serves."""
+
+    __slots__ = ("router_rows", "global_bias", "standardized", "k", "kernel", "tokens_bucket", "bound")
+
+    def __init__(
+        self, router_rows: torch.Tensor, global_bias: torch.Tensor | None, standardized: bool, k: int, kernel: str,
+        tokens_bucket: int, bound: "native.RouteAndAdd",
+    ) -> None:  # fmt: skip
+        self.router_rows, self.global_bias, self.standardized, self.k = router_rows, global_bias, standardized, k
+        self.kernel, self.tokens_bucket, self.bound = kernel, tokens_bucket, bound
+
+    def serves(
+        self, u: torch.Tensor, bank: ExpertBank, router_rows: torch.Tensor, global_bias: torch.Tensor | None,
+        standardized: bool, k: int, kernel: str,
+    ) -> bool:  # fmt: skip
+        """Whether `route` with these arguments would make this decision again."""
+        return (
+            router_rows is self.router_rows
+            and global_bias is self.global_bias
+            and k == self.k
+            and standardized == self.standardized
+            and kernel == self.kernel
+            and u.dtype is torch.float32
+            and token_bucket(u.shape[0]) == self.tokens_bucket
+            and not _needs_grad(bank, u, router_rows)
+        )
+
+
 def route(
     u: torch.Tensor,
     bank: ExpertBank,
@@ -175,7 +208,9 @@ def route(
     kernel: str = "auto",
     out: torch.Tensor | None = None,
     candidates: Candidates | None = None,
-) -> tuple[Selection, torch.Tensor]:
+    bindings: dict | None = None,
+    want_selection: bool = True,
+) -> tuple[Selection | None, torch.Tensor]:
     """GLIDER at one module for one call: the single entry point of a Glider layer.
 
     Local scores of the tokens u (N, d) against the router rows (E, d) (`phatgoose_rows` when `standardized`, else
@@ -183,11 +218,20 @@ def route(
     top-k and softmax (`select_top_k`), then the selected experts' products by the kernel resolved once for this
     call (`resolve_kernel`; the compiled one routes too). Adds into `out` (N, o) (zeros if None) and returns the
     selection with it. With `candidates` (gathered from these router rows and the global bias by
-    `gather_candidates`), only those experts are scored (`select_among_candidates`).
+    `gather_candidates`), only those experts are scored (`select_among_candidates`). `bindings`: the call's own
+    dict, where it keeps its compiled routing decisions per bank (`FusedRoute`) for its later forwards. Without
+    `want_selection` (no trace records it), the compiled kernel keeps the selection to itself and None is returned
+    in its place.
 
     Differentiable in the router rows (the gates reach the loss through the chosen experts' softmax weights), in u
     and in the factors (when trainable): when gradients are needed the kernel is one that carries them.
     """
+    if bindings is not None and candidates is None and not torch.compiler.is_compiling():
+        fused = bindings.get(bank)
+        if fused is not None and fused.serves(u, bank, router_rows, global_bias, standardized, k, kernel):
+            return route_and_apply_native(u, fused.bound, bank, out, want_selection)
+    else:  # torch.compile traces the general path: its fake tensors have no addresses to bind
+        bindings = None
     if bank.partial and candidates is None:
         raise RuntimeError(
             "This Glider adapter holds only some experts' factors (max_resident_experts) and this call has no "
@@ -203,7 +247,11 @@ def route(
         selection = select_among_candidates(scored, candidates, standardized, k)
         return selection, KERNEL_FUNCTIONS[chosen](u, bank, selection, out)
     if chosen == "native" and can_fuse_routing(router_rows, bank):
-        return route_and_apply_native(u, router_rows, standardized, global_bias, k, bank, out)
+        bound = bind_native_routing(router_rows, standardized, global_bias, k, bank)
+        if bindings is not None:
+            bucket = token_bucket(u.shape[0])
+            bindings[bank] = FusedRoute(router_rows, global_bias, standardized, k, kernel, bucket, bound)
+        return route_and_apply_native(u, bound, bank, out, want_selection)
     local = standardized_dots(scored, router_rows) if standardized else arrow_dots(scored, router_rows)  # (N, E)
     selection = select_top_k(combine_logits(local, global_bias), bank.present, k)
     return selection, KERNEL_FUNCTIONS[chosen](u, bank, selection, out)

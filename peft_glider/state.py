@@ -115,6 +115,9 @@ class CallRouting:
     _bias_on_device: dict = field(default_factory=dict, compare=False, repr=False)
     # Each row's candidates per module's bank, gathered once for the whole call (see `candidates_at`).
     _candidates: dict = field(default_factory=dict, compare=False, repr=False)
+    # The compiled routing decisions per module's bank (`routing.FusedRoute`), reused by the call's later forwards
+    # (each decoding step).
+    kernel_bindings: dict = field(default_factory=dict, compare=False, repr=False)
 
     def global_bias(self, rows: int, device: torch.device) -> Optional[torch.Tensor]:
         """The global bias for a layer call with `rows` batch rows, (B, E) on `device`, or None (local only).
@@ -165,7 +168,7 @@ def call_routing(state: RoutingState, **changes) -> Iterator[CallRouting]:
     in this thread or task only; other fields keep what an enclosing context set."""
     current = _CALL_ROUTING.get()
     previous = current.get(state, CallRouting())
-    routing = dataclasses.replace(previous, **changes, _bias_on_device={}, _candidates={})
+    routing = dataclasses.replace(previous, **changes, _bias_on_device={}, _candidates={}, kernel_bindings={})
     token = _CALL_ROUTING.set({**current, state: routing})
     try:
         yield routing

@@ -38,6 +38,54 @@ def test_bad_operands_are_refused_by_name_in_eager_and_through_the_operator(bad,
         torch.ops.peft_glider.add_selected_experts(*[args[name] for name in order], True)
 
 
+def routing_operands(E=3, d=8, n=4, groups=2, k=2):
+    args = operands(E=E, d=d, n=n, k=k)
+    return dict(x=args["x"], rows=torch.randn(E, d), standardize=True, eps=1e-5, bias=torch.randn(groups, E), k=k,
+                A=args["A"], BT=args["BT"], row_start=args["row_start"], rank=args["rank"], scaling=args["scaling"],
+                out=args["out"])
+
+
+@needs_native
+@pytest.mark.parametrize("bad, message", [
+    (dict(rows=torch.randn(3, 7)), "rows must be contiguous float32"),
+    (dict(rows=torch.randn(8, 3).T), "rows must be contiguous float32"),
+    (dict(k=4), "k=4 must lie in"),
+    (dict(bias=torch.randn(2, 3).T.contiguous().T), "bias must be contiguous float32"),
+    (dict(bias=torch.randn(3, 3)), "do not split into the bias's 3 groups"),
+    (dict(x=torch.randn(8, 4).T), "x must be float32 CPU"),  # rows not contiguous
+])
+def test_bad_routing_operands_are_refused_by_name_bound_or_not_and_through_the_operator(bad, message):
+    args = {**routing_operands(), **bad}
+    order = ["x", "rows", "standardize", "eps", "bias", "k", "A", "BT", "row_start", "rank", "scaling", "out"]
+    pattern = message.replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(ValueError, match=pattern):
+        native.route_and_add(*[args[name] for name in order])
+    with pytest.raises(ValueError, match=pattern):  # the experts' layout vouched for: everything else still checked
+        native.route_and_add(*[args[name] for name in order], layout_checked=True)
+    with pytest.raises(ValueError, match=pattern):
+        torch.ops.peft_glider.route_and_add(*[args[name] for name in order], True)
+    with pytest.raises(ValueError, match=pattern):
+        bound = native.RouteAndAdd(*[args[name] for name in order if name not in ("x", "out")])
+        bound(args["x"], args["out"])
+
+
+@needs_native
+def test_a_bound_routing_call_equals_the_unbound_one_and_serves_any_token_count():
+    args = routing_operands(n=6, groups=2)
+    order = ["rows", "standardize", "eps", "bias", "k", "A", "BT", "row_start", "rank", "scaling"]
+    bound = native.RouteAndAdd(*[args[name] for name in order])
+    for n in (6, 2, 10):
+        x, start = torch.randn(n, 8), torch.randn(n, 6)
+        expected_out, out, untold = start.clone(), start.clone(), start.clone()
+        expected = native.route_and_add(x, *[args[name] for name in order], expected_out)
+        got = bound(x, out)
+        assert got[0].tolist() == expected[0].tolist()
+        torch.testing.assert_close(got[1], expected[1], atol=0, rtol=0)
+        torch.testing.assert_close(out, expected_out, atol=0, rtol=0)
+        assert bound(x, untold, selection=False) is None  # the selection kept on the C side: the same deltas
+        torch.testing.assert_close(untold, expected_out, atol=0, rtol=0)
+
+
 @needs_native
 def test_operator_equals_the_eager_call():
     args = operands()

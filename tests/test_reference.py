@@ -300,9 +300,71 @@ def test_fused_routing_matches_the_torch_path(bank_name, router, simd, tokens, g
     assert indices.tolist() == expected_selection.indices.tolist()
     torch.testing.assert_close(weights, expected_selection.weights, atol=1e-5, rtol=1e-4)  # float32 logits
     torch.testing.assert_close(out.double(), expected, atol=1e-3, rtol=1e-4)  # deltas of about 100
-    selection, got = kernels.route_and_apply_native(x, rows, router == "phatgoose", bias, k, bank, start.clone())
+    bound = kernels.bind_native_routing(rows, router == "phatgoose", bias, k, bank)
+    selection, got = kernels.route_and_apply_native(x, bound, bank, start.clone())
     assert selection.indices.tolist() == indices.tolist()
     torch.testing.assert_close(got.double(), expected, atol=1e-3, rtol=1e-4)  # (with SIMD)
+
+
+@pytest.mark.skipif(not native.available(), reason="the compiled kernel is not built")
+def test_a_generate_call_binds_each_module_once_per_token_bucket_and_decodes_as_the_torch_path(tmp_path, monkeypatch):
+    """A call keeps its compiled routing decisions: the prompt binds each module once, the first decoding step
+    once more (another token bucket), the later steps reuse them; the tokens and scores equal the torch kernels'."""
+    folders = build_library(tmp_path, 4)
+    model = get_peft_model(tiny_llama(), GliderConfig(experts=folders, top_k=2))
+    glider = model.base_model
+    glider.set_gates(random_gates(glider, seed=3))
+    bindings = []
+    real_init = native.RouteAndAdd.__init__
+
+    def counted_init(self, *args, **kwargs):
+        bindings.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(native.RouteAndAdd, "__init__", counted_init)
+    prompt, scores = torch.randint(3, 97, (2, 5), generator=torch.Generator().manual_seed(0)), torch.rand(2, 4)
+
+    def generate(kernel):
+        glider.set_kernel(kernel)
+        with torch.no_grad(), glider.global_scores(scores, alpha=2.0):
+            return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                                  min_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+
+    fused = generate("native")
+    assert len(bindings) == 2 * len(glider.glider_layers())  # 5 prompt tokens per row, then 1 per row, 5 times
+    reference = generate("concat")
+    assert fused.sequences.tolist() == reference.sequences.tolist()
+    torch.testing.assert_close(torch.stack(fused.scores), torch.stack(reference.scores), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not native.available(), reason="the compiled kernel is not built")
+def test_a_kept_routing_decision_never_serves_after_its_gates_or_kernel_change_within_the_call(tmp_path):
+    """Inside one routing context the layer's gates change in place (what an optimizer step does) and the kernel
+    is switched: each forward routes with the gates and kernel of its own moment, as the per-token reference."""
+    folders = build_library(tmp_path, 4)
+    glider = get_peft_model(tiny_llama(), GliderConfig(experts=folders, top_k=2)).base_model
+    glider.set_gates(random_gates(glider, seed=4))
+    glider.set_kernel("native")
+    layer = glider.glider_layers()[MODULE]
+    gates = layer.glider_gates["default"]
+    experts = [read_expert_at(folder, MODULE) for folder in folders]
+    x = torch.randn(1, 3, layer.in_features, generator=torch.Generator().manual_seed(5))
+    bias = torch.randn(1, 4, generator=torch.Generator().manual_seed(6))
+
+    def expected():
+        return reference_layer(x[0], layer.base_layer.weight.detach(), experts, gates.detach(), 2, bias[0])
+
+    with torch.no_grad(), glider.global_scores(bias, alpha=1.0):
+        before = layer(x)
+        torch.testing.assert_close(before[0].double(), expected(), atol=1e-5, rtol=1e-5)
+        gates.mul_(-1.0)  # in place: the same tensor, another version
+        after = layer(x)
+        assert not torch.allclose(after, before)  # other experts chosen: a kept decision would repeat `before`
+        torch.testing.assert_close(after[0].double(), expected(), atol=1e-5, rtol=1e-5)
+        glider.set_kernel("concat")
+        torch.testing.assert_close(layer(x), after, atol=1e-5, rtol=1e-5)
+        glider.set_kernel("native")
+        torch.testing.assert_close(layer(x), after, atol=1e-5, rtol=1e-5)
 
 
 def make_bank_double(bank):

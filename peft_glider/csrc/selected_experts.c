@@ -267,36 +267,53 @@ static int thread_count(int64_t n_tokens, int num_threads) {
     return n_tokens / MIN_TOKENS_PER_THREAD < num_threads ? (int)(n_tokens / MIN_TOKENS_PER_THREAD) : num_threads;
 }
 
-/* Route and add, one call per module; see the file comment for x, A, BT, row_start, rank, scaling, out. rows (E, d)
- * contiguous; bias (n_tokens / group, E) or NULL: the global scores times alpha, one row per group of consecutive
- * tokens; k <= number of experts with rank > 0. Writes each token's selected experts (n_tokens, k) and weights. */
+/* What a routing call binds once (peft_glider/native.py's RouteAndAdd, which lays out the same fields): router rows
+ * (E, d) contiguous; bias (n_tokens / group, E) or NULL: the global scores times alpha, one row per group of
+ * consecutive tokens; the experts (see the file comment for A, BT, row_start, rank, scaling); k <= number of
+ * experts with rank > 0. Passing it by address keeps a decoding step's call to a few arguments. */
+typedef struct {
+    const float *rows;
+    int64_t E, d;
+    int64_t standardize;
+    double eps;
+    const float *bias;
+    const float *A, *BT;
+    int64_t o;
+    const int64_t *row_start, *rank;
+    const float *scaling;
+    int64_t k;
+} GliderRouting;
+
+/* Route and add, one call per module: x (n_tokens, r->d) with row stride x_stride, `group` consecutive tokens per
+ * bias row; writes each token's selected experts (n_tokens, k) and weights (both NULL: not wanted, kept on the
+ * stack), adds into out (row stride out_stride). */
 void glider_route_and_add(
-    const float *x, int64_t n_tokens, int64_t d, int64_t x_stride,
-    const float *rows, int64_t E, int standardize, float eps, const float *bias, int64_t group,
-    const float *A, const float *BT, int64_t o,
-    const int64_t *row_start, const int64_t *rank, const float *scaling,
-    int64_t k, int64_t *indices, float *weights,
-    float *out, int64_t out_stride, int num_threads, int simd) {
+    const GliderRouting *r, const float *x, int64_t n_tokens, int64_t x_stride, int64_t group,
+    int64_t *indices, float *weights, float *out, int64_t out_stride, int num_threads, int simd) {
     const int avx2 = use_avx2(simd), threads = thread_count(n_tokens, num_threads);
-    const int64_t tiles = (n_tokens + TOKEN_TILE - 1) / TOKEN_TILE;
+    const int64_t tiles = (n_tokens + TOKEN_TILE - 1) / TOKEN_TILE, E = r->E, k = r->k;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t tile = 0; tile < tiles; tile++) {
         float logits[TOKEN_TILE * MAX_EXPERTS];
+        int64_t own_indices[MAX_EXPERTS];
+        float own_weights[MAX_EXPERTS];
         const int64_t first = tile * TOKEN_TILE;
         const int64_t count = n_tokens - first < TOKEN_TILE ? n_tokens - first : TOKEN_TILE;
         const float *xs[TOKEN_TILE];  /* a short last tile repeats its last token; the repeats are not used */
         for (int64_t t = 0; t < TOKEN_TILE; t++) xs[t] = x + (first + (t < count ? t : count - 1)) * x_stride;
-        tile_local_scores(xs, d, rows, E, standardize, eps, logits, avx2);
+        tile_local_scores(xs, r->d, r->rows, E, (int)r->standardize, (float)r->eps, logits, avx2);
         for (int64_t t = 0; t < count; t++) {
             const int64_t n = first + t;
             float *token_logits = logits + t * E;
-            if (bias != NULL) {
-                const float *row_bias = bias + (n / group) * E;
+            if (r->bias != NULL) {
+                const float *row_bias = r->bias + (n / group) * E;
                 for (int64_t e = 0; e < E; e++) token_logits[e] += row_bias[e];
             }
-            top_k_softmax(token_logits, rank, E, k, indices + n * k, weights + n * k);
-            add_token_experts(xs[t], d, A, BT, o, row_start, rank, scaling, indices + n * k, weights + n * k, k,
-                              out + n * out_stride, avx2);
+            int64_t *token_indices = indices != NULL ? indices + n * k : own_indices;
+            float *token_weights = weights != NULL ? weights + n * k : own_weights;
+            top_k_softmax(token_logits, r->rank, E, k, token_indices, token_weights);
+            add_token_experts(xs[t], r->d, r->A, r->BT, r->o, r->row_start, r->rank, r->scaling, token_indices,
+                              token_weights, k, out + n * out_stride, avx2);
         }
     }
 }
