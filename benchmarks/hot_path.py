@@ -26,6 +26,7 @@ import torch
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).parent))
 import speed  # noqa: E402
+from compile import best_ms  # noqa: E402
 
 from peft_glider import kernels  # noqa: E402
 from peft_glider.layer import GliderLinear  # noqa: E402
@@ -34,14 +35,8 @@ MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj")
 
 
 def best_us(fn: Callable[[], object], calls: int = 5000) -> float:
-    """Best of 5 rounds of `calls` calls, microseconds per call (after a warm-up round)."""
-    rounds = []
-    for _ in range(6):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        rounds.append((time.perf_counter() - start) / calls * 1e6)
-    return min(rounds[1:])
+    """Best of 5 rounds of `calls` calls, microseconds per call."""
+    return best_ms(fn, calls) * 1e3
 
 
 def module_costs(model, scores: torch.Tensor) -> None:
