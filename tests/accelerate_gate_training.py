@@ -31,6 +31,10 @@ def main(expert_dir: str, out_file: str) -> None:
     gates = train_gates(model, model.base_model.expert_names[0], data, args=args, accelerator=accelerator, progress=False)
     if accelerator.is_main_process:
         torch.save({**gates, "__processes__": torch.tensor(accelerator.num_processes)}, out_file)
+    # Both ranks leave the process group together: a rank exiting while gloo's threads still run aborted the other
+    # one at exit ("terminate called without an active exception", about one launch in twelve).
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
