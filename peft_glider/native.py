@@ -160,8 +160,16 @@ class RouteAndAdd:
         self.standardize, self.k = standardize, k
         self._features = (d, BT.shape[1])  # (d, o)
         self._groups = 0 if bias is None else bias.shape[0]  # B (0: no bias)
-        self._fixed: Optional[_Routing] = None  # the operands' addresses for C, taken on first use
+        # The operands' addresses for C, taken here once (every thread sharing this binding sees them whole); none
+        # while torch.compile traces with fake tensors, whose calls go to the operator instead.
+        self._fixed: Optional[_Routing] = None
         self._fixed_address = 0
+        if not torch.compiler.is_compiling():
+            self._fixed = _Routing(
+                rows.data_ptr(), num_experts, d, int(standardize), eps, 0 if bias is None else bias.data_ptr(),
+                A.data_ptr(), BT.data_ptr(), BT.shape[1], row_start.data_ptr(), rank.data_ptr(), scaling.data_ptr(), k,
+            )  # fmt: skip
+            self._fixed_address = ctypes.addressof(self._fixed)
 
     def __call__(
         self, x: torch.Tensor, out: torch.Tensor, simd: bool = True, selection: bool = True
@@ -178,16 +186,10 @@ class RouteAndAdd:
         self, x: torch.Tensor, out: torch.Tensor, simd: bool, selection: bool = True
     ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         n = x.shape[0]
+        if not self._fixed_address:
+            raise RuntimeError("native kernel: this binding was made while torch.compile traced; bind it again.")
         if self._groups and n % self._groups:
             raise ValueError(f"native kernel: {n} tokens do not split into the bias's {self._groups} groups.")
-        if self._fixed is None:
-            rows, standardize, eps, bias, k, A, BT, row_start, rank, scaling = self.operands
-            self._fixed = _Routing(
-                rows.data_ptr(), rows.shape[0], A.shape[1], int(standardize), eps,
-                0 if bias is None else bias.data_ptr(), A.data_ptr(), BT.data_ptr(), BT.shape[1],
-                row_start.data_ptr(), rank.data_ptr(), scaling.data_ptr(), k,
-            )  # fmt: skip
-            self._fixed_address = ctypes.addressof(self._fixed)
         if selection:
             indices = torch.empty(n, self.k, dtype=torch.int64)
             weights = torch.empty(n, self.k, dtype=torch.float32)

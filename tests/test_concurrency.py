@@ -9,6 +9,7 @@ must equal the same call run alone, and nothing may stay set afterwards.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 import zlib
 import pytest
@@ -119,6 +120,43 @@ def test_four_threads_fifty_calls_each_equal_the_calls_run_alone(served):
     assert seen_in_thread == [None]
     plain = {"mode": "plain", "ids": plans[0, 0]["ids"]}
     torch.testing.assert_close(run_call(model, glider, plain)[0], run_call(model, glider, plain)[0], atol=0, rtol=0)
+
+
+def test_threads_sharing_one_routing_context_share_its_kept_kernels_and_equal_the_calls_run_alone(served):
+    """`asyncio.to_thread` and `contextvars.copy_context().run` carry one routing context into several threads:
+    they share its call, so its kept compiled routing (`CallRouting.kernel_bindings`) is made and used by all of
+    them at once (the first forwards start together at a barrier)."""
+    model, glider = served
+    scores = torch.rand(2, 4, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    ids = {(t, c): torch.randint(3, 97, (2, 1 + c % 3), generator=torch.Generator().manual_seed(100 * t + c))
+           for t in range(THREADS) for c in range(20)}  # fmt: skip
+    with torch.no_grad(), glider.global_scores(scores):
+        alone = {key: model(input_ids=batch).logits for key, batch in ids.items()}
+    barrier = threading.Barrier(THREADS)
+    results: dict = {}
+    errors: list = []
+
+    def serve(thread: int) -> None:
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                for call in range(20):
+                    results[thread, call] = model(input_ids=ids[thread, call]).logits
+        except BaseException as error:  # noqa: BLE001 - reported below with the thread named
+            barrier.abort()
+            errors.append((thread, repr(error)))
+
+    with glider.global_scores(scores):
+        shared = glider.routing_state().current_call()
+        workers = [threading.Thread(target=contextvars.copy_context().run, args=(serve, t)) for t in range(THREADS)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=300)
+    assert not errors, errors
+    assert len(shared.kernel_bindings) == len(glider.glider_layers())  # the threads kept theirs in the one call
+    wrong = [key for key, logits in results.items() if not torch.allclose(logits, alone[key], atol=1e-5, rtol=0)]
+    assert not wrong, f"{len(wrong)} calls differ from the same call run alone: {wrong[:8]}"
 
 
 def test_nested_contexts_restore_what_they_found_even_on_errors(served):
