@@ -135,3 +135,16 @@ def test_float32_cpu_inference_without_the_compiled_kernel_warns_once(tmp_path, 
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             model(input_ids())  # once per process
+
+
+@needs_native
+def test_a_binding_made_while_torch_compile_traced_is_refused_when_called_eagerly(monkeypatch):
+    """Under tracing a binding takes no addresses (fake tensors have none); run eagerly it must refuse, never pass
+    a null struct to C."""
+    args = routing_operands()
+    order = ["rows", "standardize", "eps", "bias", "k", "A", "BT", "row_start", "rank", "scaling"]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    bound = native.RouteAndAdd(*[args[name] for name in order])
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="made while torch.compile traced"):
+        bound(args["x"], args["out"])
