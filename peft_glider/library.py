@@ -481,8 +481,9 @@ def open_experts(
 ) -> list[LoadedExpert]:
     """`load_expert(entry, hash_tensors)` of every entry, in the entries' order with one progress bar; the first
     failure, in that order, is raised. Hub experts are opened up to `workers` at a time in threads (their downloads
-    overlap; huggingface_hub resumes partial ones); local folders one after another in this thread (reading and hashing them in threads
-    was twice as slow on 2 cores, and every thread's allocator arena kept memory: +25 MB at 1,024 experts)."""
+    overlap; huggingface_hub resumes partial ones); local folders one after another in this thread (reading and
+    hashing them in threads was twice as slow on 2 cores, and every thread's allocator arena kept memory: +25 MB at
+    1,024 experts)."""
     hub = [index for index, entry in enumerate(entries) if not os.path.isdir(entry["source"])]
     with ThreadPoolExecutor(max(1, min(workers, len(hub)))) as pool:
         pending = {index: pool.submit(load_expert, entries[index], hash_tensors) for index in hub}

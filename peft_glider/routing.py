@@ -172,14 +172,14 @@ class FusedRoute:
     the kernel choice, the operands' checks and the binding (~6 microseconds a module). Rows change identity when
     the gates change, so a stale decision never serves."""
 
-    __slots__ = ("router_rows", "global_bias", "standardized", "k", "kernel", "tokens_bucket", "bound")
+    __slots__ = ("router_rows", "global_bias", "kernel", "tokens_bucket", "bound")
 
     def __init__(
-        self, router_rows: torch.Tensor, global_bias: torch.Tensor | None, standardized: bool, k: int, kernel: str,
-        tokens_bucket: int, bound: "native.RouteAndAdd",
+        self, router_rows: torch.Tensor, global_bias: torch.Tensor | None, kernel: str, tokens_bucket: int,
+        bound: "native.RouteAndAdd",
     ) -> None:  # fmt: skip
-        self.router_rows, self.global_bias, self.standardized, self.k = router_rows, global_bias, standardized, k
-        self.kernel, self.tokens_bucket, self.bound = kernel, tokens_bucket, bound
+        self.router_rows, self.global_bias, self.kernel = router_rows, global_bias, kernel
+        self.tokens_bucket, self.bound = tokens_bucket, bound  # the binding holds k and `standardize` itself
 
     def serves(
         self, u: torch.Tensor, bank: ExpertBank, router_rows: torch.Tensor, global_bias: torch.Tensor | None,
@@ -189,8 +189,8 @@ class FusedRoute:
         return (
             router_rows is self.router_rows
             and global_bias is self.global_bias
-            and k == self.k
-            and standardized == self.standardized
+            and k == self.bound.k
+            and standardized == self.bound.standardize
             and kernel == self.kernel
             and u.dtype is torch.float32
             and token_bucket(u.shape[0]) == self.tokens_bucket
@@ -226,12 +226,12 @@ def route(
     Differentiable in the router rows (the gates reach the loss through the chosen experts' softmax weights), in u
     and in the factors (when trainable): when gradients are needed the kernel is one that carries them.
     """
-    if bindings is not None and candidates is None and not torch.compiler.is_compiling():
+    if bindings is not None and torch.compiler.is_compiling():
+        bindings = None  # torch.compile traces the general path: its fake tensors have no addresses to bind
+    if bindings is not None and candidates is None:
         fused = bindings.get(bank)
         if fused is not None and fused.serves(u, bank, router_rows, global_bias, standardized, k, kernel):
             return route_and_apply_native(u, fused.bound, bank, out, want_selection)
-    else:  # torch.compile traces the general path: its fake tensors have no addresses to bind
-        bindings = None
     if bank.partial and candidates is None:
         raise RuntimeError(
             "This Glider adapter holds only some experts' factors (max_resident_experts) and this call has no "
@@ -249,8 +249,7 @@ def route(
     if chosen == "native" and can_fuse_routing(router_rows, bank):
         bound = bind_native_routing(router_rows, standardized, global_bias, k, bank)
         if bindings is not None:
-            bucket = token_bucket(u.shape[0])
-            bindings[bank] = FusedRoute(router_rows, global_bias, standardized, k, kernel, bucket, bound)
+            bindings[bank] = FusedRoute(router_rows, global_bias, kernel, token_bucket(u.shape[0]), bound)
         return route_and_apply_native(u, bound, bank, out, want_selection)
     local = standardized_dots(scored, router_rows) if standardized else arrow_dots(scored, router_rows)  # (N, E)
     selection = select_top_k(combine_logits(local, global_bias), bank.present, k)
