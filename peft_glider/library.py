@@ -247,12 +247,17 @@ class ExpertLibrary:
             raise KeyError(f"unknown expert {expert!r}; experts are {names}.")
         self.config.experts[names.index(expert)]["gates"] = how
 
-    def install_shipped_gates(self, warn: bool = True) -> None:
-        """Set the gates the experts carry (glider_gates.safetensors); warn, naming them, about experts without.
-        Nothing for a local router whose vectors are computed, not learned."""
+    def install_shipped_gates(self, warn: bool = True, modules: Optional[Collection[str]] = None) -> None:
+        """Set the gates the experts carry (glider_gates.safetensors) at `modules` (default: all); warn, naming them,
+        about experts without. Nothing for a local router whose vectors are computed, not learned."""
         if not local_router(self.config.local_router).learned:
             return
-        self.set_gates({e.name: e.gates for e in self.experts if e.gates is not None}, how="shipped with the expert")
+        shipped = {
+            expert.name: {module: gate for module, gate in expert.gates.items() if modules is None or module in modules}
+            for expert in self.experts
+            if expert.gates is not None
+        }
+        self.set_gates(shipped, how="shipped with the expert")
         if warn:
             warn_ungated([e.name for e in self.experts if e.gates is None])
 
@@ -314,7 +319,9 @@ class ExpertLibrary:
                 snapshots[name] = layer.update_layer(adapter, sources.module_factors(name), state, self)
                 del layer.glider_awaiting_checkpoint[adapter]
             self.publish(layers=snapshots)
-        self.install_shipped_gates(warn=False)
+            self.experts, self.placeholders = sources.experts, False
+        # the gates of the filled modules are what a fresh build gives (no checkpoint brought trained ones)
+        self.install_shipped_gates(warn=False, modules=waiting)
 
     def _checked_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         num_experts = len(self.config.experts)

@@ -106,3 +106,34 @@ def test_loading_a_second_glider_adapter_warns_about_nothing_peft_does_not(tmp_p
     assert not [w for w in caught if "Unsupported layer type" in str(w.message)]
     target.set_adapter("second")
     torch.testing.assert_close(logits(target), logits(model), atol=0, rtol=0)
+
+
+def ship_gates(glider, folders, which, seed: int = 7) -> None:
+    """Save random trained gates beside the experts at the positions in `which`."""
+    gates = list(random_gates(glider, seed=seed).values())
+    for index in which:
+        save_gates(gates[index], folders[index])
+
+
+@pytest.mark.parametrize("shipped", ["all", "some", "none"])
+@pytest.mark.parametrize("router", ["phatgoose", "arrow"])
+def test_a_config_reused_for_another_model_and_another_adapter_builds_what_a_fresh_config_builds(
+    llama_experts, router, shipped
+):
+    """The user's config is completed when a model is built from it; a second `get_peft_model` or `add_adapter`
+    with it must still install the experts' shipped gates (it installed zeros: the pinned entries were taken for
+    a saved adapter's, whose checkpoint would bring the gates)."""
+    probe = get_peft_model(tiny_llama(), GliderConfig(experts=llama_experts))
+    ship_gates(probe.base_model, llama_experts, {"all": [0, 1, 2, 3], "some": [1, 3], "none": []}[shipped])
+    config = GliderConfig(experts=llama_experts, top_k=2, local_router=router)
+    first = get_peft_model(tiny_llama(), config)
+    expected = logits(get_peft_model(tiny_llama(), GliderConfig(experts=llama_experts, top_k=2, local_router=router)))
+    torch.testing.assert_close(logits(first), expected, atol=0, rtol=0)
+    second = get_peft_model(tiny_llama(), config)
+    torch.testing.assert_close(logits(second), expected, atol=0, rtol=0)
+    torch.testing.assert_close(second.base_model.get_gates(), first.base_model.get_gates(), atol=0, rtol=0)
+    first.add_adapter("again", config)
+    first.set_adapter("again")
+    torch.testing.assert_close(logits(first), expected, atol=0, rtol=0)
+    if router == "phatgoose" and shipped != "none":
+        assert (expected - logits(probe)).abs().max() > 1e-4  # the shipped gates change the routing
