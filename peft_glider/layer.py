@@ -104,6 +104,16 @@ class LayerSnapshot:
         return rows
 
 
+def gate_parameter(gates: torch.Tensor, requires_grad: bool) -> nn.Parameter:
+    """Gates as a parameter that keeps a version counter, whatever mode it is made in. Made under
+    `torch.inference_mode()` (a library loaded or edited there) a tensor is an inference tensor, which keeps none:
+    its router rows could not be cached and would be recomputed at every module of every forward."""
+    with torch.inference_mode(False):
+        if gates.is_inference():
+            gates = gates.clone()  # outside inference mode the copy is a normal tensor
+        return nn.Parameter(gates, requires_grad=requires_grad)
+
+
 def _storage(container: nn.Module) -> dict[str, torch.Tensor]:
     """The dict in which a ParameterDict or BufferDict keeps its tensors, by adapter name (torch and accelerate
     move, cast and load tensors in place in it, and an edit replaces its entries: the dict itself stays)."""
@@ -219,8 +229,7 @@ class GliderLayer(BaseTunerLayer):
             gates = gates.to(device, dtype=previous.dtype if previous is not None else dtype)
         requires_grad = previous.requires_grad if previous is not None else True
         snapshot = self._install(
-            adapter_name, A, BT, rank_expert, rank_scaling, spans, nn.Parameter(gates, requires_grad=requires_grad),
-            adapts,
+            adapter_name, A, BT, rank_expert, rank_scaling, spans, gate_parameter(gates, requires_grad), adapts,
         )
         self.set_adapter(self.active_adapters)
         return snapshot
@@ -256,7 +265,7 @@ class GliderLayer(BaseTunerLayer):
             gates = torch.cat([old_gates, gate.to(old_gates.device, old_gates.dtype)[None]])
         return self._install(
             adapter_name, A, BT, rank_expert, rank_scaling, spans,
-            nn.Parameter(gates, requires_grad=current.gates.requires_grad), adapts,
+            gate_parameter(gates, current.gates.requires_grad), adapts,
         )  # fmt: skip
 
     def remove_expert(self, adapter_name: str, index: int) -> Optional[LayerSnapshot]:
@@ -271,7 +280,7 @@ class GliderLayer(BaseTunerLayer):
             gates = current.gates.detach()[keep]
         return self._install(
             adapter_name, A, BT, rank_expert, rank_scaling, spans,
-            nn.Parameter(gates, requires_grad=current.gates.requires_grad),
+            gate_parameter(gates, current.gates.requires_grad),
             None if bank.adapts is None else bank.adapts[keep],
         )  # fmt: skip
 
@@ -297,7 +306,7 @@ class GliderLayer(BaseTunerLayer):
             for index, vector in rows.items():
                 gates[index] = vector.to(gates.device, gates.dtype)
         self._installed[adapter_name] = None
-        self.glider_gates[adapter_name] = nn.Parameter(gates, requires_grad=current.gates.requires_grad)
+        self.glider_gates[adapter_name] = gate_parameter(gates, current.gates.requires_grad)
         return self._snapshot_installed(adapter_name)
 
     def release(self, adapter_name: str, version_number: int) -> None:
@@ -371,9 +380,7 @@ class GliderLayer(BaseTunerLayer):
                 container[adapter_name] = container[adapter_name].to(device)
         if adapter_name in self.glider_gates and self.glider_gates[adapter_name].device.type != "meta":
             gates = self.glider_gates[adapter_name]  # meta under low_cpu_mem_usage: the checkpoint fills it
-            self.glider_gates[adapter_name] = nn.Parameter(
-                gates.data.to(device, dtype=dtype), requires_grad=gates.requires_grad
-            )
+            self.glider_gates[adapter_name] = gate_parameter(gates.data.to(device, dtype=dtype), gates.requires_grad)
 
     # ------------------------------------------------------------------ what calls route with
 
@@ -410,6 +417,8 @@ class GliderLayer(BaseTunerLayer):
         gates = self._live_gates.get(adapter_name)
         if A is bank.A and BT is bank.BT and gates is snapshot.gates and A.device == bank.device and A.dtype == bank.dtype:
             return
+        if gates is not None and gates.is_inference():  # loaded with assign=True under inference mode
+            gates = self._live_gates[adapter_name] = gate_parameter(gates, gates.requires_grad)
         try:
             moved = self._bank(adapter_name)
         except (KeyError, AttributeError):  # released by an edit meanwhile

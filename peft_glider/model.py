@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import ExpertEntry, GliderConfig
 from .contexts import CallContexts
-from .layer import MERGE_ERROR, GliderLayer, GliderLinear, execution_device
+from .layer import MERGE_ERROR, GliderLayer, GliderLinear, execution_device, gate_parameter
 from .library import ExpertLibrary
 from .local_router.routers import local_router
 from .state import RoutingState, RoutingTrace, call_routing
@@ -188,7 +188,7 @@ class GliderModel(BaseTuner):
         for layer in self.glider_layers(adapter_name).values():
             gates = layer.glider_gates[adapter_name]
             if gates.dtype in (torch.float16, torch.bfloat16):
-                layer.glider_gates[adapter_name] = nn.Parameter(gates.data.float(), requires_grad=gates.requires_grad)
+                layer.glider_gates[adapter_name] = gate_parameter(gates.data.float(), gates.requires_grad)
 
     # ------------------------------------------------------------------ merging, deleting
 
