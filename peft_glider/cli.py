@@ -178,7 +178,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     experts = _read_experts(args.experts, args.experts_file)
     alpha = args.alpha if args.alpha == "auto" else float(args.alpha)
     config = GliderConfig(experts=experts, top_k=args.top_k, alpha=alpha, local_router=args.local_router,
-                          save_expert_weights=not args.router_only, candidates=args.candidates,
+                          save_expert_weights=False if args.router_only else None, candidates=args.candidates,
                           max_resident_experts=args.max_resident_experts)
     base = args.base_model or _expert_base_model(config.experts[0])
     model = get_peft_model(_load_base(base), config)
@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-only", action="store_true", help="do not store the experts' weights in the adapter")
     p.add_argument("--candidates", type=_positive_int, help="experts scored locally per row, by global score")
     p.add_argument("--max-resident-experts", type=_positive_int,
-                   help="hold at most this many experts' factors (needs --router-only and, for larger libraries, --candidates)")
+                   help="hold at most this many experts' factors (the adapter is then router-only; for larger "
+                        "libraries, needs --candidates)")
 
     p = _add_command(sub, "train-gates", cmd_train_gates, "Train Phatgoose gates for the experts that have none.",
                      "peft-glider train-gates my-glider --data math=math.jsonl --data code=code.jsonl --steps 100")

@@ -88,9 +88,10 @@ class GliderConfig(PeftConfig):
         max_resident_experts: Hold the LoRA factors of at most this many experts in the layers (a budget for large
             libraries); the others stay in their files, read when a call's candidates need them (when `route` or
             `global_scores` is entered), the least recently used evicted. Gates and instruction embeddings stay
-            resident for every expert. Needs `save_expert_weights=False` (a router-only adapter: the factors are
-            read from the experts' sources) and, for libraries larger than the budget, `candidates`: a call may
-            need at most the budget (its rows' candidates at every module). None (default): every expert resident.
+            resident for every expert. The adapter is then router-only (`save_expert_weights` defaults to False:
+            the factors are read from the experts' sources); for libraries larger than the budget it needs
+            `candidates`: a call may need at most the budget (its rows' candidates at every module). None (default):
+            every expert resident.
         alpha: Weight of the global (instruction) score against the local (gate) score. The paper used 100 when
             the query's task is among the experts' tasks and 3 otherwise. `"auto"` decides per row: a row whose
             best global score reaches `auto_alpha_threshold` gets `alpha_held_in`, the others `alpha_held_out`.
@@ -104,7 +105,8 @@ class GliderConfig(PeftConfig):
             training-free prototypes (top right singular vector of each expert's `B A`), scored `|u . v| / T`.
         arrow_temperature: T of the Arrow scores.
         save_expert_weights: Save the experts' LoRA weights inside the Glider adapter (self-contained). When
-            False, only the router is saved and the experts are fetched again from their sources on load.
+            False, only the router is saved and the experts are fetched again from their sources on load. Default
+            (None): True, or False under a `max_resident_experts` budget.
         train_expert_factors: Opt in to fine-tuning the experts' LoRA factors along with the gates (they become
             trainable parameters). Off by default: the factors are frozen buffers and only the router learns.
             Needs `save_expert_weights=True`, since trained factors no longer match their sources.
@@ -125,7 +127,9 @@ class GliderConfig(PeftConfig):
     instruction_writer: Optional[str] = field(default=None, metadata={"help": "What wrote the instructions."})
     local_router: str = field(default="phatgoose", metadata={"help": "Local router: phatgoose or arrow."})
     arrow_temperature: float = field(default=1.0, metadata={"help": "Temperature T of Arrow scores |u.v|/T."})
-    save_expert_weights: bool = field(default=True, metadata={"help": "Save expert weights with the adapter."})
+    save_expert_weights: Optional[bool] = field(
+        default=None, metadata={"help": "Save expert weights with the adapter (default: unless under a budget)."}
+    )
     train_expert_factors: bool = field(default=False, metadata={"help": "Also train the experts' LoRA factors."})
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Filled in from the experts."})
     instruction_embedding_dim: Optional[int] = field(default=None, metadata={"help": "Set with the embeddings."})
@@ -150,6 +154,8 @@ class GliderConfig(PeftConfig):
         ):
             raise ValueError(f"candidates must be None or an integer >= top_k={self.top_k}, got {self.candidates!r}.")
         budget = self.max_resident_experts
+        if self.save_expert_weights is None:  # a budget reads the factors from their sources: router-only
+            self.save_expert_weights = budget is None
         if budget is not None:
             if isinstance(budget, bool) or not isinstance(budget, int) or budget < max(self.top_k, self.candidates or 0):
                 raise ValueError(
@@ -157,8 +163,9 @@ class GliderConfig(PeftConfig):
                 )
             if self.save_expert_weights:
                 raise ValueError(
-                    "max_resident_experts needs save_expert_weights=False: the experts' factors are read from their "
-                    "sources when needed, so the adapter saves the router only."
+                    "max_resident_experts cannot be combined with save_expert_weights=True: the experts' factors are "
+                    "read from their sources when needed, so the adapter saves the router only (leave "
+                    "save_expert_weights unset, or set it to False)."
                 )
         if self.alpha != "auto":
             if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):

@@ -67,9 +67,9 @@ def test_build_from_folders_and_an_experts_file(workspace, tmp_path):
                  "--max-resident-experts", "1", "--out", str(tmp_path / "large"))
     config = json.loads((tmp_path / "large" / "adapter_config.json").read_text())
     assert config["candidates"] == 1 and config["max_resident_experts"] == 1
-    assert_user_error(run("build", "--experts-file", str(listing), "--max-resident-experts", "2", "--out",
-                          str(tmp_path / "bad"), ok=False), "max_resident_experts needs save_expert_weights=False")
-    assert not (tmp_path / "bad").exists()
+    run("build", "--experts-file", str(listing), "--max-resident-experts", "2", "--out", str(tmp_path / "budget"))
+    config = json.loads((tmp_path / "budget" / "adapter_config.json").read_text())
+    assert config["max_resident_experts"] == 2 and config["save_expert_weights"] is False  # the knob alone
     assert (tmp_path / "g" / "README.md").exists()
 
     assert_user_error(run("build", "--experts-file", str(tmp_path / "nope.yaml"), "--out", "x", ok=False),

@@ -123,7 +123,7 @@ def cases(tmp_path_factory) -> dict:
 VARIANTS = {
     "phatgoose": {"local_router": "phatgoose"},
     "arrow": {"local_router": "arrow"},
-    "phatgoose-budget": {"local_router": "phatgoose", "save_expert_weights": False, "max_resident_experts": 3},
+    "phatgoose-budget": {"local_router": "phatgoose", "max_resident_experts": 3},
 }
 
 

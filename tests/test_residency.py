@@ -156,12 +156,14 @@ def test_edits_under_a_budget(experts, tmp_path):
     assert set(library.resident) == {"e4", "e5"}
 
 
-def test_a_budget_needs_a_router_only_adapter_and_survives_save_and_load(experts, tmp_path):
-    with pytest.raises(ValueError, match="max_resident_experts needs save_expert_weights=False"):
-        GliderConfig(experts=experts, max_resident_experts=2, candidates=2)
+def test_a_budget_makes_a_router_only_adapter_and_survives_save_and_load(experts, tmp_path):
+    assert GliderConfig(experts=experts, max_resident_experts=2, candidates=2).save_expert_weights is False
+    assert GliderConfig(experts=experts).save_expert_weights is True
+    with pytest.raises(ValueError, match="max_resident_experts cannot be combined with save_expert_weights=True"):
+        GliderConfig(experts=experts, max_resident_experts=2, candidates=2, save_expert_weights=True)
     with pytest.raises(ValueError, match="max_resident_experts must be None or an integer >= top_k and candidates"):
         GliderConfig(experts=experts, max_resident_experts=2, candidates=3, save_expert_weights=False)
-    budgeted = build(experts, max_resident_experts=3)
+    budgeted = build(experts, max_resident_experts=3, save_expert_weights=None)  # the budget alone
     ids, row_scores = input_ids(batch=1), scores(1, seed=8)
     expected = logits(budgeted, ids, row_scores)
     budgeted.save_pretrained(tmp_path / "saved")
