@@ -29,14 +29,17 @@ import sys
 import tarfile
 import tempfile
 import types
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_expert, tiny_llama, tiny_t5
+from peft import get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from peft_glider import GliderConfig
+from peft_glider import GliderConfig, save_gates
 
 PEFT_VERSION = importlib.metadata.version("peft")
 UPSTREAM_FILES = ("testing_common.py", "testing_utils.py")
@@ -113,7 +116,13 @@ def cases(tmp_path_factory) -> dict:
                                          ("t5", tiny_t5, AutoModelForSeq2SeqLM, [["q", "v"], ["q", "wo"], ["v", "wi"]])]:
         factory().save_pretrained(root / arch)
         experts = [make_expert(factory, root / f"{arch}-expert{i}", seed=300 + i, target_modules=m) for i, m in enumerate(modules)]
+        shipping = [shutil.copytree(folder, f"{folder}-gated") for folder in experts]
+        for folder in shipping[::2]:  # a mixed library: experts 0 and 2 ship trained gates, expert 1 none
+            gates = {name: torch.randn(factors.shape[1]) for name, factors in load_file(f"{folder}/adapter_model.safetensors").items()
+                     if "lora_A" in name}
+            save_gates({name.removeprefix("base_model.model.").split(".lora_A")[0]: gate for name, gate in gates.items()}, folder)
         made[arch] = (str(root / arch), auto, experts)
+        made[f"{arch}-gated"] = (str(root / arch), auto, shipping)
     return made
 
 
@@ -124,14 +133,19 @@ VARIANTS = {
     "phatgoose": {"local_router": "phatgoose"},
     "arrow": {"local_router": "arrow"},
     "phatgoose-budget": {"local_router": "phatgoose", "max_resident_experts": 3},
+    "phatgoose-shipped": {"local_router": "phatgoose"},  # experts that ship gates beside ones that do not
 }
+
+
+def variant_case(cases: dict, arch: str, variant: str) -> tuple:
+    return cases[f"{arch}-gated" if variant.endswith("shipped") else arch]
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("arch", ["llama", "t5"])
 @pytest.mark.parametrize("check", sorted(CHECKS))
 def test_peft_generic_check(common_tester, cases, arch, variant, check):
-    model_id, auto_class, experts = cases[arch]
+    model_id, auto_class, experts = variant_case(cases, arch, variant)
 
     class GliderCommonTester(common_tester):
         transformers_class = auto_class
@@ -146,3 +160,34 @@ def test_peft_generic_check(common_tester, cases, arch, variant, check):
     config_kwargs = {"experts": experts, "top_k": 2, **VARIANTS[variant]}
     method, arguments = CHECKS[check]
     getattr(GliderCommonTester(), method)(model_id, GliderConfig, config_kwargs, **arguments)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_one_config_reused_builds_what_a_fresh_config_builds(cases, arch, variant):
+    """PEFT's tuners tolerate a config object used again (for another base model, or another adapter); the
+    generic checks always make a new one, so the reuse is checked here, for every variant."""
+    model_id, auto_class, experts = variant_case(cases, arch, variant)
+    inputs = {"input_ids": torch.tensor([[3, 4, 5], [3, 6, 5]])}
+    if arch == "t5":
+        inputs["decoder_input_ids"] = torch.tensor([[0, 4, 7], [0, 8, 9]])
+
+    def logits(model):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return model(**inputs).logits
+
+    def build(config):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return get_peft_model(auto_class.from_pretrained(model_id), config)
+
+    kwargs = {"experts": experts, "top_k": 2, **VARIANTS[variant]}
+    expected = logits(build(GliderConfig(**kwargs)))
+    config = GliderConfig(**kwargs)
+    first = build(config)
+    assert torch.equal(logits(first), expected)
+    assert torch.equal(logits(build(config)), expected)
+    first.add_adapter("again", config)
+    first.set_adapter("again")
+    assert torch.equal(logits(first), expected)
