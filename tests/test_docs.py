@@ -66,3 +66,38 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert len(commands) == 2  # the quickstart and the tests
     assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
     assert "examples/quickstart.py" in commands[0] and "mkdocs build --strict" in commands[1]
+    # both install the recorded versions, and CI then reports on the newest releases
+    assert all(command.count("-c constraints.txt") == 2 for command in commands)
+    assert "python3 .ci/newest_releases.py" in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_the_constraints_pin_every_package_of_the_test_install():
+    """Every distribution the README's test command installs is pinned, so upstream cannot move one under a fresh
+    clone (checked against this environment, which that command made)."""
+    import importlib.metadata
+
+    newest = _load_ci_script()
+    pinned = newest.pins((ROOT / "constraints.txt").read_text().splitlines())
+    installed = {newest.pins([f"{d.metadata['Name']}=={d.version}"]).popitem() for d in importlib.metadata.distributions()}
+    unpinned = sorted(name for name, version in installed if name not in pinned)
+    unpinned = [name for name in unpinned if name not in ("peft-glider", "pip", "setuptools", "wheel")]  # the venv's
+    assert not unpinned, f"constraints.txt misses {unpinned}"
+    assert pinned["torch"] == "2.13.0"
+
+
+def test_the_newest_releases_report_names_every_difference():
+    newest = _load_ci_script()
+    pinned = newest.pins(["# header", "Torch==2.13.0", "transformers==5.24.0", "gone==1.0"])
+    installed = newest.pins(["torch==2.13.0+cpu", "transformers==5.25.0", "kernels==0.19.1", "-e git+x#egg=y"])
+    assert newest.differences(pinned, installed) == [
+        "  gone: 1.0 -> (not installed)", "  kernels: (not pinned) -> 0.19.1", "  transformers: 5.24.0 -> 5.25.0"
+    ]
+
+
+def _load_ci_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("newest_releases", ROOT / ".ci" / "newest_releases.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
