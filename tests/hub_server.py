@@ -1,6 +1,6 @@
 """A loopback server that speaks enough of the Hugging Face Hub's HTTP API for the real `huggingface_hub` client.
 
-Downloads: revision info, the recursive tree, `resolve` (HEAD and GET, with `X-Repo-Commit`, `ETag` and
+Downloads (model and dataset repositories): revision info, the recursive tree, `resolve` (HEAD and GET, with `X-Repo-Commit`, `ETag` and
 `X-Error-Code` headers), and the Hub's answers for missing, private (401 without a token) and gated (403)
 repositories, revisions and files. Uploads: `create_repo`, card metadata validation, `preupload` (every file
 "regular", so its bytes come inline) and `commit` (NDJSON lines with base64 contents).
@@ -97,8 +97,13 @@ class _HubError(Exception):
         self.status, self.code = status, code
 
 
-_RESOLVE = re.compile(r"^/(?:models/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
-_API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree|preupload|commit)/(?P<rev>[^/]+)(?:/(?P<path>.*))?)?$")
+# Dataset repositories are kept under "datasets/<owner>/<name>" (`HubServer.commit("datasets/owner/name", ...)`).
+_RESOLVE = re.compile(r"^/(?:models/)?(?P<type>datasets/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
+_API = re.compile(r"^/api/(?:models/|(?P<type>datasets/))(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree|preupload|commit)/(?P<rev>[^/]+)(?:/(?P<path>.*))?)?$")
+
+
+def _repo_key(match: re.Match) -> str:
+    return (match["type"] or "") + match["repo"]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -162,7 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
         match = _RESOLVE.match(urlparse(self.path).path)
         if not match:
             return self._error(_HubError(404, "EntryNotFound", f"No route {self.path}"), head)
-        repo_id, path = match["repo"], unquote(match["path"])
+        repo_id, path = _repo_key(match), unquote(match["path"])
         self.hub.log.append(("HEAD" if head else "GET", repo_id, path))
         try:
             sha, files = self._commit(self._repo(repo_id), match["rev"])
@@ -178,7 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
         match = _API.match(path)
         if not match:
             return self._error(_HubError(404, "EntryNotFound", f"No route {path}"))
-        repo_id = match["repo"]
+        repo_id = _repo_key(match)
         self.hub.log.append(("GET", repo_id, f"api:{match['kind'] or 'info'}"))
         try:
             sha, files = self._commit(self._repo(repo_id), match["rev"] or "main")

@@ -16,14 +16,14 @@ from conftest import make_expert, tiny_chat_model, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from benchmarks.evaluation import __main__ as cli
-from benchmarks.evaluation import assets, library, methods, report, run, scoring, unseen_alpha
+from benchmarks.evaluation import assets, library, methods, report, run, scoring, sources, unseen_alpha
 from benchmarks.evaluation.tasks import Example, library_split, load_bigbench, majority_answer, split_task
 
 # ------------------------------------------------------------------ tasks
 
 
 def write_task(cache: Path, name: str, examples: list[dict], **extra) -> None:
-    folder = assets.bigbench_dir(cache) / name
+    folder = sources.bigbench_dir(cache) / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "task.json").write_text(json.dumps({"name": name, "examples": examples, **extra}))
 
@@ -35,8 +35,8 @@ def test_bigbench_loader_keeps_multiple_choice_rows_and_subtasks(tmp_path: Path)
         {"input": "Two right", "target_scores": {"a": 1, "b": 1, "c": 0}},
     ]
     write_task(tmp_path, "toy", rows)
-    (assets.bigbench_dir(tmp_path) / "toy" / "part").mkdir()
-    (assets.bigbench_dir(tmp_path) / "toy" / "part" / "task.json").write_text(
+    (sources.bigbench_dir(tmp_path) / "toy" / "part").mkdir()
+    (sources.bigbench_dir(tmp_path) / "toy" / "part" / "task.json").write_text(
         json.dumps({"examples": [{"input": "Sub", "target_scores": {"x": 0, "y": 1}}], "append_choices_to_input": False})
     )
     examples = load_bigbench(tmp_path, "toy")
@@ -242,9 +242,10 @@ def test_cli_settings_and_bad_task_lists():
 # ------------------------------------------------------------------ end to end on tiny stand-ins
 
 
-def tiny_cache(cache: Path) -> None:
+def tiny_cache(cache: Path, jsonl_dir: Path | None = None) -> None:
     """A hand-laid cache: a tiny chat model where SmolLM2 would be, and six word-level BIG-bench-like tasks (the
-    last two for library-only experts)."""
+    last two for library-only experts), laid out in the cache or, with `jsonl_dir`, written there as a user's
+    `<task>.jsonl` files for `--tasks-dir`."""
     model, tokenizer = tiny_chat_model()
     model.save_pretrained(assets.base_model_dir(cache))
     tokenizer.save_pretrained(assets.base_model_dir(cache))
@@ -256,7 +257,13 @@ def tiny_cache(cache: Path) -> None:
             picked = torch.randint(len(words), (4,), generator=generator).tolist()
             right = picked[0] % 2
             rows.append({"input": " ".join(words[i] for i in picked), "target_scores": {"w50": 1 - right, "w51": right}})
-        write_task(cache, task, rows)
+        if jsonl_dir is None:
+            write_task(cache, task, rows)
+        else:
+            jsonl_dir.mkdir(exist_ok=True)
+            (jsonl_dir / f"{task}.jsonl").write_text("".join(
+                json.dumps({"input": row["input"], "choices": ["w50", "w51"], "target": int(row["target_scores"]["w51"])})
+                + "\n" for row in rows))
 
 
 def tiny_settings() -> run.RunSettings:
@@ -265,11 +272,11 @@ def tiny_settings() -> run.RunSettings:
                            experts=experts, library_experts=replace(experts, steps=2, gate_steps=1))
 
 
-def test_pipeline_end_to_end_then_a_rerun_recomputes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_pipeline_end_to_end_on_a_users_task_folder_then_a_rerun_recomputes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     cache, out = tmp_path / "cache", tmp_path / "out"
-    tiny_cache(cache)
+    tiny_cache(cache, jsonl_dir=tmp_path / "tasks")
     monkeypatch.setattr(cli, "RunSettings", tiny_settings)
-    assert cli.main(["--cache-dir", str(cache), "--out", str(out)]) == 0
+    assert cli.main(["--cache-dir", str(cache), "--out", str(out), "--tasks-dir", str(tmp_path / "tasks")]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["accuracy"]) == {
         run.MAJORITY, "Base (zero-shot)", methods.ORACLE, "Uniform merge", "PEFT Arrow (k=2)", methods.PHATGOOSE.name,

@@ -1,4 +1,5 @@
-"""CLI: `python -m benchmarks.evaluation [--quick] [--library large] [--held-in ...] [--held-out ...] [--out DIR]`.
+"""CLI: `python -m benchmarks.evaluation [--quick] [--library large] [--held-in ...] [--held-out ...] [--bigbench-dir DIR]
+[--tasks-dir DIR] [--out DIR]`.
 
 Runs the whole pipeline (set-up, experts, gates, instructions, evaluation) with everything cached under
 `--cache-dir` (default `$GLIDER_EVAL_CACHE` or `~/.cache/peft_glider_eval`, outside the repository), and writes
@@ -18,6 +19,7 @@ from pathlib import Path
 from .assets import default_cache_dir
 from .library import ExpertSettings
 from .run import Pipeline, RunSettings, write_text_atomically
+from .sources import TaskSourceError, task_sources
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -40,6 +42,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="extra rows: GLIDER alpha=auto with candidates=M, for each M given")
     parser.add_argument("--endpoint-url", help="an OpenAI-compatible endpoint as an extra instruction source")
     parser.add_argument("--endpoint-model", help="the model the endpoint serves")
+    parser.add_argument("--bigbench-dir", help="a local BIG-bench checkout or a folder of <task>/task.json folders")
+    parser.add_argument("--tasks-dir", help="your own tasks: <task>.jsonl files of {input, choices, target} rows")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where data, models and experts are kept")
     parser.add_argument("--out", type=Path, default=Path("evaluation-results"), help="report folder")
     parser.add_argument("--setup-only", action="store_true", help="only fetch and extract the offline parts")
@@ -49,7 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> RunSettings:
     settings = RunSettings.quick() if args.quick else RunSettings()
     overrides = {name: getattr(args, name) for name in
-                 ("held_in", "held_out", "num_eval", "num_train", "seed", "endpoint_url", "endpoint_model")
+                 ("held_in", "held_out", "num_eval", "num_train", "seed", "endpoint_url", "endpoint_model",
+                  "bigbench_dir", "tasks_dir")
                  if getattr(args, name) is not None}
     expert_overrides = {name: getattr(args, name) for name in ("steps", "gate_steps") if getattr(args, name) is not None}
     if args.top_layers is not None:
@@ -76,16 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from(args)
     cache = args.cache_dir or default_cache_dir()
     start = time.perf_counter()
-    if args.setup_only:
-        from .assets import setup
+    try:
+        if args.setup_only:
+            from .assets import setup
 
-        setup(cache, settings.evaluated + settings.library)
-        print(f"Set-up done in {cache}")
-        return 0
-    from .report import markdown, svg_plot
+            setup(cache, settings.evaluated + settings.library, task_sources(settings.bigbench_dir, settings.tasks_dir))
+            print(f"Set-up done in {cache}")
+            return 0
+        from .report import markdown, svg_plot
 
-    standard = standard_library_accuracy(args.compare) if args.compare else None  # checked before the long run
-    results = Pipeline(settings, cache).run()
+        standard = standard_library_accuracy(args.compare) if args.compare else None  # checked before the long run
+        results = Pipeline(settings, cache).run()
+    except TaskSourceError as error:
+        print(f"python -m benchmarks.evaluation: {error}", file=sys.stderr)
+        return 2
     results["timings"]["total_seconds"] = time.perf_counter() - start
     results["command"] = "python -m benchmarks.evaluation " + " ".join(sys.argv[1:] if argv is None else argv)
     if standard is not None:

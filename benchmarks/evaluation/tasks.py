@@ -8,7 +8,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .assets import bbc_dir, bigbench_dir
+from .assets import bbc_dir
+from .sources import bigbench_dir
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def load_bigbench(cache: Path, task: str) -> list[Example]:
     """The multiple-choice examples of a BIG-bench task (its subtasks' too, for tasks split into subtasks)."""
     folder = bigbench_dir(cache) / task
     if not (folder / "task.json").exists():
-        raise FileNotFoundError(f"BIG-bench task {task!r} is not extracted in {folder.parent}: run the set-up.")
+        raise FileNotFoundError(f"Task {task!r} is not laid out in {folder.parent}: run the set-up.")
     examples = _bigbench_examples(folder / "task.json")
     for subtask in sorted(folder.glob("*/task.json")):
         examples += _bigbench_examples(subtask)
