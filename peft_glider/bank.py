@@ -11,7 +11,7 @@ only: `adapts` then says which experts adapt the module (what routing masks), th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -31,19 +31,38 @@ class Selection:
     weights: torch.Tensor  # (N, k) softmax over the selected logits
 
 
-Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list]  # A, BT, rank_expert, rank_scaling, spans
+class Packed(NamedTuple):
+    """One module's experts packed for the kernels (see `pack_experts`)."""
+
+    A: torch.Tensor  # (R, d)
+    BT: torch.Tensor  # (R, o)
+    rank_expert: torch.Tensor  # (R,) long
+    rank_scaling: torch.Tensor  # (R,)
+    spans: list  # per expert: [start, end) of its rows, None where absent
+    shift: torch.Tensor | None = None  # (E, o) DoRA's g - 1 per expert (0 for a plain LoRA); None without DoRA
+    bias: torch.Tensor | None = None  # (E, o) the B factors' biases (0 where none); None without any
+
+
+def _output_terms(experts: "list[LoraFactors | None]", kind: str, o: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """(E, o): each expert's `kind` vector ("shift" or "bias"), zeros where it has none; None when no expert has."""
+    rows = [None if factors is None else getattr(factors, kind) for factors in experts]
+    if all(row is None for row in rows):
+        return None
+    return torch.stack([torch.zeros(o, dtype=dtype) if row is None else row.to(dtype) for row in rows])
 
 
 def pack_experts(experts: "list[LoraFactors | None]", features: tuple[int, int] | None = None) -> Packed:
     """Concatenate the experts' factors along the rank axis, in routing order (None: absent from the module).
 
-    Returns A (R, d), BT (R, o) in the first expert's dtype, rank_expert (R,) long, rank_scaling (R,) and the spans
-    `[start, end)` of each expert's rows (None where absent). With no expert here, `features` (d, o) shapes the
-    empty factors (float32)."""
+    Returns A (R, d), BT (R, o) in the first expert's dtype, rank_expert (R,) long, rank_scaling (R,), the spans
+    `[start, end)` of each expert's rows (None where absent), and the experts' per-output terms (DoRA's shift, B's
+    bias; None when no expert has one). DoRA experts come prepared (`GliderLayer.prepared`: B rescaled, the shift
+    made). With no expert here, `features` (d, o) shapes the empty factors (float32)."""
     present = [factors for factors in experts if factors is not None]
     if not present:
         d, o = features
-        return torch.zeros(0, d), torch.zeros(0, o), torch.zeros(0, dtype=torch.long), torch.zeros(0), [None] * len(experts)
+        return Packed(torch.zeros(0, d), torch.zeros(0, o), torch.zeros(0, dtype=torch.long), torch.zeros(0),
+                      [None] * len(experts))
     dtype = present[0].A.dtype
     spans, offset = [], 0
     for factors in experts:
@@ -53,7 +72,9 @@ def pack_experts(experts: "list[LoraFactors | None]", features: tuple[int, int] 
     BT = torch.cat([factors.B.T for factors in present], dim=0).to(dtype)
     rank_expert = torch.tensor([i for i, f in enumerate(experts) if f is not None for _ in range(f.rank)], dtype=torch.long)
     rank_scaling = torch.tensor([f.scaling for f in present for _ in range(f.rank)], dtype=dtype)
-    return A, BT, rank_expert, rank_scaling, spans
+    o = BT.shape[1]
+    return Packed(A, BT, rank_expert, rank_scaling, spans,
+                  _output_terms(experts, "shift", o, dtype), _output_terms(experts, "bias", o, dtype))
 
 
 def expert_slots(spans: list) -> torch.Tensor:
@@ -75,6 +96,10 @@ class ExpertBank:
     # (E,) bool: the experts adapting the module, when not all of their factors are here (a resident-experts
     # budget); None: exactly the experts with factors here adapt it.
     adapts: torch.Tensor | None = None
+    # (E, o) per-expert output terms, mixed by the routing weights (`kernels.add_output_terms`): DoRA's g - 1, which
+    # multiplies the base layer's output W x, and the B factors' biases (times the scaling); None where no expert has
+    shift: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.device, self.dtype = self.A.device, self.A.dtype  # where the factors were when the bank was made
@@ -115,9 +140,13 @@ class ExpertBank:
     @classmethod
     def from_factors(cls, experts: "list[LoraFactors | None]") -> "ExpertBank":
         """The bank of these experts (None: absent from the module), packed in routing order (`pack_experts`)."""
-        A, BT, rank_expert, rank_scaling, spans = pack_experts(experts)
-        slot = expert_slots(spans)
-        return cls(A=A, BT=BT, rank_expert=rank_expert, rank_scaling=rank_scaling, spans=spans, expert_slot=slot)
+        packed = pack_experts(experts)
+        return cls(**packed._asdict(), expert_slot=expert_slots(packed.spans))
+
+    @property
+    def has_output_terms(self) -> bool:
+        """Whether some expert here adds a per-output term (DoRA, a biased B) beyond its low-rank product."""
+        return self.shift is not None or self.bias is not None
 
     def adapting(self, index: int) -> bool:
         """Whether expert `index` adapts this module (its factors here or not)."""
@@ -131,21 +160,34 @@ class ExpertBank:
         if span is None:
             return None
         start, end = span
-        return LoraFactors(self.A[start:end], self.BT[start:end].T, float(self.expert_scaling[index]))
+        rows = {kind: None if terms is None else terms[index] for kind, terms in (("shift", self.shift), ("bias", self.bias))}
+        return LoraFactors(self.A[start:end], self.BT[start:end].T, float(self.expert_scaling[index]), **rows)
+
+    def _terms_appended(self, kind: str, factors: "LoraFactors | None") -> torch.Tensor | None:
+        terms, row = getattr(self, kind), None if factors is None else getattr(factors, kind)
+        if terms is None and row is None:
+            return None
+        o = self.BT.shape[1]
+        if terms is None:
+            terms = torch.zeros(self.num_experts, o, dtype=self.dtype, device=self.device)
+        row = torch.zeros(o, dtype=self.dtype, device=self.device) if row is None else row.to(self.device, self.dtype)
+        return torch.cat([terms, row[None]])
 
     def appended(self, factors: "LoraFactors | None") -> Packed:
         """The packed tensors with one more expert after the others (None: absent here), in this bank's dtype and
         device. The factors of an expert absent here are the same tensors, not copies."""
         index, rows = self.num_experts, self.A.shape[0]
+        terms = {kind: self._terms_appended(kind, factors) for kind in ("shift", "bias")}
         if factors is None:
-            return self.A, self.BT, self.rank_expert, self.rank_scaling, [*self.spans, None]
+            return Packed(self.A, self.BT, self.rank_expert, self.rank_scaling, [*self.spans, None], **terms)
         new = lambda values, dtype=self.dtype: torch.full((factors.rank,), values, dtype=dtype, device=self.device)  # noqa: E731
-        return (
+        return Packed(
             torch.cat([self.A, factors.A.to(self.device, self.dtype)]),
             torch.cat([self.BT, factors.B.T.to(self.device, self.dtype)]),
             torch.cat([self.rank_expert, new(index, torch.long)]),
             torch.cat([self.rank_scaling, new(factors.scaling, self.rank_scaling.dtype)]),
             [*self.spans, (rows, rows + factors.rank)],
+            **terms,
         )
 
     def without(self, index: int) -> Packed:
@@ -162,7 +204,9 @@ class ExpertBank:
             keep = torch.ones(self.A.shape[0], dtype=torch.bool, device=self.device)
             keep[span[0] : span[1]] = False
             A, BT, rank_expert, rank_scaling = A[keep], BT[keep], rank_expert[keep], rank_scaling[keep]
-        return A, BT, rank_expert - (rank_expert > index).long(), rank_scaling, spans
+        others = [i for i in range(self.num_experts) if i != index]
+        terms = {kind: None if getattr(self, kind) is None else getattr(self, kind)[others] for kind in ("shift", "bias")}
+        return Packed(A, BT, rank_expert - (rank_expert > index).long(), rank_scaling, spans, **terms)
 
     def device_layout(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each expert's first row and rank (int32) and scaling on `device`, for the Triton kernel (copied once)."""

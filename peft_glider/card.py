@@ -40,6 +40,17 @@ def _modules(layout: dict[str, list]) -> str:
     return f"{', '.join(sorted(kinds))} ({len(layout)} modules)"
 
 
+#: How the card names an expert's extras (the layout's entries after rank and scaling).
+_EXTRA_NAMES = {"magnitude": "DoRA", "bias": "B bias"}
+
+
+def _ranks(layout: dict[str, list]) -> str:
+    """The expert's ranks, and its kind where it is not a plain LoRA, e.g. `4, 8 (DoRA)`."""
+    ranks = ", ".join(str(rank) for rank in sorted({rank for rank, *_ in layout.values()}))
+    extras = sorted({_EXTRA_NAMES[extra] for _, _, *found in layout.values() for extra in found if extra in _EXTRA_NAMES})
+    return f"{ranks} ({', '.join(extras)})" if extras else ranks
+
+
 def _expert_rows(config: GliderConfig, trained: dict[str, bool]) -> list[dict[str, str]]:
     rows = []
     for entry in config.experts:
@@ -53,7 +64,7 @@ def _expert_rows(config: GliderConfig, trained: dict[str, bool]) -> list[dict[st
             "name": _cell(entry["name"]),
             "source": _cell(source),
             "commit": f"`{entry['commit'][:12]}`" if entry.get("commit") else "local folder",
-            "ranks": ", ".join(str(r) for r in sorted({rank for rank, _ in layout.values()})),
+            "ranks": _ranks(layout),
             "modules": _modules(layout) if layout else "",
             "gates": _cell(gates),
             "instruction": _cell(entry.get("instruction", "—")),

@@ -5,11 +5,12 @@ Everything that touches an expert's files lives here; the tuner only sees `Loade
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -26,11 +27,18 @@ _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
 class LoraFactors:
-    """One expert's LoRA at one module: `delta(u) = scaling * B @ A @ u`.
+    """One expert's LoRA at one module: `delta(u) = scaling * (B @ A @ u + bias)`, and for a DoRA expert the
+    magnitude vector `m` (out,) that rescales the adapted layer's outputs: `m / ||W + scaling B A||` per output
+    row, against the base weight W (see `GliderLayer.prepared`).
 
     The factors are given as tensors, or as shapes plus a `loader` that reads them on first access: a Glider model
-    is built one module at a time, so only that module's factors need to be in memory at once.
+    is built one module at a time, so only that module's factors need to be in memory at once. The loader returns
+    `(A, B)` followed by the `extras` it names (`"magnitude"`, `"bias"`), in that order.
     """
+
+    #: What an expert may carry beside A and B: DoRA's magnitude vector as saved, B's bias, and, once prepared
+    #: against a base weight (`GliderLayer.prepared`), DoRA's shift `g - 1` (B then holds `g * B`).
+    EXTRAS = ("magnitude", "bias", "shift")
 
     def __init__(
         self,
@@ -38,42 +46,78 @@ class LoraFactors:
         B: Optional[torch.Tensor] = None,  # (out_features, r)
         scaling: float = 1.0,
         *,
+        magnitude: Optional[torch.Tensor] = None,  # (out_features,) DoRA's magnitude vector
+        bias: Optional[torch.Tensor] = None,  # (out_features,) the B factor's bias (PEFT's lora_bias)
+        shift: Optional[torch.Tensor] = None,  # (out_features,) a prepared DoRA expert's g - 1
         shapes: Optional[tuple[tuple[int, int], tuple[int, int]]] = None,  # (A shape, B shape) when lazy
-        loader: Optional[Callable[[], tuple[torch.Tensor, torch.Tensor]]] = None,
-        origin: Optional[tuple[str, str]] = None,  # where A and B are read from, for error messages
+        loader: Optional[Callable[[], tuple[torch.Tensor, ...]]] = None,
+        extras: tuple[str, ...] = (),  # what the loader returns after A and B
+        origin: Optional[tuple[str, ...]] = None,  # where each tensor is read from, for error messages
     ) -> None:
         if (A is None) != (B is None) or (A is None) == (loader is None):
             raise ValueError("LoraFactors takes A and B, or shapes and a loader.")
-        self._A, self._B, self._loader, self.scaling = A, B, loader, scaling
-        self.origin = origin or ("A", "B")
+        if A is not None:
+            extras = tuple(name for name, value in zip(self.EXTRAS, (magnitude, bias, shift)) if value is not None)
+        if not set(extras) <= set(self.EXTRAS):
+            raise ValueError(f"LoraFactors extras must be among {self.EXTRAS}, got {extras}.")
+        self.extras = tuple(name for name in self.EXTRAS if name in extras)  # canonical order
+        self._tensors = None if A is None else (A, B, *(t for t in (magnitude, bias, shift) if t is not None))
+        self._loader, self.scaling = loader, scaling
+        self.origin = origin or ("A", "B", *self.extras)
         a_shape, b_shape = (tuple(A.shape), tuple(B.shape)) if A is not None else shapes
         self.rank, self.in_features = a_shape
         self.out_features = b_shape[0]
+
+    @property
+    def is_dora(self) -> bool:
+        return "magnitude" in self.extras
 
     def unloaded(self) -> "LoraFactors":
         """Lazy factors: a copy that reads them on first access and holds them alone (self when given as tensors)."""
         if self._loader is None:
             return self
         shapes = ((self.rank, self.in_features), (self.out_features, self.rank))
-        return LoraFactors(scaling=self.scaling, shapes=shapes, loader=self._loader, origin=self.origin)
+        return LoraFactors(scaling=self.scaling, shapes=shapes, loader=self._loader, extras=self.extras,
+                           origin=self.origin)
 
-    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B), read from their source when lazy, without keeping them here."""
-        return (self._A, self._B) if self._loader is None else self._loader()
+    def read(self) -> tuple[torch.Tensor, ...]:
+        """(A, B, *extras), read from their source when lazy, without keeping them here."""
+        return self._tensors if self._loader is None else tuple(self._loader())
 
-    def _load(self) -> None:
-        if self._A is None:
-            self._A, self._B = self._loader()
+    def loaded(self) -> "LoraFactors":
+        """These factors as tensors in memory (read from their source once when lazy)."""
+        if self._loader is None:
+            return self
+        A, B, *rest = self.read()
+        return LoraFactors(A, B, self.scaling, **dict(zip(self.extras, rest)))
+
+    def _load(self) -> tuple[torch.Tensor, ...]:
+        if self._tensors is None:
+            self._tensors = tuple(self._loader())
+        return self._tensors
 
     @property
     def A(self) -> torch.Tensor:
-        self._load()
-        return self._A
+        return self._load()[0]
 
     @property
     def B(self) -> torch.Tensor:
-        self._load()
-        return self._B
+        return self._load()[1]
+
+    def _extra(self, kind: str) -> Optional[torch.Tensor]:
+        return self._load()[2 + self.extras.index(kind)] if kind in self.extras else None
+
+    @property
+    def magnitude(self) -> Optional[torch.Tensor]:
+        return self._extra("magnitude")
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self._extra("bias")
+
+    @property
+    def shift(self) -> Optional[torch.Tensor]:
+        return self._extra("shift")
 
 
 @dataclass
@@ -85,11 +129,15 @@ class LoadedExpert:
     commit: Optional[str]
     sha256: str
     gates: Optional[dict[str, torch.Tensor]] = None  # module name -> trained gate (in_features,), if shipped
+    # module name -> a reader of the base-layer weight PEFT saved beside the LoRA (an embedding-tied lm_head): it
+    # must equal the base model's (`library.check_base_weights`)
+    base_weights: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
 
     @property
     def layout(self) -> dict[str, list]:
-        """JSON-native layout saved in the config: module name -> [rank, scaling]."""
-        return {module: [f.rank, f.scaling] for module, f in sorted(self.factors.items())}
+        """JSON-native layout saved in the config: module name -> [rank, scaling, *extras] (extras: "magnitude"
+        for a DoRA expert, "bias" for a biased B)."""
+        return {module: [f.rank, f.scaling, *f.extras] for module, f in sorted(self.factors.items())}
 
     @property
     def pins(self) -> dict[str, Any]:
@@ -195,16 +243,16 @@ def _check_lora_config(name: str, config: PeftConfig) -> None:
     if peft_type != PeftType.LORA:
         kind = getattr(peft_type, "value", peft_type)
         raise ValueError(f"Expert '{name}' is a PEFT adapter of type {kind}; Glider routes among LoRA adapters only.")
-    unsupported = {
-        "use_dora": bool(getattr(config, "use_dora", False)),
-        "lora_bias": bool(getattr(config, "lora_bias", False)),
-        "fan_in_fan_out": bool(getattr(config, "fan_in_fan_out", False)),
-        "modules_to_save": bool(getattr(config, "modules_to_save", None)),
-        "target_parameters": bool(getattr(config, "target_parameters", None)),
-    }
-    used = [key for key, on in unsupported.items() if on]
-    if used:
-        raise ValueError(f"Expert '{name}' uses LoRA option(s) {used}, which Glider does not support.")
+    if getattr(config, "modules_to_save", None):
+        raise ValueError(
+            f"Expert '{name}' replaces whole modules ({sorted(config.modules_to_save)}: PEFT's modules_to_save). "
+            "Glider mixes experts per token as low-rank deltas over one shared base model; a replaced module is a "
+            "second copy of the base layer per expert, which cannot be mixed per token. Train the expert without "
+            "modules_to_save (a LoRA on those modules routes), or use it alone as a plain PEFT adapter. See "
+            "docs/experts.md."
+        )
+    if getattr(config, "target_parameters", None):
+        raise ValueError(f"Expert '{name}' adapts parameters directly (target_parameters), which Glider does not route.")
 
 
 def _scaling(config: PeftConfig, module: str, rank: int) -> float:
@@ -213,32 +261,48 @@ def _scaling(config: PeftConfig, module: str, rank: int) -> float:
     return lora_alpha / math.sqrt(rank) if config.use_rslora else lora_alpha / rank
 
 
-def _module_keys(name: str, keys: list[str]) -> dict[str, tuple[str, str]]:
-    """Module name -> (key of its A factor, key of its B factor), from a PEFT LoRA checkpoint's keys."""
-    a_keys, b_keys = {}, {}
+#: Suffixes of a PEFT LoRA checkpoint's keys, by what they hold.
+_SUFFIXES = {"A": _LORA_A, "B": _LORA_B, "magnitude": ".lora_magnitude_vector", "bias": ".lora_B.bias"}
+_BASE_WEIGHT = ".base_layer.weight"  # saved by PEFT beside a LoRA on an embedding-tied layer (lm_head)
+_EMBEDDING = (".lora_embedding_A", ".lora_embedding_B")
+
+
+def _module_keys(name: str, keys: list[str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """From a PEFT LoRA checkpoint's keys: module name -> {"A": key, "B": key, and "magnitude" / "bias" where
+    present}, and module name -> key of a base-layer weight saved beside the LoRA (checked by `check_fits`)."""
+    modules: dict[str, dict[str, str]] = {}
+    base_weights = {}
     for key in keys:
         module = key.removeprefix(_PEFT_PREFIX)
-        if module.endswith(_LORA_A):
-            a_keys[module.removesuffix(_LORA_A)] = key
-        elif module.endswith(_LORA_B):
-            b_keys[module.removesuffix(_LORA_B)] = key
-        else:
+        if module.endswith(_BASE_WEIGHT):
+            base_weights[module.removesuffix(_BASE_WEIGHT)] = key
+            continue
+        if module.endswith(_EMBEDDING):
             raise ValueError(
-                f"Expert '{name}' has tensor {key!r}, which is not a LoRA A/B factor of a linear layer "
-                "(embedding, convolution and bias adapters are not supported)."
+                f"Expert '{name}' has a LoRA on an embedding ({key!r}). Glider routes each token at a layer by that "
+                "layer's input hidden state; an embedding's input is a token id, with no hidden state to route by. "
+                "Train the expert without the embedding in target_modules (its other modules route), or use it "
+                "alone as a plain PEFT adapter. See docs/experts.md."
             )
-    if set(a_keys) != set(b_keys):
-        missing = sorted(set(a_keys) ^ set(b_keys))
-        raise ValueError(f"Expert '{name}' lacks an A or B factor for module(s) {missing}.")
-    if not a_keys:
+        kind = next((kind for kind, suffix in _SUFFIXES.items() if module.endswith(suffix)), None)
+        if kind is None:
+            raise ValueError(
+                f"Expert '{name}' has tensor {key!r}, which is not part of a LoRA on a linear layer (A, B, B's bias, "
+                "DoRA's magnitude)."
+            )
+        modules.setdefault(module.removesuffix(_SUFFIXES[kind]), {})[kind] = key
+    incomplete = sorted(module for module, found in modules.items() if not {"A", "B"} <= set(found))
+    if incomplete:
+        raise ValueError(f"Expert '{name}' lacks an A or B factor for module(s) {incomplete}.")
+    if not modules:
         raise ValueError(f"Expert '{name}' holds no LoRA weights.")
-    return {module: (a_keys[module], b_keys[module]) for module in a_keys}
+    return modules, {module: key for module, key in base_weights.items() if module in modules}
 
 
 def _factors(
     name: str,
     config: PeftConfig,
-    keys: dict[str, tuple[str, str]],
+    keys: dict[str, dict[str, str]],
     shape: Callable[[str], tuple[int, ...]],
     read: Callable[[str], torch.Tensor],
     path: str,
@@ -246,17 +310,24 @@ def _factors(
     """Lazy factors per module, checked to chain, reading tensors through `read` when a layer needs them; `path`
     is the checkpoint file they come from (named in errors)."""
     factors = {}
-    for module, (a_key, b_key) in keys.items():
-        a_shape, b_shape = tuple(shape(a_key)), tuple(shape(b_key))
+    for module, found in keys.items():
+        a_shape, b_shape = tuple(shape(found["A"])), tuple(shape(found["B"]))
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
             raise ValueError(
                 f"Expert '{name}', module '{module}': LoRA factors of shapes A {a_shape} and B {b_shape} do not chain."
             )
+        extras = tuple(kind for kind in LoraFactors.EXTRAS if kind in found)
+        for kind in extras:
+            if tuple(shape(found[kind])) != (b_shape[0],):
+                raise ValueError(f"Expert '{name}', module '{module}': {kind} of shape {tuple(shape(found[kind]))}, "
+                                 f"expected ({b_shape[0]},).")
+        ordered = [found[kind] for kind in ("A", "B", *extras)]
         factors[module] = LoraFactors(
             scaling=_scaling(config, module, a_shape[0]),
             shapes=(a_shape, b_shape),
-            loader=lambda a_key=a_key, b_key=b_key: (read(a_key), read(b_key)),
-            origin=(f"tensor '{a_key}' of {path}", f"tensor '{b_key}' of {path}"),
+            loader=lambda ordered=ordered: tuple(read(key) for key in ordered),
+            extras=extras,
+            origin=tuple(f"tensor '{key}' of {path}" for key in ordered),
         )
     return factors
 
@@ -284,15 +355,19 @@ def load_expert(entry: dict[str, Any], hash_tensors: bool = True) -> LoadedExper
                 f"Expert '{name}': {weights} is truncated or not a safetensors file ({err}): delete it (for a Hub "
                 "expert, its entry in the Hub cache) and download it again."
             ) from err
-        factors = _factors(name, config, _module_keys(name, reader.keys), reader.shape, reader.read, weights)
+        keys, base_keys = _module_keys(name, reader.keys)
+        factors = _factors(name, config, keys, reader.shape, reader.read, weights)
+        read = reader.read
     else:
         state = load_peft_weights(folder, device="cpu")
         path = os.path.join(folder, WEIGHTS_NAME)
-        keys = _module_keys(name, list(state))
+        keys, base_keys = _module_keys(name, list(state))
         factors = _factors(name, config, keys, lambda k: state[k].shape, state.__getitem__, path)
+        read = state.__getitem__
     gates = load_gates(folder, name, factors)
     sha256 = tensor_sha256(factors, name) if hash_tensors or "sha256" not in entry else entry["sha256"]
-    return LoadedExpert(name=name, factors=factors, commit=commit, sha256=sha256, gates=gates)
+    base_weights = {module: functools.partial(read, key) for module, key in base_keys.items()}
+    return LoadedExpert(name=name, factors=factors, commit=commit, sha256=sha256, gates=gates, base_weights=base_weights)
 
 
 def save_gates(gates: dict[str, torch.Tensor], folder: str | os.PathLike) -> str:

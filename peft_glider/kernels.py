@@ -245,15 +245,37 @@ def route_and_apply_native(
     return (None if chosen is None else Selection(*chosen)), _native_result(out, target)
 
 
-def delta_gated_single(x: torch.Tensor, bank: ExpertBank, expert: int, gate: torch.Tensor) -> torch.Tensor:
-    """Phatgoose gate training form, one expert: `sigmoid(gate . x) * s_e * B_e A_e x` on the raw x. (N, d) -> (N, o)."""
+def delta_gated_single(
+    x: torch.Tensor, bank: ExpertBank, expert: int, gate: torch.Tensor, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Phatgoose gate training form, one expert: `sigmoid(gate . x)` times the expert's delta `s_e B_e A_e x` (plus
+    its output terms, see `output_terms`) on the raw x. (N, d) -> (N, o)."""
     span = bank.spans[expert]
     if span is None:
         return x.new_zeros(x.shape[0], bank.BT.shape[1])
     start, end = span
     probability = torch.sigmoid(x @ gate.to(x.dtype))  # (N,)
     hidden = (x @ bank.A[start:end].T) * (probability * bank.rank_scaling[start])[:, None]
-    return hidden @ bank.BT[start:end]
+    delta = hidden @ bank.BT[start:end]
+    if bank.has_output_terms:
+        one = Selection(indices=torch.full_like(probability, expert, dtype=torch.long)[:, None], weights=probability[:, None])
+        delta = delta + output_terms(one, bank, base)
+    return delta
+
+
+def output_terms(selection: Selection, bank: ExpertBank, base: torch.Tensor | None) -> torch.Tensor:
+    """The selected experts' per-output terms mixed by their routing weights, (N, o): `sum_k w_k (shift_k * base +
+    s_k bias_k)`, with `base` (N, o) the base layer's output without its bias (needed when DoRA experts are here:
+    their shift is `g - 1`). Computed with torch on every kernel path (the low-rank products stay the kernel's)."""
+    weights = selection.weights.to(bank.dtype)  # (N, k)
+    terms = None
+    if bank.shift is not None:
+        terms = torch.einsum("nk,nko->no", weights, bank.shift[selection.indices]) * base.to(bank.dtype)
+    if bank.bias is not None:
+        scaled = weights * bank.expert_scaling[selection.indices]  # (N, k)
+        biases = torch.einsum("nk,nko->no", scaled, bank.bias[selection.indices])
+        terms = biases if terms is None else terms + biases
+    return terms
 
 
 #: Kernel name -> the function computing the selected experts' products.

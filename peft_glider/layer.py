@@ -11,8 +11,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import routing
-from .bank import ExpertBank, expert_slots, pack_experts
-from .kernels import delta_gated_single
+from .bank import ExpertBank, Packed, expert_slots, pack_experts
+from .kernels import delta_gated_single, output_terms
 from .experts import LoraFactors
 from .state import CallRouting, RoutingState
 
@@ -23,6 +23,23 @@ MERGE_ERROR = (
     "Glider adapters cannot be merged: each token picks its own experts at every layer, so there is no single "
     "weight delta to merge. Use `unload()` to get the base model back, or keep the Glider model unmerged."
 )
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether Glider can adapt `module`: an nn.Linear, or transformers' Conv1D (GPT-2 family: its weight is stored
+    transposed, (in, out); LoRA factors are the same as for a linear layer)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The base layer's weight as (out, in), dequantized (bitsandbytes, torchao), in float32."""
+    from peft.utils.integrations import dequantize_module_weight
+    from transformers.pytorch_utils import Conv1D
+
+    weight = dequantize_module_weight(module).detach()
+    return (weight.T if isinstance(module, Conv1D) else weight).float()
 
 
 def execution_device(module: nn.Module) -> Optional[torch.device]:
@@ -114,6 +131,13 @@ def gate_parameter(gates: torch.Tensor, requires_grad: bool) -> nn.Parameter:
         return nn.Parameter(gates, requires_grad=requires_grad)
 
 
+def _packed_to(packed: Packed, device: torch.device, dtype: Optional[torch.dtype]) -> Packed:
+    """The packed tensors on `device`, the floating ones in `dtype` (None: kept)."""
+    floating = {name: getattr(packed, name) for name in ("A", "BT", "rank_scaling", "shift", "bias")}
+    moved = {name: None if t is None else t.to(device, dtype=dtype) for name, t in floating.items()}
+    return packed._replace(rank_expert=packed.rank_expert.to(device), **moved)
+
+
 def _storage(container: nn.Module) -> dict[str, torch.Tensor]:
     """The dict in which a ParameterDict or BufferDict keeps its tensors, by adapter name (torch and accelerate
     move, cast and load tensors in place in it, and an edit replaces its entries: the dict itself stays)."""
@@ -140,6 +164,8 @@ class GliderLayer(BaseTunerLayer):
         "glider_rank_expert",
         "glider_rank_scaling",
         "glider_slot",
+        "glider_shift",
+        "glider_bias",
         "glider_spans",
         "glider_adapts",
         "glider_routing",
@@ -155,9 +181,10 @@ class GliderLayer(BaseTunerLayer):
         self.base_layer = base_layer
         self.module_name = module_name  # as in base_model.named_modules(), e.g. "model.layers.0.self_attn.q_proj"
         in_features, out_features = _get_in_out_features(self.get_base_layer())
-        if in_features is None or not isinstance(self.get_base_layer(), nn.Linear):
+        if in_features is None or not is_linear(self.get_base_layer()):
             raise TypeError(
-                f"Module '{module_name}' is a {type(self.get_base_layer()).__name__}; Glider adapts nn.Linear layers."
+                f"Module '{module_name}' is a {type(self.get_base_layer()).__name__}; Glider adapts linear layers "
+                "(nn.Linear, transformers' Conv1D)."
             )
         self.in_features, self.out_features = in_features, out_features
         self.glider_gates = nn.ParameterDict({})  # (E, in) trainable gate vectors
@@ -172,6 +199,10 @@ class GliderLayer(BaseTunerLayer):
         self.glider_rank_expert = BufferDict({}, persistent=False)  # (R,) expert of each rank row
         self.glider_rank_scaling = BufferDict({}, persistent=False)  # (R,) scaling of each rank row
         self.glider_slot = BufferDict({}, persistent=False)  # (E,) position among present experts, -1 if absent
+        # (E, out) per-expert output terms, only where some expert has one: DoRA's g - 1 (its B factors above are
+        # stored rescaled by g) and the B factors' biases. Saved with the factors they were made with.
+        self.glider_shift = BufferDict({}, persistent=save_expert_weights)
+        self.glider_bias = BufferDict({}, persistent=save_expert_weights)
         # Where those containers keep the tensors, read directly at every call (`snapshot_in`): their own lookups
         # pass through nn.Module's attribute fallback, ~1 microsecond each, at every module of every decoding step.
         self._live_A, self._live_B, self._live_gates = (
@@ -212,25 +243,22 @@ class GliderLayer(BaseTunerLayer):
         self.glider_routing[adapter_name] = routing_state
         self.glider_library[adapter_name] = library
         previous = self.glider_gates[adapter_name] if adapter_name in self.glider_gates else None
-        gates = torch.zeros(len(experts), self.in_features)
-        for index, factors in enumerate(experts):
-            if factors is not None:
-                gates[index] = self._initial_gate(factors, routing_state)
         adapts = None
         if resident is not None:
             adapts = torch.tensor([factors is not None for factors in experts])
-            experts = [factors if index in resident else None for index, factors in enumerate(experts)]
-        A, BT, rank_expert, rank_scaling, spans = pack_experts(experts, (self.in_features, self.out_features))
+        held = [self.prepared(f) if resident is None or i in resident else None for i, f in enumerate(experts)]
+        gates = torch.zeros(len(experts), self.in_features)
+        for index, factors in enumerate(experts):
+            if factors is not None:
+                gates[index] = self._initial_gate(held[index] or factors, routing_state)
+        packed = pack_experts(held, (self.in_features, self.out_features))
         device, dtype = self._placement(device)
         if device is not None:
-            A, BT, rank_scaling = (t.to(device, dtype=dtype) for t in (A, BT, rank_scaling))
-            rank_expert = rank_expert.to(device)
+            packed = _packed_to(packed, device, dtype)
             adapts = None if adapts is None else adapts.to(device)
             gates = gates.to(device, dtype=previous.dtype if previous is not None else dtype)
         requires_grad = previous.requires_grad if previous is not None else True
-        snapshot = self._install(
-            adapter_name, A, BT, rank_expert, rank_scaling, spans, gate_parameter(gates, requires_grad), adapts,
-        )
+        snapshot = self._install(adapter_name, packed, gate_parameter(gates, requires_grad), adapts)
         self.set_adapter(self.active_adapters)
         return snapshot
 
@@ -242,6 +270,22 @@ class GliderLayer(BaseTunerLayer):
         weight = getattr(base_layer, "weight", None)
         dtype = weight.dtype if weight is not None and weight.dtype.is_floating_point else None
         return device, dtype
+
+    def prepared(self, factors: Optional[LoraFactors]) -> Optional[LoraFactors]:
+        """An expert's factors as the kernels use them here. A DoRA expert computes `g * (W x + s B A x)` with
+        `g = m / ||W + s B A||` per output row (the base weight W, norms over the input axis, as PEFT computes them
+        and detaches them); its delta over the base output is `(g - 1) * W x + s (g * B) A x`: B is rescaled by g
+        and `g - 1` kept as the expert's shift (mixed by the routing weights, times the base output without its
+        bias). Other factors are returned as they are."""
+        if factors is None or not factors.is_dora:
+            return factors
+        A, B = factors.A, factors.B
+        with torch.no_grad():
+            weight = base_weight(self.get_base_layer()).to(B.device)
+            lora = factors.scaling * (B.float() @ A.float())  # (out, in)
+            g = factors.magnitude.float() / torch.linalg.norm(weight + lora, dim=1)  # (out,)
+        return LoraFactors(A, (B.float() * g[:, None]).to(B.dtype), factors.scaling, bias=factors.bias,
+                           shift=(g - 1).to(B.dtype))
 
     def _initial_gate(self, factors: LoraFactors, state: RoutingState) -> torch.Tensor:
         """A new expert's gate here: zeros (Phatgoose, until trained or set), or its prototype (Arrow)."""
@@ -258,15 +302,13 @@ class GliderLayer(BaseTunerLayer):
         with torch.no_grad():
             if adapts is not None:  # under a resident-experts budget it starts out of residence
                 adapts = torch.cat([adapts, torch.tensor([factors is not None], device=adapts.device)])
-            A, BT, rank_expert, rank_scaling, spans = bank.appended(factors if adapts is None else None)
+            held = self.prepared(factors) if adapts is None else None
+            packed = bank.appended(held)
             if gate is None:
-                gate = self._initial_gate(factors, state) if factors is not None else torch.zeros(self.in_features)
+                gate = self._initial_gate(held or factors, state) if factors is not None else torch.zeros(self.in_features)
             old_gates = current.gates.detach()
             gates = torch.cat([old_gates, gate.to(old_gates.device, old_gates.dtype)[None]])
-        return self._install(
-            adapter_name, A, BT, rank_expert, rank_scaling, spans,
-            gate_parameter(gates, current.gates.requires_grad), adapts,
-        )  # fmt: skip
+        return self._install(adapter_name, packed, gate_parameter(gates, current.gates.requires_grad), adapts)
 
     def remove_expert(self, adapter_name: str, index: int) -> Optional[LayerSnapshot]:
         """Drop expert `index` here; None (and nothing changed) when it is the only expert adapting this module."""
@@ -275,14 +317,13 @@ class GliderLayer(BaseTunerLayer):
         if bank.adapting(index) and bank.num_adapting == 1:
             return None
         with torch.no_grad():
-            A, BT, rank_expert, rank_scaling, spans = bank.without(index)
+            packed = bank.without(index)
             keep = [i for i in range(bank.num_experts) if i != index]
             gates = current.gates.detach()[keep]
         return self._install(
-            adapter_name, A, BT, rank_expert, rank_scaling, spans,
-            gate_parameter(gates, current.gates.requires_grad),
+            adapter_name, packed, gate_parameter(gates, current.gates.requires_grad),
             None if bank.adapts is None else bank.adapts[keep],
-        )  # fmt: skip
+        )
 
     def install_resident(self, adapter_name: str, experts: Sequence[Optional[LoraFactors]]) -> LayerSnapshot:
         """Hold exactly these experts' factors here (None: not resident, or not adapting this module), under a
@@ -290,11 +331,9 @@ class GliderLayer(BaseTunerLayer):
         current = self.installed_snapshot(adapter_name)
         bank = current.bank
         with torch.no_grad():
-            A, BT, rank_expert, rank_scaling, spans = pack_experts(list(experts), (self.in_features, self.out_features))
-            A, BT, rank_scaling = (t.to(bank.device, bank.dtype) for t in (A, BT, rank_scaling))
-        snapshot = self._install(
-            adapter_name, A, BT, rank_expert.to(bank.device), rank_scaling, spans, current.gates, bank.adapts
-        )
+            packed = pack_experts([self.prepared(f) for f in experts], (self.in_features, self.out_features))
+            packed = _packed_to(packed, bank.device, bank.dtype)
+        snapshot = self._install(adapter_name, packed, current.gates, bank.adapts)
         snapshot.inherit_rows(current)  # the same gates: their router rows (E, in) need not be computed again
         return snapshot
 
@@ -316,31 +355,29 @@ class GliderLayer(BaseTunerLayer):
         self.released_in[adapter_name] = version_number
         self._installed[adapter_name] = None
         for name in ("glider_gates", "glider_A", "glider_B", "glider_rank_expert", "glider_rank_scaling", "glider_slot",
-                     "glider_spans", "glider_adapts", "glider_awaiting_checkpoint", "_installed"):  # fmt: skip
+                     "glider_shift", "glider_bias", "glider_spans", "glider_adapts", "glider_awaiting_checkpoint",
+                     "_installed"):  # fmt: skip
             container = getattr(self, name)
             if adapter_name in container:
                 del container[adapter_name]
 
     def _install(
-        self,
-        adapter_name: str,
-        A: torch.Tensor,
-        BT: torch.Tensor,
-        rank_expert: torch.Tensor,
-        rank_scaling: torch.Tensor,
-        spans: list[tuple[int, int] | None],
-        gates: nn.Parameter,
-        adapts: Optional[torch.Tensor] = None,
+        self, adapter_name: str, packed: Packed, gates: nn.Parameter, adapts: Optional[torch.Tensor] = None
     ) -> LayerSnapshot:
         """Make these the adapter's tensors here and snapshot them. Nothing an older snapshot holds is written to.
         `adapts`: (E,) bool, the experts adapting the module under a resident-experts budget (None: no budget)."""
         self._installed[adapter_name] = None  # calls of older versions must not rebind to what follows
-        self.glider_A[adapter_name] = A
-        self.glider_B[adapter_name] = BT
-        self.glider_rank_expert[adapter_name] = rank_expert
-        self.glider_rank_scaling[adapter_name] = rank_scaling
-        self.glider_slot[adapter_name] = expert_slots(spans).to(rank_expert.device)
-        self.glider_spans[adapter_name] = spans
+        self.glider_A[adapter_name] = packed.A
+        self.glider_B[adapter_name] = packed.BT
+        self.glider_rank_expert[adapter_name] = packed.rank_expert
+        self.glider_rank_scaling[adapter_name] = packed.rank_scaling
+        self.glider_slot[adapter_name] = expert_slots(packed.spans).to(packed.rank_expert.device)
+        self.glider_spans[adapter_name] = packed.spans
+        for container, terms in ((self.glider_shift, packed.shift), (self.glider_bias, packed.bias)):
+            if terms is not None:
+                container[adapter_name] = terms
+            elif adapter_name in container:
+                del container[adapter_name]
         if adapts is not None:
             self.glider_adapts[adapter_name] = adapts
         self.glider_gates[adapter_name] = gates
@@ -362,6 +399,8 @@ class GliderLayer(BaseTunerLayer):
             spans=self.glider_spans[adapter_name],
             expert_slot=self.glider_slot[adapter_name],
             adapts=self.glider_adapts.get(adapter_name),
+            shift=self.glider_shift[adapter_name] if adapter_name in self.glider_shift else None,
+            bias=self.glider_bias[adapter_name] if adapter_name in self.glider_bias else None,
         )
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
@@ -370,7 +409,7 @@ class GliderLayer(BaseTunerLayer):
         device, dtype = self._placement(device)
         if device is None:
             return
-        for name in ("glider_A", "glider_B", "glider_rank_scaling"):
+        for name in ("glider_A", "glider_B", "glider_rank_scaling", "glider_shift", "glider_bias"):
             container = getattr(self, name)
             if adapter_name in container:
                 container[adapter_name] = container[adapter_name].to(device, dtype=dtype)
@@ -493,9 +532,11 @@ class GliderLinear(nn.Module, GliderLayer):
         state: RoutingState,
         call: Optional[CallRouting] = None,
         out: Optional[torch.Tensor] = None,
+        base: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Add the contribution of `snapshot`'s experts for input x (..., in) into `out` (N, out), or return it
-        (..., out). `call`: what this call routes with (read once by `forward`); None: local only."""
+        (..., out). `call`: what this call routes with (read once by `forward`); None: local only. `base` (N, out):
+        the base layer's output without its bias, which DoRA experts' shifts multiply (`base_output`)."""
         bank = snapshot.bank
         call = call or _LOCAL_ONLY
         u = x.reshape(-1, self.in_features)  # (N, in)
@@ -505,7 +546,7 @@ class GliderLinear(nn.Module, GliderLayer):
             u = u.to(bank.A.device, bank.A.dtype)
         if call.gate_training_expert is not None:
             gate = snapshot.gates[call.gate_training_expert]
-            delta = delta_gated_single(u, bank, call.gate_training_expert, gate)
+            delta = delta_gated_single(u, bank, call.gate_training_expert, gate, base)
             return delta.view(*x.shape[:-1], self.out_features)
         batch_rows = x.shape[0] if x.dim() > 1 else 1
         router_rows = snapshot.router_rows(state)
@@ -520,8 +561,11 @@ class GliderLinear(nn.Module, GliderLayer):
             out=out,
             candidates=call.candidates_at(bank, router_rows, state.candidates),
             bindings=None if call is _LOCAL_ONLY else call.kernel_bindings,  # the shared default keeps none
-            want_selection=call.trace is not None,
+            want_selection=call.trace is not None or bank.has_output_terms,
         )
+        if bank.has_output_terms:
+            terms = output_terms(selection, bank, base)
+            delta = delta.add_(terms.to(delta.dtype)) if out is not None or not delta.requires_grad else delta + terms
         if call.trace is not None:
             call.trace.record(self.module_name, selection.indices.view(batch_rows, -1, selection.indices.shape[-1]))
         return delta if out is not None else delta.view(*x.shape[:-1], self.out_features)
@@ -530,8 +574,7 @@ class GliderLinear(nn.Module, GliderLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
-        # Without gradients, the deltas go straight into the base output: no extra (N, out) tensor.
-        may_add_in_place = not torch.is_grad_enabled() and result.is_contiguous()
+        routed = []  # (state, call, snapshot) of each active adapter taking part here
         for adapter_name in self.active_adapters:
             library = self.glider_library.get(adapter_name)
             if library is None:
@@ -545,6 +588,12 @@ class GliderLinear(nn.Module, GliderLayer):
             if snapshot is None:  # the adapter takes no part here in this version
                 continue
             self._check_weights_loaded(adapter_name)
+            routed.append((state, call, snapshot))
+        # DoRA experts scale the base output itself: taken before any delta is added to it
+        base = self.base_output(result) if any(s.bank.shift is not None for _, _, s in routed) else None
+        # Without gradients, the deltas go straight into the base output: no extra (N, out) tensor.
+        may_add_in_place = not torch.is_grad_enabled() and result.is_contiguous()
+        for state, call, snapshot in routed:
             A = snapshot.bank.A
             if (
                 may_add_in_place
@@ -552,10 +601,17 @@ class GliderLinear(nn.Module, GliderLayer):
                 and result.device == A.device
                 and (call is None or call.gate_training_expert is None)
             ):
-                self.routed_delta(x, snapshot, state, call, out=result.view(-1, self.out_features))
+                self.routed_delta(x, snapshot, state, call, out=result.view(-1, self.out_features), base=base)
             else:
-                result = result + self.routed_delta(x, snapshot, state, call).to(result.device, result.dtype)
+                delta = self.routed_delta(x, snapshot, state, call, base=base)
+                result = result + delta.to(result.device, result.dtype)
         return result
+
+    def base_output(self, result: torch.Tensor) -> torch.Tensor:
+        """(N, out): the base layer's output `W x` without its bias (a copy), as DoRA's rescaling takes it."""
+        base = result.reshape(-1, self.out_features)
+        bias = getattr(self.get_base_layer(), "bias", None)
+        return base - bias.to(base.dtype) if bias is not None else base.clone()
 
     def __repr__(self) -> str:
         return "glider." + super().__repr__()

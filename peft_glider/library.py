@@ -36,6 +36,7 @@ from ._warnings import warn_user
 from .config import ExpertEntry, GliderConfig, normalize_expert_entry
 from .experts import LoadedExpert, LoraFactors, load_expert, tensor_sha256
 from .hub import GATES_FILE
+from .layer import is_linear
 from .local_router.routers import local_router
 
 if TYPE_CHECKING:
@@ -133,6 +134,7 @@ class ExpertLibrary:
         for expert in experts:
             for module_name, factors in expert.factors.items():
                 check_fits(expert.name, module_name, factors, modules)
+            check_base_weights(expert, modules)
         return cls(experts, placeholders)
 
     @property
@@ -181,6 +183,7 @@ class ExpertLibrary:
         modules = self.host.base_modules()
         for module_name, factors in loaded.factors.items():
             check_fits(loaded.name, module_name, factors, modules)
+        check_base_weights(loaded, modules)
         learned = local_router(config.local_router).learned
         shipped = learned and loaded.gates is not None
         gates = loaded.gates if shipped else {}
@@ -460,7 +463,7 @@ class ExpertLibrary:
         hash; an expert whose files vanished or changed is refused, naming it."""
         expert = self.experts[index]
         try:
-            factors = {module: LoraFactors(*f.read(), f.scaling) for module, f in expert.factors.items()}
+            factors = {module: f.loaded() for module, f in expert.factors.items()}
         except (OSError, ValueError, KeyError) as error:
             raise RuntimeError(f"Expert '{expert.name}' could not be read from its source when fetched: {error}") from error
         sha256 = tensor_sha256(factors, expert.name)
@@ -547,13 +550,16 @@ def _base_layer(module: nn.Module) -> nn.Module:
 def placeholder_expert(entry: Mapping[str, Any], modules: Mapping[str, nn.Module]) -> LoadedExpert:
     """An expert of the saved layout whose factors are zeros, made when a layer is built; a checkpoint fills them."""
     factors = {}
-    for module_name, (rank, scaling) in entry["layout"].items():
+    for module_name, (rank, scaling, *extras) in entry["layout"].items():
         module = modules.get(module_name)
         in_features, out_features = _get_in_out_features(_base_layer(module)) if module is not None else (0, 0)
         factors[module_name] = LoraFactors(
             scaling=scaling,
             shapes=((rank, in_features), (out_features, rank)),
-            loader=lambda r=rank, i=in_features, o=out_features: (torch.zeros(r, i), torch.zeros(o, r)),
+            loader=lambda r=rank, i=in_features, o=out_features, n=len(extras): (
+                torch.zeros(r, i), torch.zeros(o, r), *(torch.zeros(o) for _ in range(n))
+            ),
+            extras=tuple(extras),
         )
     return LoadedExpert(name=entry["name"], factors=factors, commit=entry.get("commit"), sha256=entry["sha256"])
 
@@ -564,12 +570,30 @@ def check_fits(name: str, module_name: str, factors: LoraFactors, modules: Mappi
     if module is None:
         raise ValueError(f"Expert '{name}' adapts module '{module_name}', which the base model does not have.")
     module = _base_layer(module)
-    if not isinstance(module, nn.Linear):
+    if not is_linear(module):
         raise ValueError(
-            f"Expert '{name}' adapts module '{module_name}', a {type(module).__name__}; Glider adapts nn.Linear."
+            f"Expert '{name}' adapts module '{module_name}', a {type(module).__name__}; Glider adapts linear layers "
+            "(nn.Linear, transformers' Conv1D)."
         )
-    if factors.in_features != module.in_features or factors.out_features != module.out_features:
+    in_features, out_features = _get_in_out_features(module)
+    if factors.in_features != in_features or factors.out_features != out_features:
         raise ValueError(
             f"Expert '{name}' does not fit module '{module_name}': its LoRA maps {factors.in_features} -> "
-            f"{factors.out_features} features, the module {module.in_features} -> {module.out_features}."
+            f"{factors.out_features} features, the module {in_features} -> {out_features}."
         )
+
+
+def check_base_weights(expert: LoadedExpert, modules: Mapping[str, nn.Module]) -> None:
+    """Refuse an expert whose saved base-layer weight (PEFT saves it beside a LoRA on a layer tied to the
+    embeddings, e.g. lm_head) differs from the base model's: it was trained on another base (resized or retrained
+    embeddings), while every expert of a library shares one base model."""
+    for module_name, read in expert.base_weights.items():
+        weight = _base_layer(modules[module_name]).weight
+        saved = read()
+        if saved.shape != weight.shape or not torch.equal(saved.to(weight.device, weight.dtype), weight.detach()):
+            raise ValueError(
+                f"Expert '{expert.name}' was saved with its own base weight at module '{module_name}' (shape "
+                f"{tuple(saved.shape)}), which differs from this base model's ({tuple(weight.shape)}): it was trained "
+                "on another base (e.g. resized or retrained embeddings). All experts of a Glider adapter share one "
+                "base model: load this expert on the base it was trained with."
+            )

@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_expert, tiny_llama, tiny_t5
+from test_lora_variants import peft_expert
 from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -123,6 +124,11 @@ def cases(tmp_path_factory) -> dict:
             save_gates({name.removeprefix("base_model.model.").split(".lora_A")[0]: gate for name, gate in gates.items()}, folder)
         made[arch] = (str(root / arch), auto, experts)
         made[f"{arch}-gated"] = (str(root / arch), auto, shipping)
+        made[f"{arch}-dora"] = (str(root / arch), auto, [  # DoRA and a biased B beside a plain LoRA
+            peft_expert(root / f"{arch}-dora", arch, seed=310, target_modules=modules[0], use_dora=True),
+            experts[1],
+            peft_expert(root / f"{arch}-bias", arch, seed=311, target_modules=modules[2], lora_bias=True),
+        ])
     return made
 
 
@@ -134,11 +140,14 @@ VARIANTS = {
     "arrow": {"local_router": "arrow"},
     "phatgoose-budget": {"local_router": "phatgoose", "max_resident_experts": 3},
     "phatgoose-shipped": {"local_router": "phatgoose"},  # experts that ship gates beside ones that do not
+    "phatgoose-dora": {"local_router": "phatgoose"},  # a DoRA expert and a biased one beside a plain LoRA
 }
+#: The variants whose experts are not the plain ones: the suffix of their case in `cases`.
+VARIANT_EXPERTS = {"phatgoose-shipped": "gated", "phatgoose-dora": "dora"}
 
 
 def variant_case(cases: dict, arch: str, variant: str) -> tuple:
-    return cases[f"{arch}-gated" if variant.endswith("shipped") else arch]
+    return cases[f"{arch}-{VARIANT_EXPERTS[variant]}" if variant in VARIANT_EXPERTS else arch]
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

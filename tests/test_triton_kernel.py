@@ -64,18 +64,22 @@ CASES = [
 
 
 def check_model(device: str) -> None:
-    """A tiny Glider model routed through the Triton kernel gives the outputs of the `concat` kernel."""
+    """A tiny Glider model routed through the Triton kernel gives the outputs of the `concat` kernel, with a DoRA
+    expert and a biased one beside plain LoRAs."""
     sys.path.insert(0, os.path.dirname(__file__))
     import tempfile
 
     from conftest import input_ids, make_expert, random_gates, tiny_llama
     from peft import get_peft_model
+    from test_lora_variants import peft_expert
 
     import peft_glider  # noqa: F401
     from peft_glider import GliderConfig
 
     with tempfile.TemporaryDirectory() as folder:
         experts = [make_expert(tiny_llama, f"{folder}/e{i}", seed=i, r=2 + 2 * i) for i in range(3)]
+        experts.append(peft_expert(f"{folder}/dora", "llama", seed=5, target_modules=["q_proj", "v_proj"], use_dora=True))
+        experts.append(peft_expert(f"{folder}/bias", "llama", seed=6, target_modules=["q_proj", "v_proj"], lora_bias=True))
         model = get_peft_model(tiny_llama(), GliderConfig(experts=experts, top_k=2)).to(device)
     glider = model.base_model
     glider.set_gates(random_gates(glider))
