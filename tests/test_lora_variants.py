@@ -167,3 +167,16 @@ def test_an_lm_head_expert_trained_on_another_base_weight_is_refused(tmp_path):
     other = tiny_llama(seed=5)  # other embeddings, tied to lm_head
     with pytest.raises(ValueError, match="saved with its own base weight at module 'lm_head'"):
         get_peft_model(other, GliderConfig(experts=[folder], top_k=1))
+
+
+def test_a_mixed_library_under_a_resident_budget_reads_dora_experts_when_they_become_resident(mixed):
+    ids = input_ids(batch=len(MIXED), length=6)
+    expected = routed_rows(get_peft_model(tiny_llama(), GliderConfig(experts=mixed, top_k=1, alpha=100.0)), ids, [0, 1, 2, 3, 4])
+    budgeted = get_peft_model(tiny_llama(), GliderConfig(experts=mixed, top_k=1, alpha=100.0, candidates=1,
+                                                          max_resident_experts=2))
+    for row, chosen in enumerate([2, 3, 2, 4, 0]):  # one row a call: its expert made resident, the LRU evicted
+        got = routed_rows(budgeted, ids[row:row + 1], [chosen])
+        want = routed_rows(get_peft_model(tiny_llama(), GliderConfig(experts=mixed, top_k=1, alpha=100.0)),
+                           ids[row:row + 1], [chosen])
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(routed_rows(budgeted, ids[:1], [0]), expected[:1], atol=ATOL, rtol=0)
