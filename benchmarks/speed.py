@@ -64,15 +64,16 @@ def build_base(spec: dict) -> torch.nn.Module:
     return T5ForConditionalGeneration(config).eval()
 
 
-def make_experts(spec: dict, count: int, folder: Path) -> list[str]:
+def make_experts(spec: dict, count: int, folder: Path, use_dora: bool = False) -> list[str]:
     modules = LLAMA_MODULES if spec["kind"] == "llama" else T5_MODULES
-    model = get_peft_model(build_base(spec), LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=modules, init_lora_weights=False))
+    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=modules, init_lora_weights=False, use_dora=use_dora)
+    model = get_peft_model(build_base(spec), config)
     paths = []
     generator = torch.Generator().manual_seed(1)
     for index in range(count):
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if "lora_" in name:
+                if "lora_A" in name or "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
         path = folder / str(index)  # names "0", "1", ...: what PEFT 0.21.2's X-LoRA requires
         model.save_pretrained(path)
@@ -122,8 +123,9 @@ def workloads(spec: dict) -> dict[str, Callable]:
     return {"prefill": prefill, "generate": generate}
 
 
-def build_variants(spec: dict, paths: list[str], args) -> tuple[dict, dict]:
-    """name -> callable(workload) and load times."""
+def build_variants(spec: dict, paths: list[str], args, dora_paths: list[str] | None = None) -> tuple[dict, dict]:
+    """name -> callable(workload) and load times. With `dora_paths`, also PEFT's unmerged DoRA (the first DoRA
+    expert) and Glider over the DoRA experts, routed like the LoRA ones."""
     variants, info = {}, {}
     base = build_base(spec)
     variants["base"] = (base, {})
@@ -134,6 +136,11 @@ def build_variants(spec: dict, paths: list[str], args) -> tuple[dict, dict]:
     info["glider_load_seconds"] = time.perf_counter() - start
     glider_model.base_model.set_gates(random_gates(glider_model.base_model))
     variants["glider"] = (glider_model, {"scores": torch.rand(1, len(paths))})
+    if dora_paths:
+        variants["dora_unmerged"] = (PeftModel.from_pretrained(build_base(spec), dora_paths[0]), {})
+        dora_model = get_peft_model(build_base(spec), GliderConfig(experts=dora_paths, top_k=TOP_K, alpha=3.0))
+        dora_model.base_model.set_gates(random_gates(dora_model.base_model))
+        variants["glider_dora"] = (dora_model, {"scores": torch.rand(1, len(paths))})
     if "e2e" in args.variants:
         router = GlobalRouter(SamplesWriter(), cache_dir=None)
         names = glider_model.base_model.expert_names
@@ -156,7 +163,7 @@ def run_variant(name: str, model, extra: dict, workload: str, fn: Callable) -> d
     """Run one workload once; returns timing parts (seconds)."""
     timings = {}
     start = time.perf_counter()
-    if name == "glider":
+    if name in ("glider", "glider_dora"):
         with model.base_model.global_scores(extra["scores"]):
             fn(model) if workload == "prefill" else fn(model)
     elif name == "glider_e2e":
@@ -175,17 +182,25 @@ def run_variant(name: str, model, extra: dict, workload: str, fn: Callable) -> d
     return timings
 
 
-def check_outputs(spec: dict, paths: list[str], run: dict) -> None:
+def check_outputs(spec: dict, paths: list[str], run: dict, dora_paths: list[str] | None = None) -> None:
     """Refuse to time variants whose outputs disagree with their references."""
     prefill = run["prefill"]
+    checks = []
     with torch.inference_mode():
         lora = prefill(PeftModel.from_pretrained(build_base(spec), paths[0]))
         merged = prefill(PeftModel.from_pretrained(build_base(spec), paths[0]).merge_and_unload())
-        single = get_peft_model(build_base(spec), GliderConfig(experts=paths[:1], top_k=1, alpha=0.0))
-        glider = prefill(single)
-    for name, got in (("lora_merged", merged), ("glider (1 expert, k=1)", glider)):
-        if not torch.allclose(got, lora, atol=1e-4, rtol=1e-4):
-            raise SystemExit(f"{name} differs from the unmerged LoRA by {(got - lora).abs().max():.2e}: not timing.")
+        checks += [("lora_merged", merged, lora), ("glider (1 expert, k=1)", one_expert(spec, paths[0], prefill), lora)]
+        if dora_paths:
+            dora = prefill(PeftModel.from_pretrained(build_base(spec), dora_paths[0]))
+            checks.append(("glider (1 DoRA expert, k=1)", one_expert(spec, dora_paths[0], prefill), dora))
+    for name, got, want in checks:
+        if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+            raise SystemExit(f"{name} differs from PEFT's unmerged adapter by {(got - want).abs().max():.2e}: not timing.")
+
+
+def one_expert(spec: dict, path: str, prefill: Callable) -> torch.Tensor:
+    """The prefill logits of a Glider adapter of one expert at top_k=1 (PEFT's own adapter, routed)."""
+    return prefill(get_peft_model(build_base(spec), GliderConfig(experts=[path], top_k=1, alpha=0.0)))
 
 
 def peak_rss_mib(model_name: str, experts: int, folder: str, variant: str) -> float:
@@ -225,9 +240,10 @@ def bench_case(model_name: str, experts: int, args) -> dict:
     spec = MODELS[model_name]
     folder = Path(tempfile.mkdtemp(prefix=f"glider-bench-{model_name}-{experts}-"))
     paths = make_experts(spec, experts, folder)
+    dora_paths = make_experts(spec, experts, folder / "dora", use_dora=True) if "dora" in args.variants else None
     run = workloads(spec)
-    check_outputs(spec, paths, run)
-    variants, info = build_variants(spec, paths, args)
+    check_outputs(spec, paths, run, dora_paths)
+    variants, info = build_variants(spec, paths, args, dora_paths)
     times: dict[tuple[str, str], list[float]] = {}
     router_times: dict[str, list[float]] = {}
     with torch.inference_mode():
@@ -248,7 +264,7 @@ def bench_case(model_name: str, experts: int, args) -> dict:
         rows.append({
             "model": model_name, "experts": experts, "workload": workload, "variant": name,
             "median_s": statistics.median(samples), "ratio_to_base": statistics.median(ratios),
-            "predicted_ratio": predicted.get(name.replace("_e2e", ""), 1.0),
+            "predicted_ratio": predicted.get(name.replace("_e2e", "").replace("_dora", "").replace("dora_", "lora_"), 1.0),
             "router_s": statistics.median(router_times[workload]) if name == "glider_e2e" else None,
         })
     memory = {}
@@ -279,7 +295,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["llama512", "llama2048", "t5"], choices=list(MODELS))
     parser.add_argument("--experts", nargs="+", type=int, default=[8, 32, 128])
     parser.add_argument("--workloads", nargs="+", default=["prefill", "generate"], choices=["prefill", "generate"])
-    parser.add_argument("--variants", nargs="+", default=["arrow", "xlora", "e2e"], help="optional variants")
+    parser.add_argument("--variants", nargs="+", default=["arrow", "xlora", "e2e"],
+                        help="optional variants: arrow, xlora, e2e, dora (DoRA experts: PEFT's and Glider's)")
     parser.add_argument("--max-dense-experts", type=int, default=32, help="largest E for Arrow and X-LoRA")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
