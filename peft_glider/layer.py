@@ -96,6 +96,14 @@ class LayerSnapshot:
         """Point at the same values after the layer's tensors were moved or cast."""
         self.bank, self.gates, self._rows = bank, gates, None
 
+    def rows_of(self, gates: torch.Tensor, state: RoutingState) -> torch.Tensor:
+        """Router rows (n, in) float32 of some experts' gates (n, in), computed now (with autograd when gradients
+        are wanted for the gates), not cached: a call's candidates under a resident-experts budget."""
+        if torch.is_grad_enabled() and self.gates.requires_grad:
+            return _rows_from_gates(gates.float(), state)
+        with torch.no_grad():
+            return _rows_from_gates(gates.detach().float(), state)
+
     def router_rows(self, state: RoutingState) -> torch.Tensor:
         """What tokens are compared with, (E, in) float32: standardized gates (Phatgoose) or prototypes (Arrow).
 
@@ -549,7 +557,14 @@ class GliderLinear(nn.Module, GliderLayer):
             delta = delta_gated_single(u, bank, call.gate_training_expert, gate, base)
             return delta.view(*x.shape[:-1], self.out_features)
         batch_rows = x.shape[0] if x.dim() > 1 else 1
-        router_rows = snapshot.router_rows(state)
+        if bank.adapts is not None and call.has_candidates(state.candidates):
+            # A resident-experts budget: only the call's candidates' rows are computed (once per call and module),
+            # never the rows of all E experts, which would grow with the library, not the budget.
+            candidates = call.candidates_at(bank, snapshot.gates, state.candidates, lambda g: snapshot.rows_of(g, state))
+            router_rows = candidates.rows
+        else:
+            router_rows = snapshot.router_rows(state)
+            candidates = call.candidates_at(bank, router_rows, state.candidates)
         selection, delta = routing.route(
             u,
             bank,
@@ -559,7 +574,7 @@ class GliderLinear(nn.Module, GliderLayer):
             global_bias=call.global_bias(batch_rows, u.device),
             kernel=state.kernel,
             out=out,
-            candidates=call.candidates_at(bank, router_rows, state.candidates),
+            candidates=candidates,
             bindings=None if call is _LOCAL_ONLY else call.kernel_bindings,  # the shared default keeps none
             want_selection=call.trace is not None or bank.has_output_terms,
         )

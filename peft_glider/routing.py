@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -109,19 +110,27 @@ class Candidates:
     rows: torch.Tensor  # (B, M, d) their router rows
     bias: torch.Tensor  # (B, 1, M) their global bias
     absent: torch.Tensor | None  # (B, 1, M) bool: candidates not adapting the module (fewer than M do); None: none
-    router_rows: torch.Tensor  # (E, d) the rows gathered from (a new tensor when the gates change)
+    source: torch.Tensor  # (E, d) what the rows were gathered from: the router rows, or the gates (`rows_of`)
 
 
 def gather_candidates(
-    scores: torch.Tensor, global_bias: torch.Tensor, router_rows: torch.Tensor, present: torch.Tensor | None, m: int
+    scores: torch.Tensor,
+    global_bias: torch.Tensor,
+    source: torch.Tensor,
+    present: torch.Tensor | None,
+    m: int,
+    rows_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Candidates:
-    """Each group's `candidate_experts` (by the global scores (B, E)), their router rows from `router_rows` (E, d)
-    and their global bias from `global_bias` (B, E), on the rows' device."""
-    indices = candidate_experts(scores, present, m).to(router_rows.device)
+    """Each group's `candidate_experts` (by the global scores (B, E)), their router rows and their global bias from
+    `global_bias` (B, E), on the rows' device. The rows are gathered from `source` (E, d): the router rows, or, with
+    `rows_of`, the gates, whose candidates' rows it computes (each row depends on its own gate only, so this equals
+    gathering from all E rows without computing them)."""
+    indices = candidate_experts(scores, present, m).to(source.device)
     absent = None if present is None else ~present[indices].unsqueeze(1)
-    bias = global_bias.to(router_rows.device).gather(1, indices).to(router_rows.dtype).unsqueeze(1)
-    return Candidates(indices, router_rows[indices], bias, absent if absent is not None and absent.any() else None,
-                      router_rows)
+    gathered = source[indices]  # (B, M, d)
+    rows = gathered if rows_of is None else rows_of(gathered.reshape(-1, gathered.shape[-1])).view(gathered.shape)
+    bias = global_bias.to(source.device).gather(1, indices).to(rows.dtype).unsqueeze(1)
+    return Candidates(indices, rows, bias, absent if absent is not None and absent.any() else None, source)
 
 
 def select_among_candidates(u: torch.Tensor, candidates: Candidates, standardized: bool, k: int) -> Selection:

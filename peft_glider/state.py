@@ -15,7 +15,7 @@ import contextvars
 import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Optional
 
 import torch
 
@@ -139,18 +139,27 @@ class CallRouting:
             bias = self._bias_on_device[device] = self.row_bias.to(device)
         return bias
 
+    def has_candidates(self, num_candidates: Optional[int]) -> bool:
+        """Whether this call routes among candidates: it has global scores and M is below the number of experts."""
+        return not (self.row_scores is None or num_candidates is None or num_candidates >= self.row_scores.shape[1])
+
     def candidates_at(
-        self, bank: "ExpertBank", router_rows: torch.Tensor, num_candidates: Optional[int]
+        self,
+        bank: "ExpertBank",
+        source: torch.Tensor,
+        num_candidates: Optional[int],
+        rows_of: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> Optional[Candidates]:
-        """Each row's M candidate experts at the module of `bank`, with their router rows (from `router_rows`) and
-        global bias; None when the call has no global scores or M covers every expert. Gathered once per call and
-        module (again only if the router rows changed: gates under training), and checked resident once."""
-        if self.row_scores is None or num_candidates is None or num_candidates >= self.row_scores.shape[1]:
+        """Each row's M candidate experts at the module of `bank`, with their router rows (gathered from `source`,
+        the router rows, or computed by `rows_of` from `source`, the gates) and global bias; None when the call has
+        no global scores or M covers every expert. Gathered once per call and module (again only if `source`
+        changed: gates under training), and checked resident once."""
+        if not self.has_candidates(num_candidates):
             return None
         cached = self._candidates.get(bank)
-        if cached is not None and cached.router_rows is router_rows:
+        if cached is not None and cached.source is source:
             return cached
-        gathered = gather_candidates(self.row_scores, self.row_bias, router_rows, bank.present, num_candidates)
+        gathered = gather_candidates(self.row_scores, self.row_bias, source, bank.present, num_candidates, rows_of)
         if bank.partial:
             check_resident(bank, gathered)
         self._candidates[bank] = gathered

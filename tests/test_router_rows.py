@@ -74,3 +74,30 @@ def test_an_adapter_loaded_under_inference_mode_is_standardized_once_per_module(
     assert count_rows[0] == modules
     with torch.no_grad():
         assert torch.equal(tokens, generate(model))
+
+
+def test_under_a_budget_only_the_candidates_rows_are_computed_and_none_are_kept(llama_experts, tmp_path, count_rows, monkeypatch):
+    """Router rows for all E experts grow with the library, not the budget: under a resident-experts budget a call
+    computes its candidates' rows only (once per module), and no layer keeps rows for every expert."""
+    from conftest import make_expert
+
+    experts = llama_experts + [make_expert(tiny_llama, tmp_path / f"more{i}", seed=400 + i) for i in range(4)]
+    sizes = []
+    original = routing.phatgoose_rows
+    monkeypatch.setattr(routing, "phatgoose_rows", lambda gates: sizes.append(gates.shape[0]) or original(gates))
+    config = dict(experts=experts, top_k=2, candidates=2, alpha=5.0)
+    budgeted = get_peft_model(tiny_llama(), GliderConfig(**config, max_resident_experts=6))
+    full = get_peft_model(tiny_llama(), GliderConfig(**config))
+    gates = random_gates(full.base_model, seed=3)
+    budgeted.base_model.set_gates(gates)
+    full.base_model.set_gates(gates)
+    scores = torch.randn(2, len(experts), generator=torch.Generator().manual_seed(1))
+    sizes.clear()
+    with torch.no_grad(), budgeted.base_model.global_scores(scores):
+        tokens = generate(budgeted)
+    modules = len(budgeted.base_model.glider_layers())
+    assert sizes and max(sizes) <= 2 * 2 and len(sizes) <= modules  # (B x M) rows per module, once per call
+    layers = budgeted.base_model.glider_layers().values()
+    assert all(layer.installed_snapshot("default")._rows is None for layer in layers)
+    with torch.no_grad(), full.base_model.global_scores(scores):
+        assert torch.equal(tokens, generate(full))
