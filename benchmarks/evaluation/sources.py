@@ -67,37 +67,48 @@ class TaskSource(ABC):
         be read at all."""
 
 
-class LocalBigBench(TaskSource):
+class FolderSource(TaskSource):
+    """Tasks in a folder the user names with a command-line flag."""
+
+    flag: str
+
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
 
     def describe(self) -> str:
-        return f"--bigbench-dir {self.folder}"
+        return f"{self.flag} {self.folder}"
 
     def fetch(self, cache: Path, tasks: list[str]) -> None:
         if not self.folder.is_dir():
             raise FileNotFoundError(f"{self.folder} is not a folder")
+        for task in tasks:
+            self.lay_out(cache, task)
+
+    @abstractmethod
+    def lay_out(self, cache: Path, task: str) -> None:
+        """Write `task` into the cache if the folder has it."""
+
+
+class LocalBigBench(FolderSource):
+    flag = "--bigbench-dir"
+
+    def lay_out(self, cache: Path, task: str) -> None:
         root = self.folder / TASKS_PREFIX if (self.folder / TASKS_PREFIX).is_dir() else self.folder
-        for task in tasks:
-            if (root / task / "task.json").exists():
-                for path in sorted((root / task).rglob("task.json")):
-                    write_task(cache, task, json.loads(path.read_text()), str(path.relative_to(root / task)))
+        if (root / task / "task.json").exists():
+            for path in sorted((root / task).rglob("task.json")):
+                write_task(cache, task, json.loads(path.read_text()), str(path.relative_to(root / task)))
 
 
-class JsonlTasks(TaskSource):
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
+class JsonlTasks(FolderSource):
+    flag = "--tasks-dir"
 
     def describe(self) -> str:
-        return f"--tasks-dir {self.folder} (<task>.jsonl)"
+        return f"{super().describe()} (<task>.jsonl)"
 
-    def fetch(self, cache: Path, tasks: list[str]) -> None:
-        if not self.folder.is_dir():
-            raise FileNotFoundError(f"{self.folder} is not a folder")
-        for task in tasks:
-            path = self.folder / f"{task}.jsonl"
-            if path.exists():
-                write_task(cache, task, {"name": task, "examples": list(_jsonl_examples(path))})
+    def lay_out(self, cache: Path, task: str) -> None:
+        path = self.folder / f"{task}.jsonl"
+        if path.exists():
+            write_task(cache, task, {"name": task, "examples": list(_jsonl_examples(path))})
 
 
 def _jsonl_examples(path: Path) -> Iterable[dict]:
