@@ -255,6 +255,21 @@ def _check_lora_config(name: str, config: PeftConfig) -> None:
         raise ValueError(f"Expert '{name}' adapts parameters directly (target_parameters), which Glider does not route.")
 
 
+def _check_variant_tensors(name: str, config: PeftConfig, keys: dict[str, dict[str, str]]) -> None:
+    """The checkpoint holds what its config says: DoRA's magnitude vectors exactly when `use_dora`, B's biases only
+    with `lora_bias` (a checkpoint missing them would silently route as another adapter)."""
+    for option, kind in (("use_dora", "magnitude"), ("lora_bias", "bias")):
+        on = bool(getattr(config, option, False))
+        wrong = sorted(module for module, found in keys.items() if (kind in found) != on)
+        if wrong and (not on or kind == "magnitude"):
+            have = "lack" if on else "have"
+            raise ValueError(
+                f"Expert '{name}': its adapter_config.json says {option}={on}, but its weights {have} the "
+                f"{'DoRA magnitude vector' if kind == 'magnitude' else 'B bias'} at module(s) {wrong[:3]}: the "
+                "config and the checkpoint do not belong together."
+            )
+
+
 def _scaling(config: PeftConfig, module: str, rank: int) -> float:
     alpha_key = get_pattern_key(list(config.alpha_pattern or {}), module)
     lora_alpha = (config.alpha_pattern or {}).get(alpha_key, config.lora_alpha)
@@ -356,12 +371,14 @@ def load_expert(entry: dict[str, Any], hash_tensors: bool = True) -> LoadedExper
                 "expert, its entry in the Hub cache) and download it again."
             ) from err
         keys, base_keys = _module_keys(name, reader.keys)
+        _check_variant_tensors(name, config, keys)
         factors = _factors(name, config, keys, reader.shape, reader.read, weights)
         read = reader.read
     else:
         state = load_peft_weights(folder, device="cpu")
         path = os.path.join(folder, WEIGHTS_NAME)
         keys, base_keys = _module_keys(name, list(state))
+        _check_variant_tensors(name, config, keys)
         factors = _factors(name, config, keys, lambda k: state[k].shape, state.__getitem__, path)
         read = state.__getitem__
     gates = load_gates(folder, name, factors)

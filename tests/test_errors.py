@@ -67,13 +67,15 @@ def test_non_lora_adapter_is_rejected(tmp_path, llama_experts):
         get_peft_model(tiny_llama(), GliderConfig(experts=[llama_experts[0], str(tmp_path / "ia3")]))
 
 
-def test_unsupported_lora_options_are_rejected(tmp_path, llama_experts):
+def test_a_config_that_does_not_match_its_checkpoint_is_refused(tmp_path, llama_experts):
+    """A config claiming DoRA over plain LoRA weights (no magnitude vectors) would route as a plain LoRA."""
     folder = tmp_path / "dora"
     make_expert(tiny_llama, folder, seed=1)
     config = json.loads((folder / "adapter_config.json").read_text())
     config["use_dora"] = True
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"Expert 'dora' uses LoRA option\(s\) \['use_dora'\]"):
+    with pytest.raises(ValueError, match=r"Expert 'dora': its adapter_config.json says use_dora=True, but its weights "
+                                         r"lack the DoRA magnitude vector"):
         get_peft_model(tiny_llama(), GliderConfig(experts=[str(folder)], top_k=1))
 
 
