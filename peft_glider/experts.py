@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
@@ -36,6 +37,8 @@ class LoraFactors:
     `(A, B)` followed by the `extras` it names (`"magnitude"`, `"bias"`), in that order.
     """
 
+    __slots__ = ("extras", "_tensors", "_loader", "scaling", "_origin", "rank", "in_features", "out_features")
+
     #: What an expert may carry beside A and B: DoRA's magnitude vector as saved, B's bias, and, once prepared
     #: against a base weight (`GliderLayer.prepared`), DoRA's shift `g - 1` (B then holds `g * B`).
     EXTRAS = ("magnitude", "bias", "shift")
@@ -52,7 +55,7 @@ class LoraFactors:
         shapes: Optional[tuple[tuple[int, int], tuple[int, int]]] = None,  # (A shape, B shape) when lazy
         loader: Optional[Callable[[], tuple[torch.Tensor, ...]]] = None,
         extras: tuple[str, ...] = (),  # what the loader returns after A and B
-        origin: Optional[tuple[str, ...]] = None,  # where each tensor is read from, for error messages
+        origin: Optional[tuple[str, tuple[str, ...]]] = None,  # (file, each tensor's key), for error messages
     ) -> None:
         if (A is None) != (B is None) or (A is None) == (loader is None):
             raise ValueError("LoraFactors takes A and B, or shapes and a loader.")
@@ -63,7 +66,7 @@ class LoraFactors:
         self.extras = tuple(name for name in self.EXTRAS if name in extras)  # canonical order
         self._tensors = None if A is None else (A, B, *(t for t in (magnitude, bias, shift) if t is not None))
         self._loader, self.scaling = loader, scaling
-        self.origin = origin or ("A", "B", *self.extras)
+        self._origin = origin
         a_shape, b_shape = (tuple(A.shape), tuple(B.shape)) if A is not None else shapes
         self.rank, self.in_features = a_shape
         self.out_features = b_shape[0]
@@ -78,7 +81,16 @@ class LoraFactors:
             return self
         shapes = ((self.rank, self.in_features), (self.out_features, self.rank))
         return LoraFactors(scaling=self.scaling, shapes=shapes, loader=self._loader, extras=self.extras,
-                           origin=self.origin)
+                           origin=self._origin)
+
+    @property
+    def origin(self) -> tuple[str, ...]:
+        """Where each tensor (A, B, *extras) comes from, for error messages (formatted when asked: a large library
+        keeps thousands of these)."""
+        if self._origin is None:
+            return ("A", "B", *self.extras)
+        path, keys = self._origin
+        return tuple(f"tensor '{key}' of {path}" for key in keys)
 
     def read(self) -> tuple[torch.Tensor, ...]:
         """(A, B, *extras), read from their source when lazy, without keeping them here."""
@@ -166,28 +178,30 @@ class SafetensorsReader:
             header_size = int.from_bytes(handle.read(8), "little")
             header = json.loads(handle.read(header_size))  # a cut header fails to parse (ValueError)
         header.pop("__metadata__", None)
-        self._entries = header
+        # key -> (dtype, shape, start, end): compact, since a large library keeps one reader per expert
+        self._entries = {
+            sys.intern(key): (entry["dtype"], tuple(entry["shape"]), *entry["data_offsets"]) for key, entry in header.items()
+        }
         self._data_start = 8 + header_size
-        data_size = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+        data_size = max((end for *_, end in self._entries.values()), default=0)
         file_size = os.path.getsize(path)
         if self._data_start + data_size > file_size:
             raise ValueError(f"the file has {file_size} bytes, its header describes {self._data_start + data_size}")
-        self.keys = list(header)
+        self.keys = list(self._entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._entries[key]["shape"])
+        return self._entries[key][1]
 
     def read(self, key: str) -> torch.Tensor:
-        entry = self._entries[key]
-        start, end = entry["data_offsets"]
+        dtype, shape, start, end = self._entries[key]
         data = bytearray(end - start)
         with open(self.path, "rb") as handle:
             handle.seek(self._data_start + start)
             if handle.readinto(data) != len(data):
                 raise OSError(f"{self.path}: tensor '{key}' is truncated.")
         if not data:
-            return torch.empty(self.shape(key), dtype=self._DTYPES[entry["dtype"]])
-        return torch.frombuffer(data, dtype=self._DTYPES[entry["dtype"]]).reshape(self.shape(key))
+            return torch.empty(shape, dtype=self._DTYPES[dtype])
+        return torch.frombuffer(data, dtype=self._DTYPES[dtype]).reshape(shape)
 
 
 def _resolve_folder(entry: dict[str, Any]) -> tuple[str, Optional[str]]:
@@ -336,15 +350,19 @@ def _factors(
             if tuple(shape(found[kind])) != (b_shape[0],):
                 raise ValueError(f"Expert '{name}', module '{module}': {kind} of shape {tuple(shape(found[kind]))}, "
                                  f"expected ({b_shape[0]},).")
-        ordered = [found[kind] for kind in ("A", "B", *extras)]
-        factors[module] = LoraFactors(
+        ordered = tuple(found[kind] for kind in ("A", "B", *extras))
+        factors[sys.intern(module)] = LoraFactors(  # interned: every expert of a library names the same modules
             scaling=_scaling(config, module, a_shape[0]),
             shapes=(a_shape, b_shape),
-            loader=lambda ordered=ordered: tuple(read(key) for key in ordered),
+            loader=functools.partial(_read_all, read, ordered),
             extras=extras,
-            origin=tuple(f"tensor '{key}' of {path}" for key in ordered),
+            origin=(path, ordered),
         )
     return factors
+
+
+def _read_all(read: Callable[[str], torch.Tensor], keys: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(read(key) for key in keys)
 
 
 def load_expert(entry: dict[str, Any], hash_tensors: bool = True) -> LoadedExpert:
