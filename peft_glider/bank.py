@@ -108,6 +108,8 @@ class ExpertBank:
         expert_scaling = [0.0 if span is None else float(self.rank_scaling[span[0]]) for span in self.spans]
         scalings = {scaling for scaling, span in zip(expert_scaling, self.spans) if span is not None}
         self.num_experts = len(self.spans)
+        # whether some expert here adds a per-output term (DoRA, a biased B) beyond its low-rank product
+        self.has_output_terms = self.shift is not None or self.bias is not None
         self.num_present = len(present)
         self.max_rank = max(ranks, default=0)
         self.uniform_rank = ranks.pop() if len(ranks) == 1 else None  # None for mixed ranks
@@ -143,10 +145,6 @@ class ExpertBank:
         packed = pack_experts(experts)
         return cls(**packed._asdict(), expert_slot=expert_slots(packed.spans))
 
-    @property
-    def has_output_terms(self) -> bool:
-        """Whether some expert here adds a per-output term (DoRA, a biased B) beyond its low-rank product."""
-        return self.shift is not None or self.bias is not None
 
     def adapting(self, index: int) -> bool:
         """Whether expert `index` adapts this module (its factors here or not)."""

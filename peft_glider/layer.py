@@ -590,6 +590,7 @@ class GliderLinear(nn.Module, GliderLayer):
         if self.disable_adapters:
             return result
         routed = []  # (state, call, snapshot) of each active adapter taking part here
+        scales_base = False  # whether a DoRA expert is here: it scales the base output itself
         for adapter_name in self.active_adapters:
             library = self.glider_library.get(adapter_name)
             if library is None:
@@ -604,8 +605,8 @@ class GliderLinear(nn.Module, GliderLayer):
                 continue
             self._check_weights_loaded(adapter_name)
             routed.append((state, call, snapshot))
-        # DoRA experts scale the base output itself: taken before any delta is added to it
-        base = self.base_output(result) if any(s.bank.shift is not None for _, _, s in routed) else None
+            scales_base = scales_base or snapshot.bank.shift is not None
+        base = self.base_output(result) if scales_base else None  # taken before any delta is added to it
         # Without gradients, the deltas go straight into the base output: no extra (N, out) tensor.
         may_add_in_place = not torch.is_grad_enabled() and result.is_contiguous()
         for state, call, snapshot in routed:
