@@ -267,15 +267,25 @@ def output_terms(selection: Selection, bank: ExpertBank, base: torch.Tensor | No
     """The selected experts' per-output terms mixed by their routing weights, (N, o): `sum_k w_k (shift_k * base +
     s_k bias_k)`, with `base` (N, o) the base layer's output without its bias (needed when DoRA experts are here:
     their shift is `g - 1`). Computed with torch on every kernel path (the low-rank products stay the kernel's)."""
-    weights = selection.weights.to(bank.dtype)  # (N, k)
+    weights = selection.weights if selection.weights.dtype == bank.dtype else selection.weights.to(bank.dtype)
+    if bank.num_experts <= _DENSE_TERMS_MAX_EXPERTS:  # one (N, E) x (E, o) product: fewer calls than gathering
+        dense = weights.new_zeros(weights.shape[0], bank.num_experts).scatter_(1, selection.indices, weights)
+        mix = lambda terms, row_weights=dense: row_weights @ terms  # noqa: E731
+        scaled = dense * bank.expert_scaling
+    else:  # (N, k, o) gathered: memory and work in k, not E
+        mix = lambda terms, row_weights=weights: torch.einsum("nk,nko->no", row_weights, terms[selection.indices])  # noqa: E731
+        scaled = weights * bank.expert_scaling[selection.indices]
     terms = None
     if bank.shift is not None:
-        terms = torch.einsum("nk,nko->no", weights, bank.shift[selection.indices]) * base.to(bank.dtype)
+        terms = mix(bank.shift) * (base if base.dtype == bank.dtype else base.to(bank.dtype))
     if bank.bias is not None:
-        scaled = weights * bank.expert_scaling[selection.indices]  # (N, k)
-        biases = torch.einsum("nk,nko->no", scaled, bank.bias[selection.indices])
+        biases = mix(bank.bias, scaled)
         terms = biases if terms is None else terms + biases
     return terms
+
+
+#: Up to this many experts at a module, the output terms are mixed through a dense (N, E) weight matrix.
+_DENSE_TERMS_MAX_EXPERTS = 64
 
 
 #: Kernel name -> the function computing the selected experts' products.

@@ -180,3 +180,14 @@ def test_a_mixed_library_under_a_resident_budget_reads_dora_experts_when_they_be
                            ids[row:row + 1], [chosen])
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     torch.testing.assert_close(routed_rows(budgeted, ids[:1], [0]), expected[:1], atol=ATOL, rtol=0)
+
+
+def test_output_terms_mixed_densely_or_gathered_agree(mixed, monkeypatch):
+    """Small banks mix the DoRA and bias terms through a dense (N, E) matrix, large ones gather (N, k, o)."""
+    from peft_glider import kernels
+
+    ids = input_ids(batch=len(MIXED), length=6)
+    model = get_peft_model(tiny_llama(), GliderConfig(experts=mixed, top_k=2, alpha=100.0))
+    dense = routed_rows(model, ids, [2, 3, 2, 0, 1])
+    monkeypatch.setattr(kernels, "_DENSE_TERMS_MAX_EXPERTS", 0)
+    torch.testing.assert_close(routed_rows(model, ids, [2, 3, 2, 0, 1]), dense, atol=ATOL, rtol=0)
