@@ -34,12 +34,27 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:
-    """The base layer's weight as (out, in), dequantized (bitsandbytes, torchao), in float32."""
+    """The base layer's weight as (out, in), dequantized (bitsandbytes, torchao), in float32; read from accelerate's
+    offload (CPU or disk) when the layer is dispatched with it."""
+    from accelerate.utils import align_module_device
     from peft.utils.integrations import dequantize_module_weight
     from transformers.pytorch_utils import Conv1D
 
-    weight = dequantize_module_weight(module).detach()
-    return (weight.T if isinstance(module, Conv1D) else weight).float()
+    with align_module_device(module):
+        weight = dequantize_module_weight(module).detach().float()
+    return weight.T if isinstance(module, Conv1D) else weight
+
+
+def base_bias(module: nn.Module, device: torch.device) -> Optional[torch.Tensor]:
+    """The base layer's bias (None without one), read from accelerate's offload when the layer is offloaded (its
+    tensors are on `meta` outside its forward)."""
+    bias = getattr(module, "bias", None)
+    if bias is None or bias.device.type != "meta":
+        return bias
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module, device):
+        return module.bias.detach().clone()
 
 
 def execution_device(module: nn.Module) -> Optional[torch.device]:
@@ -626,7 +641,7 @@ class GliderLinear(nn.Module, GliderLayer):
     def base_output(self, result: torch.Tensor) -> torch.Tensor:
         """(N, out): the base layer's output `W x` without its bias (a copy), as DoRA's rescaling takes it."""
         base = result.reshape(-1, self.out_features)
-        bias = getattr(self.get_base_layer(), "bias", None)
+        bias = base_bias(self.get_base_layer(), base.device)
         return base - bias.to(base.dtype) if bias is not None else base.clone()
 
     def __repr__(self) -> str:

@@ -79,3 +79,32 @@ def test_a_resident_budget_holds_on_a_disk_offloaded_model(tmp_path):
         assert sorted(library.resident) == [f"e{i}" for i in best]
         layer = model.base_model.glider_layers()["model.layers.1.self_attn.q_proj"]  # an offloaded layer
         assert layer.glider_A["default"].device.type == "cpu" and layer.glider_A["default"].shape[0] == 2 * 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dora_and_biased_experts_on_a_disk_offloaded_model(tmp_path, arch):
+    """A DoRA expert's norms read the base weight from accelerate's offload; its shift multiplies the base output
+    without the (offloaded) base bias."""
+    from test_lora_variants import FACTORIES, peft_expert
+
+    modules = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}[arch]
+    fan = {"fan_in_fan_out": arch == "gpt2"}
+    FACTORIES[arch]().save_pretrained(tmp_path / "base")
+    experts = [peft_expert(tmp_path / "dora", arch, seed=1, target_modules=modules, use_dora=True, **fan),
+               peft_expert(tmp_path / "bias", arch, seed=2, target_modules=modules, lora_bias=True, **fan)]
+    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), GliderConfig(experts=experts))
+    gates = random_gates(reference.base_model)
+    reference.base_model.set_gates(gates)
+    ids = input_ids()
+    with torch.no_grad():
+        expected = reference(ids).logits
+    device_map = DEVICE_MAP if arch == "llama" else {
+        "transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "cpu", "transformer.h.1": "disk",
+        "transformer.ln_f": "cpu", "lm_head": "cpu",
+    }
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=device_map,
+                                                     offload_folder=str(tmp_path / "offload"))
+    model = get_peft_model(offloaded, GliderConfig(experts=experts))
+    model.base_model.set_gates(gates)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=0)
