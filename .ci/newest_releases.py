@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     newest = {name: version for name, version in pins(freeze.splitlines()).items() if name != "peft-glider"}
     changed = differences(pins(CONSTRAINTS.read_text().splitlines()), newest)
     print(f"Newest releases: {len(changed)} version(s) differ from constraints.txt" + (":" if changed else "."))
-    print("\n".join(changed))
+    if changed:
+        print("\n".join(changed))
     log = VENV / "pytest.log"
     status = run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf"], log)
     lines = log.read_text().splitlines()
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = lines[-1].strip("= ") if lines else "no output"
     verdict = "the suite PASSES on them" if status == 0 else f"the suite FAILS on them (pytest exit {status})"
     print(f"Newest releases: {verdict}; pytest said: [{summary}]; log: {log.relative_to(ROOT)}")
-    print("\n".join(f"  {line}" for line in failed))
+    if failed:
+        print("\n".join(f"  {line}" for line in failed))
     if status == 0 and args.update:
         header = [line for line in CONSTRAINTS.read_text().splitlines() if line.startswith("#")]
         body = [f"{name}=={version}" for name, version in sorted(newest.items())]
