@@ -86,3 +86,19 @@ def test_the_sparse_kernel_shows_no_torch_warning_of_its_own(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_package_declares_ranges_and_only_the_readme_install_pins():
+    """`pip install peft-glider` resolves against version ranges; the exact versions live in constraints.txt, which
+    only the README's commands (and CI) apply."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
+    from packaging.requirements import Requirement
+
+    pinned = [r for r in declared if any(spec.operator in ("==", "===") for spec in Requirement(r).specifier)]
+    assert not pinned
+    assert "constraints" not in (root / "pyproject.toml").read_text()
