@@ -20,15 +20,20 @@ DEVICE_MAP = {
 }
 
 
+def plain_reference(base, experts: list[str]) -> tuple:
+    """The undispatched Glider model over `experts` with random gates: (model, gates, its logits on input_ids())."""
+    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(base), GliderConfig(experts=experts))
+    gates = random_gates(reference.base_model)
+    reference.base_model.set_gates(gates)
+    with torch.no_grad():
+        return reference, gates, reference(input_ids()).logits
+
+
 def test_disk_offloaded_model_matches_plain_model(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "base")
     experts = [make_expert(tiny_llama, tmp_path / f"e{i}", seed=i, r=2 + i, target_modules=LLAMA_MODULES) for i in range(3)]
-    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), GliderConfig(experts=experts))
-    gates = random_gates(reference.base_model)
-    reference.base_model.set_gates(gates)
+    reference, gates, expected = plain_reference(tmp_path / "base", experts)
     ids = input_ids()
-    with torch.no_grad():
-        expected = reference(ids).logits
 
     offloaded = AutoModelForCausalLM.from_pretrained(
         tmp_path / "base", device_map=DEVICE_MAP, offload_folder=str(tmp_path / "offload")
@@ -92,12 +97,7 @@ def test_dora_and_biased_experts_on_a_disk_offloaded_model(tmp_path, arch):
     FACTORIES[arch]().save_pretrained(tmp_path / "base")
     experts = [peft_expert(tmp_path / "dora", arch, seed=1, target_modules=modules, use_dora=True, **fan),
                peft_expert(tmp_path / "bias", arch, seed=2, target_modules=modules, lora_bias=True, **fan)]
-    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), GliderConfig(experts=experts))
-    gates = random_gates(reference.base_model)
-    reference.base_model.set_gates(gates)
-    ids = input_ids()
-    with torch.no_grad():
-        expected = reference(ids).logits
+    _, gates, expected = plain_reference(tmp_path / "base", experts)
     device_map = DEVICE_MAP if arch == "llama" else {
         "transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "cpu", "transformer.h.1": "disk",
         "transformer.ln_f": "cpu", "lm_head": "cpu",
@@ -107,4 +107,4 @@ def test_dora_and_biased_experts_on_a_disk_offloaded_model(tmp_path, arch):
     model = get_peft_model(offloaded, GliderConfig(experts=experts))
     model.base_model.set_gates(gates)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(input_ids()).logits, expected, atol=1e-5, rtol=0)
