@@ -140,10 +140,17 @@ class LoadedExpert:
     factors: dict[str, LoraFactors]  # module name (as in base_model.named_modules()) -> factors
     commit: Optional[str]
     sha256: str
-    gates: Optional[dict[str, torch.Tensor]] = None  # module name -> trained gate (in_features,), if shipped
+    # reads the trained gates it ships ({module name: (in_features,)}), None when it ships none: read when asked,
+    # not kept (a library of thousands of experts would otherwise hold all their gates twice)
+    gates_reader: Optional[Callable[[], dict[str, torch.Tensor]]] = None
     # module name -> a reader of the base-layer weight PEFT saved beside the LoRA (an embedding-tied lm_head): it
     # must equal the base model's (`library.check_base_weights`)
     base_weights: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def gates(self) -> Optional[dict[str, torch.Tensor]]:
+        """The trained gates the expert ships, read from its `glider_gates.safetensors` now; None without."""
+        return None if self.gates_reader is None else self.gates_reader()
 
     @property
     def layout(self) -> dict[str, list]:
@@ -399,10 +406,11 @@ def load_expert(entry: dict[str, Any], hash_tensors: bool = True) -> LoadedExper
         _check_variant_tensors(name, config, keys)
         factors = _factors(name, config, keys, lambda k: state[k].shape, state.__getitem__, path)
         read = state.__getitem__
-    gates = load_gates(folder, name, factors)
+    gates = gates_reader(folder, name, factors)
     sha256 = tensor_sha256(factors, name) if hash_tensors or "sha256" not in entry else entry["sha256"]
     base_weights = {module: functools.partial(read, key) for module, key in base_keys.items()}
-    return LoadedExpert(name=name, factors=factors, commit=commit, sha256=sha256, gates=gates, base_weights=base_weights)
+    return LoadedExpert(name=name, factors=factors, commit=commit, sha256=sha256, gates_reader=gates,
+                        base_weights=base_weights)
 
 
 def save_gates(gates: dict[str, torch.Tensor], folder: str | os.PathLike) -> str:
@@ -417,8 +425,9 @@ def save_gates(gates: dict[str, torch.Tensor], folder: str | os.PathLike) -> str
     return path
 
 
-def load_gates(folder: str, name: str, factors: dict[str, LoraFactors]) -> Optional[dict[str, torch.Tensor]]:
-    """Read the gates an expert carries beside its adapter files, or None; checked against its modules."""
+def gates_reader(folder: str, name: str, factors: dict[str, LoraFactors]) -> Optional[Callable[[], dict[str, torch.Tensor]]]:
+    """A reader of the gates an expert carries beside its adapter files (None when it has none), checked now against
+    its modules from the file's header alone; the tensors are read when the reader is called."""
     path = os.path.join(folder, GATES_FILE)
     if not os.path.exists(path):
         return None
@@ -427,16 +436,21 @@ def load_gates(folder: str, name: str, factors: dict[str, LoraFactors]) -> Optio
     with safe_open(path, framework="pt") as handle:
         if (handle.metadata() or {}).get("format") != _GATES_FORMAT["format"]:
             raise ValueError(f"Expert '{name}': {path} is not a Glider gates file.")
-        gates = {key: handle.get_tensor(key) for key in handle.keys()}
-    for module, gate in gates.items():
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    for module, shape in shapes.items():
         if module not in factors:
             raise ValueError(f"Expert '{name}': {GATES_FILE} has a gate for module '{module}', which it does not adapt.")
-        if gate.shape != (factors[module].in_features,):
+        if shape != (factors[module].in_features,):
             raise ValueError(
-                f"Expert '{name}': gate for '{module}' has shape {tuple(gate.shape)}, "
-                f"expected ({factors[module].in_features},)."
+                f"Expert '{name}': gate for '{module}' has shape {shape}, expected ({factors[module].in_features},)."
             )
-    missing = sorted(set(factors) - set(gates))
+    missing = sorted(set(factors) - set(shapes))
     if missing:
         raise ValueError(f"Expert '{name}': {GATES_FILE} lacks gates for module(s) {missing[:3]}...")
-    return gates
+    return functools.partial(_read_gates, path)
+
+
+def _read_gates(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)

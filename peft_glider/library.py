@@ -185,7 +185,7 @@ class ExpertLibrary:
             check_fits(loaded.name, module_name, factors, modules)
         check_base_weights(loaded, modules)
         learned = local_router(config.local_router).learned
-        shipped = learned and loaded.gates is not None
+        shipped = learned and loaded.gates_reader is not None
         gates = loaded.gates if shipped else {}
         for module_name, vector in gates.items():
             factors = loaded.factors.get(module_name)
@@ -258,11 +258,11 @@ class ExpertLibrary:
         shipped = {
             expert.name: {module: gate for module, gate in expert.gates.items() if modules is None or module in modules}
             for expert in self.experts
-            if expert.gates is not None
+            if expert.gates_reader is not None
         }
         self.set_gates(shipped, how="shipped with the expert")
         if warn:
-            warn_ungated([e.name for e in self.experts if e.gates is None])
+            warn_ungated([e.name for e in self.experts if e.gates_reader is None])
 
     def gates(self) -> dict[str, dict[str, torch.Tensor]]:
         """The current version's gate vectors, in the form `set_gates` takes (only modules each expert adapts)."""

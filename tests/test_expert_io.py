@@ -40,3 +40,25 @@ def test_reader_names_a_truncated_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"the file has \d+ bytes, its header describes \d+"):
         SafetensorsReader(str(path))
+
+
+def test_a_library_keeps_no_copy_of_its_experts_shipped_gates(tmp_path):
+    """Shipped gates are read when installed (and again when asked), not held by the library beside the layers'."""
+    import dataclasses
+
+    from conftest import make_expert, tiny_llama
+    from peft import get_peft_model
+
+    from peft_glider import GliderConfig, save_gates
+
+    folder = make_expert(tiny_llama, tmp_path / "e0", seed=1)
+    gates = {"model.layers.0.self_attn.q_proj": torch.randn(32), "model.layers.0.self_attn.v_proj": torch.randn(32),
+             "model.layers.1.self_attn.q_proj": torch.randn(32), "model.layers.1.self_attn.v_proj": torch.randn(32)}
+    save_gates(gates, folder)
+    model = get_peft_model(tiny_llama(), GliderConfig(experts=[folder], top_k=1))
+    [expert] = model.base_model._libraries["default"].experts
+    held = [value for field in dataclasses.fields(expert) for value in [getattr(expert, field.name)]
+            if isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values())]
+    assert not held
+    torch.testing.assert_close(model.base_model.get_gates()["e0"], gates)  # installed all the same
+    assert expert.gates.keys() == gates.keys()
