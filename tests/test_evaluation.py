@@ -4,7 +4,7 @@ and an end-to-end run on tiny stand-ins for SmolLM2 and BIG-bench (the real quic
 from __future__ import annotations
 
 import json
-import os
+import random
 import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import replace
@@ -439,13 +439,60 @@ def test_cli_large_library_settings_and_a_bad_compare_file(tmp_path: Path):
         cli.main(["--compare", str(tmp_path / "bad.json"), "--cache-dir", str(tmp_path / "cache")])
 
 
+WORDS = {
+    "animal": ["cat", "dog", "horse", "tiger", "rabbit", "eagle", "shark", "mouse", "camel", "zebra", "otter", "wolf"],
+    "fruit": ["apple", "banana", "cherry", "mango", "peach", "grape", "lemon", "plum", "melon", "kiwi", "pear", "lime"],
+    "positive": ["wonderful", "great", "delightful", "excellent", "lovely", "brilliant", "superb", "charming"],
+    "negative": ["terrible", "awful", "boring", "dreadful", "horrible", "dull", "painful", "disappointing"],
+    "thing": ["film", "meal", "hotel", "concert", "book", "trip", "service", "game", "show", "room"],
+    "place": ["market", "zoo", "park", "farm", "shop", "garden", "beach", "kitchen"],
+}
+
+
+def stand_in_tasks(folder: Path, library_only: int = 0) -> dict[str, list[str]]:
+    """Small multiple-choice tasks made on the fly (seeded) as a user's `--tasks-dir`: five a base model half solves
+    and a LoRA learns in a few steps, and `library_only` more (a number per task in the phrasing) for library-only
+    experts. Returns the task names: {"held_in", "held_out", "library"}."""
+    generator = random.Random(0)
+    makers = {
+        "parity": lambda: (lambda n: (f"Is {n} even or odd?", ["even", "odd"], n % 2))(generator.randrange(10, 999)),
+        "larger": lambda: (lambda a, b: (f"Which number is larger, {a} or {b}?", [str(a), str(b)], int(b > a)))(
+            *generator.sample(range(10, 999), 2)),
+        "sentiment": lambda: (lambda kind: (
+            f"Review: 'The {generator.choice(WORDS['thing'])} was {generator.choice(WORDS[kind])}.' Is the review "
+            "positive or negative?", ["positive", "negative"], int(kind == "negative")))(
+            generator.choice(["positive", "negative"])),
+        "first_letter": lambda: (lambda word, other: (
+            f"What is the first letter of the word '{word}'?", [word[0], other], 0))(
+            generator.choice(WORDS["animal"] + WORDS["fruit"]), generator.choice("xqjvy")),
+        "category": lambda: (lambda kind, place: (lambda word: (
+            f"In 'I saw a {word} at the {place}', is the {word} an animal or a fruit?", ["animal", "fruit"],
+            int(kind == "fruit")))(generator.choice(WORDS[kind])))(
+            generator.choice(["animal", "fruit"]), generator.choice(WORDS["place"])),
+    }
+    for index in range(library_only):
+        makers[f"threshold_{index}"] = lambda index=index: (lambda n: (
+            f"Is {n} greater than {100 * (index + 1)}?", ["yes", "no"], int(n <= 100 * (index + 1))))(
+            generator.randrange(1, 1500))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, make in makers.items():
+        rows = []
+        for _ in range(160):
+            question, choices, target = make()
+            rows.append(json.dumps({"input": question, "choices": choices, "target": target}))
+        (folder / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+    names = list(makers)
+    return {"held_in": names[:3], "held_out": names[3:5], "library": names[5:]}
+
+
 @pytest.mark.slow
-def test_quick_run_on_the_real_parts_within_ten_minutes(tmp_path: Path):
-    """The real thing: SmolLM2-135M, BIG-bench and BBC News (set-up downloads them from the package registry)."""
-    cache = Path(os.environ.get("GLIDER_EVAL_CACHE", tmp_path / "cache"))
-    assets.setup(cache, run.QUICK_HELD_IN + run.QUICK_HELD_OUT)  # downloads are not part of the budget
+def test_quick_run_on_smollm2_and_stand_in_tasks_within_ten_minutes(tmp_path: Path):
+    """The real model (SmolLM2-135M from its wheel) end to end on tasks made on the fly: no data that can vanish."""
+    tasks = stand_in_tasks(tmp_path / "tasks")
     start = time.perf_counter()
-    assert cli.main(["--quick", "--cache-dir", str(cache), "--out", str(tmp_path / "out")]) == 0
+    assert cli.main(["--quick", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+                     "--tasks-dir", str(tmp_path / "tasks"), "--held-in", *tasks["held_in"],
+                     "--held-out", *tasks["held_out"]]) == 0
     assert time.perf_counter() - start < 600
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     oracle = run.averages(results, methods.ORACLE)[0]
@@ -454,16 +501,18 @@ def test_quick_run_on_the_real_parts_within_ten_minutes(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_quick_large_library_run_on_the_real_parts_within_fifteen_minutes(tmp_path: Path):
-    cache = Path(os.environ.get("GLIDER_EVAL_CACHE", tmp_path / "cache"))
-    settings = cli.settings_from(cli.parse_args(["--quick", "--library", "large"]))
-    assets.setup(cache, settings.evaluated + settings.library)  # downloads are not part of the budget
+def test_quick_large_library_run_on_smollm2_and_stand_in_tasks_within_fifteen_minutes(tmp_path: Path, monkeypatch):
+    tasks = stand_in_tasks(tmp_path / "tasks", library_only=run.QUICK_LARGE_LIBRARY)
+    monkeypatch.setattr(run, "LARGE_LIBRARY", tasks["library"])
     start = time.perf_counter()
-    assert cli.main(["--quick", "--library", "large", "--cache-dir", str(cache), "--out", str(tmp_path / "out")]) == 0
+    assert cli.main(["--quick", "--library", "large", "--cache-dir", str(tmp_path / "cache"), "--out",
+                     str(tmp_path / "out"), "--tasks-dir", str(tmp_path / "tasks"), "--held-in", *tasks["held_in"],
+                     "--held-out", *tasks["held_out"]]) == 0
     assert time.perf_counter() - start < 900
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(results["library"]) == run.QUICK_LARGE_LIBRARY
-    assert len(results["global_routing"]["samples"]["tasks"]["implicatures"]["cosine"]) == 3 + run.QUICK_LARGE_LIBRARY
+    held_out = tasks["held_out"][0]
+    assert len(results["global_routing"]["samples"]["tasks"][held_out]["cosine"]) == 3 + run.QUICK_LARGE_LIBRARY
     assert run.averages(results, methods.ORACLE)[0] > run.averages(results, "Base (zero-shot)")[0]
 
 
