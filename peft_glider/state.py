@@ -152,12 +152,13 @@ class CallRouting:
     ) -> Optional[Candidates]:
         """Each row's M candidate experts at the module of `bank`, with their router rows (gathered from `source`,
         the router rows, or computed by `rows_of` from `source`, the gates) and global bias; None when the call has
-        no global scores or M covers every expert. Gathered once per call and module (again only if `source`
-        changed: gates under training), and checked resident once."""
+        no global scores or M covers every expert. Gathered once per call and module, and checked resident once;
+        again when `source` changed, and at every forward while gradients flow into it (gates under training: each
+        forward's rows carry its own graph, from the gates as the optimizer left them)."""
         if not self.has_candidates(num_candidates):
             return None
         cached = self._candidates.get(bank)
-        if cached is not None and cached.source is source:
+        if cached is not None and cached.source is source and not (torch.is_grad_enabled() and source.requires_grad):
             return cached
         gathered = gather_candidates(self.row_scores, self.row_bias, source, bank.present, num_candidates, rows_of)
         if bank.partial:

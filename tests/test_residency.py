@@ -261,3 +261,29 @@ def test_threads_with_different_candidates_under_a_small_budget_route_as_every_e
         thread.join(timeout=300)
     assert not errors and not wrong, (errors[:3], wrong[:5])
     assert len(library.resident) <= 4 and reads[0] > 20  # the budget turned over many times
+
+
+def test_training_steps_inside_one_global_scores_context_under_a_budget_follow_the_gates(experts):
+    """Under a budget the candidates' router rows are computed from their gates; inside one context (one call) a
+    training loop's second step must see the gates the optimizer just moved, through a fresh graph, as without a
+    budget."""
+    ids, row_scores = input_ids(batch=2), scores(2, seed=4)
+
+    def two_steps(model) -> list[torch.Tensor]:
+        model.train()
+        gates = [p for n, p in model.named_parameters() if "glider_gates" in n]
+        optimizer = torch.optim.SGD(gates, lr=1.0)
+        losses = []
+        with model.base_model.global_scores(row_scores):
+            for _ in range(2):
+                loss = model(input_ids=ids).logits.square().mean()
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(loss.detach())
+        return losses
+
+    budgeted = two_steps(build(experts, max_resident_experts=4))
+    unbounded = two_steps(build(experts))
+    torch.testing.assert_close(torch.stack(budgeted), torch.stack(unbounded))
+    assert budgeted[1] != budgeted[0]
