@@ -154,6 +154,17 @@ def gate_parameter(gates: torch.Tensor, requires_grad: bool) -> nn.Parameter:
         return nn.Parameter(gates, requires_grad=requires_grad)
 
 
+def _dora_prepared(factors: LoraFactors, weight: torch.Tensor) -> LoraFactors:
+    """A DoRA expert's factors against the base weight (out, in) float32: `g * B` and the shift `g - 1` (see
+    `GliderLayer.prepared`)."""
+    A, B = factors.A, factors.B
+    with torch.no_grad():
+        lora = factors.scaling * (B.float() @ A.float())  # (out, in)
+        g = factors.magnitude.float() / torch.linalg.norm(weight.to(B.device) + lora, dim=1)  # (out,)
+    return LoraFactors(A, (B.float() * g[:, None]).to(B.dtype), factors.scaling, bias=factors.bias,
+                       shift=(g - 1).to(B.dtype))
+
+
 def _packed_to(packed: Packed, device: torch.device, dtype: Optional[torch.dtype]) -> Packed:
     """The packed tensors on `device`, the floating ones in `dtype` (None: kept)."""
     floating = {name: getattr(packed, name) for name in ("A", "BT", "rank_scaling", "shift", "bias")}
@@ -269,7 +280,7 @@ class GliderLayer(BaseTunerLayer):
         adapts = None
         if resident is not None:
             adapts = torch.tensor([factors is not None for factors in experts])
-        held = [self.prepared(f) if resident is None or i in resident else None for i, f in enumerate(experts)]
+        held = self.prepared([f if resident is None or i in resident else None for i, f in enumerate(experts)])
         gates = torch.zeros(len(experts), self.in_features)
         for index, factors in enumerate(experts):
             if factors is not None:
@@ -294,21 +305,21 @@ class GliderLayer(BaseTunerLayer):
         dtype = weight.dtype if weight is not None and weight.dtype.is_floating_point else None
         return device, dtype
 
-    def prepared(self, factors: Optional[LoraFactors]) -> Optional[LoraFactors]:
-        """An expert's factors as the kernels use them here. A DoRA expert computes `g * (W x + s B A x)` with
-        `g = m / ||W + s B A||` per output row (the base weight W, norms over the input axis, as PEFT computes them
-        and detaches them); its delta over the base output is `(g - 1) * W x + s (g * B) A x`: B is rescaled by g
-        and `g - 1` kept as the expert's shift (mixed by the routing weights, times the base output without its
-        bias). Other factors are returned as they are."""
-        if factors is None or not factors.is_dora:
-            return factors
-        A, B = factors.A, factors.B
-        with torch.no_grad():
-            weight = base_weight(self.get_base_layer()).to(B.device)
-            lora = factors.scaling * (B.float() @ A.float())  # (out, in)
-            g = factors.magnitude.float() / torch.linalg.norm(weight + lora, dim=1)  # (out,)
-        return LoraFactors(A, (B.float() * g[:, None]).to(B.dtype), factors.scaling, bias=factors.bias,
-                           shift=(g - 1).to(B.dtype))
+    def prepared(self, experts: Sequence[Optional[LoraFactors]]) -> list[Optional[LoraFactors]]:
+        """Experts' factors as the kernels use them here (None stays None). A DoRA expert computes
+        `g * (W x + s B A x)` with `g = m / ||W + s B A||` per output row (the base weight W, norms over the input
+        axis, as PEFT computes them and detaches them); its delta over the base output is
+        `(g - 1) * W x + s (g * B) A x`: B is rescaled by g and `g - 1` kept as the expert's shift (mixed by the
+        routing weights, times the base output without its bias). Other factors are returned as they are. The base
+        weight is read once, and only when a DoRA expert is among them."""
+        weight = None
+        prepared = []
+        for factors in experts:
+            if factors is not None and factors.is_dora:
+                weight = base_weight(self.get_base_layer()) if weight is None else weight
+                factors = _dora_prepared(factors, weight)
+            prepared.append(factors)
+        return prepared
 
     def _initial_gate(self, factors: LoraFactors, state: RoutingState) -> torch.Tensor:
         """A new expert's gate here: zeros (Phatgoose, until trained or set), or its prototype (Arrow)."""
@@ -325,7 +336,7 @@ class GliderLayer(BaseTunerLayer):
         with torch.no_grad():
             if adapts is not None:  # under a resident-experts budget it starts out of residence
                 adapts = torch.cat([adapts, torch.tensor([factors is not None], device=adapts.device)])
-            held = self.prepared(factors) if adapts is None else None
+            held = self.prepared([factors])[0] if adapts is None else None
             packed = bank.appended(held)
             if gate is None:
                 gate = self._initial_gate(held or factors, state) if factors is not None else torch.zeros(self.in_features)
@@ -354,7 +365,7 @@ class GliderLayer(BaseTunerLayer):
         current = self.installed_snapshot(adapter_name)
         bank = current.bank
         with torch.no_grad():
-            packed = pack_experts([self.prepared(f) for f in experts], (self.in_features, self.out_features))
+            packed = pack_experts(self.prepared(experts), (self.in_features, self.out_features))
             packed = _packed_to(packed, bank.device, bank.dtype)
         snapshot = self._install(adapter_name, packed, current.gates, bank.adapts)
         snapshot.inherit_rows(current)  # the same gates: their router rows (E, in) need not be computed again
