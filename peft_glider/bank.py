@@ -96,7 +96,7 @@ class ExpertBank:
     # (E,) bool: the experts adapting the module, when not all of their factors are here (a resident-experts
     # budget); None: exactly the experts with factors here adapt it.
     adapts: torch.Tensor | None = None
-    # (E, o) per-expert output terms, mixed by the routing weights (`kernels.add_output_terms`): DoRA's g - 1, which
+    # (E, o) per-expert output terms, mixed by the routing weights (`kernels.output_terms`): DoRA's g - 1, which
     # multiplies the base layer's output W x, and the B factors' biases (times the scaling); None where no expert has
     shift: torch.Tensor | None = None
     bias: torch.Tensor | None = None
@@ -144,7 +144,6 @@ class ExpertBank:
         """The bank of these experts (None: absent from the module), packed in routing order (`pack_experts`)."""
         packed = pack_experts(experts)
         return cls(**packed._asdict(), expert_slot=expert_slots(packed.spans))
-
 
     def adapting(self, index: int) -> bool:
         """Whether expert `index` adapts this module (its factors here or not)."""

@@ -269,17 +269,17 @@ def output_terms(selection: Selection, bank: ExpertBank, base: torch.Tensor | No
     their shift is `g - 1`). Computed with torch on every kernel path (the low-rank products stay the kernel's)."""
     weights = selection.weights if selection.weights.dtype == bank.dtype else selection.weights.to(bank.dtype)
     if bank.num_experts <= _DENSE_TERMS_MAX_EXPERTS:  # one (N, E) x (E, o) product: fewer calls than gathering
-        dense = weights.new_zeros(weights.shape[0], bank.num_experts).scatter_(1, selection.indices, weights)
-        mix = lambda terms, row_weights=dense: row_weights @ terms  # noqa: E731
-        scaled = dense * bank.expert_scaling
+        weights = weights.new_zeros(weights.shape[0], bank.num_experts).scatter_(1, selection.indices, weights)
+        scaling = bank.expert_scaling  # (E,)
+        mix = torch.mm
     else:  # (N, k, o) gathered: memory and work in k, not E
-        mix = lambda terms, row_weights=weights: torch.einsum("nk,nko->no", row_weights, terms[selection.indices])  # noqa: E731
-        scaled = weights * bank.expert_scaling[selection.indices]
+        scaling = bank.expert_scaling[selection.indices]  # (N, k)
+        mix = lambda row_weights, terms: torch.einsum("nk,nko->no", row_weights, terms[selection.indices])  # noqa: E731
     terms = None
     if bank.shift is not None:
-        terms = mix(bank.shift) * (base if base.dtype == bank.dtype else base.to(bank.dtype))
+        terms = mix(weights, bank.shift) * (base if base.dtype == bank.dtype else base.to(bank.dtype))
     if bank.bias is not None:
-        biases = mix(bank.bias, scaled)
+        biases = mix(weights * scaling, bank.bias)
         terms = biases if terms is None else terms + biases
     return terms
 
