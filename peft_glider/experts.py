@@ -187,7 +187,8 @@ class SafetensorsReader:
         header.pop("__metadata__", None)
         # key -> (dtype, shape, start, end): compact, since a large library keeps one reader per expert
         self._entries = {
-            sys.intern(key): (entry["dtype"], tuple(entry["shape"]), *entry["data_offsets"]) for key, entry in header.items()
+            sys.intern(key): (entry["dtype"], tuple(entry["shape"]), *entry["data_offsets"])
+            for key, entry in header.items()
         }
         self._data_start = 8 + header_size
         data_size = max((end for *_, end in self._entries.values()), default=0)
@@ -273,7 +274,9 @@ def _check_lora_config(name: str, config: PeftConfig) -> None:
             "docs/experts.md."
         )
     if getattr(config, "target_parameters", None):
-        raise ValueError(f"Expert '{name}' adapts parameters directly (target_parameters), which Glider does not route.")
+        raise ValueError(
+            f"Expert '{name}' adapts parameters directly (target_parameters), which Glider does not route."
+        )
 
 
 def _check_variant_tensors(name: str, config: PeftConfig, keys: dict[str, dict[str, str]]) -> None:
@@ -305,7 +308,8 @@ _EMBEDDING = (".lora_embedding_A", ".lora_embedding_B")
 
 def _module_keys(name: str, keys: list[str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
     """From a PEFT LoRA checkpoint's keys: module name -> {"A": key, "B": key, and "magnitude" / "bias" where
-    present}, and module name -> key of a base-layer weight saved beside the LoRA (checked by `check_fits`)."""
+    present}, and module name -> key of a base-layer weight saved beside the LoRA (checked by
+    `library.check_base_weights`)."""
     modules: dict[str, dict[str, str]] = {}
     base_weights = {}
     for key in keys:
@@ -395,17 +399,14 @@ def load_expert(entry: dict[str, Any], hash_tensors: bool = True) -> LoadedExper
                 f"Expert '{name}': {weights} is truncated or not a safetensors file ({err}): delete it (for a Hub "
                 "expert, its entry in the Hub cache) and download it again."
             ) from err
-        keys, base_keys = _module_keys(name, reader.keys)
-        _check_variant_tensors(name, config, keys)
-        factors = _factors(name, config, keys, reader.shape, reader.read, weights)
-        read = reader.read
+        names, shape, read, path = reader.keys, reader.shape, reader.read, weights
     else:
         state = load_peft_weights(folder, device="cpu")
+        names, shape, read = list(state), lambda k: state[k].shape, state.__getitem__
         path = os.path.join(folder, WEIGHTS_NAME)
-        keys, base_keys = _module_keys(name, list(state))
-        _check_variant_tensors(name, config, keys)
-        factors = _factors(name, config, keys, lambda k: state[k].shape, state.__getitem__, path)
-        read = state.__getitem__
+    keys, base_keys = _module_keys(name, names)
+    _check_variant_tensors(name, config, keys)
+    factors = _factors(name, config, keys, shape, read, path)
     gates = gates_reader(folder, name, factors)
     sha256 = tensor_sha256(factors, name) if hash_tensors or "sha256" not in entry else entry["sha256"]
     base_weights = {module: functools.partial(read, key) for module, key in base_keys.items()}
@@ -425,7 +426,9 @@ def save_gates(gates: dict[str, torch.Tensor], folder: str | os.PathLike) -> str
     return path
 
 
-def gates_reader(folder: str, name: str, factors: dict[str, LoraFactors]) -> Optional[Callable[[], dict[str, torch.Tensor]]]:
+def gates_reader(
+    folder: str, name: str, factors: dict[str, LoraFactors]
+) -> Optional[Callable[[], dict[str, torch.Tensor]]]:
     """A reader of the gates an expert carries beside its adapter files (None when it has none), checked now against
     its modules from the file's header alone; the tensors are read when the reader is called."""
     path = os.path.join(folder, GATES_FILE)

@@ -258,7 +258,8 @@ def delta_gated_single(
     hidden = (x @ bank.A[start:end].T) * (probability * bank.rank_scaling[start])[:, None]
     delta = hidden @ bank.BT[start:end]
     if bank.has_output_terms:
-        one = Selection(indices=torch.full_like(probability, expert, dtype=torch.long)[:, None], weights=probability[:, None])
+        indices = torch.full_like(probability, expert, dtype=torch.long)[:, None]
+        one = Selection(indices=indices, weights=probability[:, None])
         delta = delta + output_terms(one, bank, base)
     return delta
 

@@ -339,7 +339,7 @@ class GliderLayer(BaseTunerLayer):
             held = self.prepared([factors])[0] if adapts is None else None
             packed = bank.appended(held)
             if gate is None:
-                gate = self._initial_gate(held or factors, state) if factors is not None else torch.zeros(self.in_features)
+                gate = torch.zeros(self.in_features) if factors is None else self._initial_gate(held or factors, state)
             old_gates = current.gates.detach()
             gates = torch.cat([old_gates, gate.to(old_gates.device, old_gates.dtype)[None]])
         return self._install(adapter_name, packed, gate_parameter(gates, current.gates.requires_grad), adapts)
@@ -586,7 +586,8 @@ class GliderLinear(nn.Module, GliderLayer):
         if bank.adapts is not None and call.has_candidates(state.candidates):
             # A resident-experts budget: only the call's candidates' rows are computed (once per call and module),
             # never the rows of all E experts, which would grow with the library, not the budget.
-            candidates = call.candidates_at(bank, snapshot.gates, state.candidates, lambda g: snapshot.rows_of(g, state))
+            rows_of = lambda gates: snapshot.rows_of(gates, state)  # noqa: E731
+            candidates = call.candidates_at(bank, snapshot.gates, state.candidates, rows_of)
             router_rows = candidates.rows
         else:
             router_rows = snapshot.router_rows(state)
