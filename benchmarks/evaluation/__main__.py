@@ -19,7 +19,7 @@ from pathlib import Path
 from .assets import default_cache_dir
 from .library import ExpertSettings
 from .run import Pipeline, RunSettings, write_text_atomically
-from .sources import TaskSourceError, task_sources
+from .sources import TaskSourceError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.setup_only:
             from .assets import setup
 
-            setup(cache, settings.evaluated + settings.library, task_sources(settings.bigbench_dir, settings.tasks_dir))
+            setup(cache, settings.evaluated + settings.library, settings.task_sources())
             print(f"Set-up done in {cache}")
             return 0
         from .report import markdown, svg_plot

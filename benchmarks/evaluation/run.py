@@ -25,7 +25,7 @@ from peft_glider.global_router import GlobalRouter, LocalModelWriter, OpenAIWrit
 from . import assets, methods
 from .library import ExpertSettings, build_library, library_only_folder
 from .scoring import rank_classify, tokenize_options
-from .sources import task_sources
+from .sources import TaskSource, task_sources
 from .tasks import TaskSplit, library_split, load_task, majority_answer, split_task
 
 DEFAULT_HELD_IN = [
@@ -71,6 +71,10 @@ class RunSettings:
     llm_source: bool = True  # also route with SmolLM2's instructions (the "GLIDER α=auto · llm" row)
     bigbench_dir: Optional[str] = None  # a local BIG-bench checkout or task folders, tried first (sources.py)
     tasks_dir: Optional[str] = None  # the user's own tasks, <task>.jsonl, tried next
+
+    def task_sources(self) -> list[TaskSource]:
+        """Where this run's tasks are read from, in the order tried (the user's folders first)."""
+        return task_sources(self.bigbench_dir, self.tasks_dir)
 
     @classmethod
     def quick(cls, **overrides: Any) -> "RunSettings":
@@ -144,7 +148,7 @@ class Pipeline:
         self.settings, self.cache = settings, cache
         self.tasks = settings.evaluated
         start = time.perf_counter()
-        assets.setup(cache, self.tasks + settings.library, task_sources(settings.bigbench_dir, settings.tasks_dir))
+        assets.setup(cache, self.tasks + settings.library, settings.task_sources())
         self.setup_seconds = time.perf_counter() - start
         self.tokenizer = AutoTokenizer.from_pretrained(assets.base_model_dir(cache))
         self.splits: dict[str, TaskSplit] = {
