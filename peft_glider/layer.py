@@ -112,8 +112,8 @@ class LayerSnapshot:
         self.bank, self.gates, self._rows = bank, gates, None
 
     def rows_of(self, gates: torch.Tensor, state: RoutingState) -> torch.Tensor:
-        """Router rows (n, in) float32 of some experts' gates (n, in), computed now (with autograd when gradients
-        are wanted for the gates), not cached: a call's candidates under a resident-experts budget."""
+        """Router rows (n, in) float32 of some experts' gates (n, in: all of this snapshot's, or a call's candidates'
+        under a resident-experts budget), computed now, with autograd when gradients are wanted for the gates."""
         if torch.is_grad_enabled() and self.gates.requires_grad:
             return _rows_from_gates(gates.float(), state)
         with torch.no_grad():
@@ -128,7 +128,7 @@ class LayerSnapshot:
         """
         gates = self.gates
         if torch.is_grad_enabled() and gates.requires_grad:
-            return _rows_from_gates(gates.float(), state)
+            return self.rows_of(gates, state)
         try:
             key = (gates._version, _optimizer_steps[0], gates.dtype, gates.device, state.local_router.name,
                    state.arrow_temperature)
@@ -137,8 +137,7 @@ class LayerSnapshot:
         cached = self._rows
         if key is not None and cached is not None and cached[0] is gates and cached[1] == key:
             return cached[2]
-        with torch.no_grad():
-            rows = _rows_from_gates(gates.detach().float(), state).clone()
+        rows = self.rows_of(gates, state).clone()
         if key is not None:
             self._rows = (gates, key, rows)
         return rows
