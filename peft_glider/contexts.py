@@ -58,9 +58,14 @@ class CallContexts:
 
     def bare_call_version(self) -> LibraryVersion:
         """The version a call outside any routing context routes with: the current one, with every expert made
-        resident first under a resident-experts budget (such a call scores them all)."""
+        resident first under a resident-experts budget (such a call scores them all; a gate-training call uses
+        only the expert under training)."""
         version = self.current_version()
-        return version if self.library.budget is None else self.library.resident_version(None)
+        if self.library.budget is None:
+            return version
+        call = self.state.current_call()
+        training = None if call is None else call.gate_training_expert
+        return self.library.resident_version(None if training is None else [version.expert_names[training]])
 
     def call_version(self) -> LibraryVersion:
         """The version a call routes with: the one an enclosing context of this call took, else the current one

@@ -89,32 +89,66 @@ class LayerSnapshot:
     Its content never changes: an edit installs new tensors in the layer and makes a new snapshot, so a call that
     holds an older version keeps routing with this one. Only its bindings follow the layer's tensors when they are
     moved or cast (`.to()`, a dtype cast, a checkpoint loaded with `assign=True`): the same values elsewhere.
-    The router rows computed from the gates are cached here, keyed by the gates object itself (held, so the key
-    cannot be reused by another tensor), its version counter, the optimizer steps taken, dtype and device.
+
+    `gates` is the layer's trainable parameter; `values` the rows this version routes with (the parameter's data
+    when the snapshot was made: under a resident-experts budget a residency change gives the parameter new data
+    and keeps its identity, for the optimizers that hold it). Without a budget row e is expert e's gate; under one
+    `gate_slot` (E,) says which row holds each resident expert's (-1: not resident, its gate in the library's
+    `GateStore`). The router rows computed from the values are cached here, keyed by the values tensor itself
+    (held, so the key cannot be reused by another tensor), its version counter, the optimizer steps taken, dtype
+    and device.
     """
 
-    __slots__ = ("bank", "gates", "k", "_rows")
+    __slots__ = ("bank", "gates", "values", "values_at", "gate_slot", "k", "_rows")
 
-    def __init__(self, bank: ExpertBank, gates: torch.Tensor, k: int) -> None:
+    def __init__(self, bank: ExpertBank, gates: torch.Tensor, k: int, gate_slot: Optional[torch.Tensor] = None) -> None:
         self.bank = bank
-        self.gates = gates  # (E, in)
+        self.gates = gates  # (E, in), or (max_resident_experts, in) under a budget
+        self.values = gates.detach()  # the same rows, without autograd; kept when the parameter's data is swapped
+        self.values_at = self.values.data_ptr()  # where they are: the layer follows its parameter when it moves
+        self.gate_slot = gate_slot  # (E,) long under a budget, on the gates' device; None: row = expert index
         self.k = k  # top_k capped by the number of experts present here
-        self._rows: Optional[tuple] = None  # (gates, the rest of the key, rows)
+        self._rows: Optional[tuple] = None  # (values, the rest of the key, rows)
 
-    def inherit_rows(self, previous: "LayerSnapshot") -> None:
-        """Take over `previous`'s cached router rows: valid here when both hold the same gates tensor (the cache is
-        keyed by it and its version)."""
-        if previous.gates is self.gates:
-            self._rows = previous._rows
-
-    def rebind(self, bank: ExpertBank, gates: torch.Tensor) -> None:
+    def rebind(self, bank: ExpertBank, gates: torch.Tensor, gate_slot: Optional[torch.Tensor]) -> None:
         """Point at the same values after the layer's tensors were moved or cast."""
-        self.bank, self.gates, self._rows = bank, gates, None
+        self.bank, self.gates, self.values, self.gate_slot, self._rows = bank, gates, gates.detach(), gate_slot, None
+        self.values_at = self.values.data_ptr()
+
+    @property
+    def in_features(self) -> int:
+        """The number of values of one gate (the module's input features)."""
+        return self.values.shape[1]
+
+    def source(self) -> torch.Tensor:
+        """The rows to route with: the trainable parameter when gradients are wanted for it (and it still holds this
+        version's rows), else the values."""
+        gates = self.gates
+        if torch.is_grad_enabled() and gates.requires_grad and gates.data_ptr() == self.values_at:
+            return gates
+        return self.values
+
+    def row(self, expert: int) -> Optional[int]:
+        """The row of `gates` holding expert `expert`'s gate; None when it is not resident (under a budget)."""
+        if self.gate_slot is None:
+            return expert
+        slot = int(self.gate_slot[expert])
+        return slot if slot >= 0 else None
+
+    def gate_of(self, expert: int) -> Optional[torch.Tensor]:
+        """Expert `expert`'s gate (in,) as this version holds it; None when it is not resident (under a budget)."""
+        row = self.row(expert)
+        return None if row is None else self.values[row]
+
+    def by_expert(self, source: torch.Tensor) -> torch.Tensor:
+        """`source`'s rows (E, in) in expert order (under a budget the rows of experts not resident are another
+        expert's: only ever read for experts routing masks out)."""
+        return source if self.gate_slot is None else source[self.gate_slot.clamp_min(0)]
 
     def rows_of(self, gates: torch.Tensor, state: RoutingState) -> torch.Tensor:
         """Router rows (n, in) float32 of some experts' gates (n, in: all of this snapshot's, or a call's candidates'
-        under a resident-experts budget), computed now, with autograd when gradients are wanted for the gates."""
-        if torch.is_grad_enabled() and self.gates.requires_grad:
+        under a resident-experts budget), computed now, with autograd when `gates` wants gradients."""
+        if torch.is_grad_enabled() and gates.requires_grad:
             return _rows_from_gates(gates.float(), state)
         with torch.no_grad():
             return _rows_from_gates(gates.detach().float(), state)
@@ -126,20 +160,20 @@ class LayerSnapshot:
         loss reaches the gates through the routing weights. Otherwise they are cached until the gates change: their
         version counter moves on every in-place update, and any optimizer step (fused ones move no counter) counts.
         """
-        gates = self.gates
-        if torch.is_grad_enabled() and gates.requires_grad:
-            return self.rows_of(gates, state)
+        source = self.source()
+        if source.requires_grad:
+            return self.rows_of(self.by_expert(source), state)
         try:
-            key = (gates._version, _optimizer_steps[0], gates.dtype, gates.device, state.local_router.name,
+            key = (source._version, _optimizer_steps[0], source.dtype, source.device, state.local_router.name,
                    state.arrow_temperature)
         except RuntimeError:  # inference tensors keep no version counter: do not cache
             key = None
         cached = self._rows
-        if key is not None and cached is not None and cached[0] is gates and cached[1] == key:
+        if key is not None and cached is not None and cached[0] is source and cached[1] == key:
             return cached[2]
-        rows = self.rows_of(gates, state).clone()
+        rows = self.rows_of(self.by_expert(source), state).clone()
         if key is not None:
-            self._rows = (gates, key, rows)
+            self._rows = (source, key, rows)
         return rows
 
 
@@ -197,6 +231,7 @@ class GliderLayer(BaseTunerLayer):
         "glider_rank_expert",
         "glider_rank_scaling",
         "glider_slot",
+        "glider_gate_slot",
         "glider_shift",
         "glider_bias",
         "glider_spans",
@@ -220,7 +255,10 @@ class GliderLayer(BaseTunerLayer):
                 "(nn.Linear, transformers' Conv1D)."
             )
         self.in_features, self.out_features = in_features, out_features
-        self.glider_gates = nn.ParameterDict({})  # (E, in) trainable gate vectors
+        # (E, in) trainable gate vectors; under a resident-experts budget (max_resident_experts, in): the resident
+        # experts' gates, at the rows `glider_gate_slot` (E,) gives (-1: not resident, in the library's GateStore)
+        self.glider_gates = nn.ParameterDict({})
+        self.glider_gate_slot = BufferDict({}, persistent=False)
         if train_expert_factors:  # opted in: the factors are trainable parameters, like the gates
             self.adapter_layer_names = ("glider_gates", "glider_A", "glider_B")
             self.glider_A = nn.ParameterDict({})
@@ -272,26 +310,35 @@ class GliderLayer(BaseTunerLayer):
 
         Factors take the base layer's dtype and execution device. Gates take the base layer's dtype too (PEFT's
         `autocast_adapter_dtype` then upcasts half precision to float32), or keep the dtype this adapter's gates
-        already have here; under Arrow they hold the experts' prototypes."""
+        already have here; under Arrow they hold the experts' prototypes. Under a budget the gates of experts not
+        resident go to the library's `GateStore`."""
         self.glider_routing[adapter_name] = routing_state
         self.glider_library[adapter_name] = library
         previous = self.glider_gates[adapter_name] if adapter_name in self.glider_gates else None
-        adapts = None
+        adapts = gate_slot = None
         if resident is not None:
             adapts = torch.tensor([factors is not None for factors in experts])
+            gate_slot = library.gate_slots()
         held = self.prepared([f if resident is None or i in resident else None for i, f in enumerate(experts)])
-        gates = torch.zeros(len(experts), self.in_features)
+        gates = torch.zeros(len(experts) if resident is None else library.budget, self.in_features)
         for index, factors in enumerate(experts):
-            if factors is not None:
-                gates[index] = self._initial_gate(held[index] or factors, routing_state)
+            if factors is None:
+                continue
+            gate = self._initial_gate(held[index] or factors, routing_state)
+            row = index if gate_slot is None else int(gate_slot[index])
+            if row >= 0:
+                gates[row] = gate
+            elif gate.any():  # zeros need no writing: a row never written reads as zeros
+                library.keep_cold_gate(self.module_name, index, gate)
         packed = pack_experts(held, (self.in_features, self.out_features))
         device, dtype = self._placement(device)
         if device is not None:
             packed = _packed_to(packed, device, dtype)
             adapts = None if adapts is None else adapts.to(device)
+            gate_slot = None if gate_slot is None else gate_slot.to(device)
             gates = gates.to(device, dtype=previous.dtype if previous is not None else dtype)
         requires_grad = previous.requires_grad if previous is not None else True
-        snapshot = self._install(adapter_name, packed, gate_parameter(gates, requires_grad), adapts)
+        snapshot = self._install(adapter_name, packed, gate_parameter(gates, requires_grad), adapts, gate_slot)
         self.set_adapter(self.active_adapters)
         return snapshot
 
@@ -328,58 +375,94 @@ class GliderLayer(BaseTunerLayer):
         self, adapter_name: str, factors: Optional[LoraFactors], gate: Optional[torch.Tensor] = None
     ) -> LayerSnapshot:
         """Add one expert after the others (None: it does not adapt this module), with its gate (default zeros, or
-        its prototype under Arrow). The other experts' factors and gates are not copied out or changed."""
+        its prototype under Arrow). The other experts' factors and gates are not copied out or changed. Under a
+        resident-experts budget it starts out of residence: its gate goes to the library's `GateStore`."""
         current = self.installed_snapshot(adapter_name)
         bank, state = current.bank, self.glider_routing[adapter_name]
         adapts = bank.adapts
         with torch.no_grad():
-            if adapts is not None:  # under a resident-experts budget it starts out of residence
-                adapts = torch.cat([adapts, torch.tensor([factors is not None], device=adapts.device)])
             held = self.prepared([factors])[0] if adapts is None else None
             packed = bank.appended(held)
             if gate is None:
                 gate = torch.zeros(self.in_features) if factors is None else self._initial_gate(held or factors, state)
+            if adapts is not None:
+                adapts = torch.cat([adapts, torch.tensor([factors is not None], device=adapts.device)])
+                gate_slot = torch.cat([current.gate_slot, current.gate_slot.new_full((1,), -1)])
+                if factors is not None and gate.any():
+                    self.glider_library[adapter_name].keep_cold_gate(self.module_name, bank.num_experts, gate)
+                return self._install(adapter_name, packed, current.gates, adapts, gate_slot)
             old_gates = current.gates.detach()
             gates = torch.cat([old_gates, gate.to(old_gates.device, old_gates.dtype)[None]])
-        return self._install(adapter_name, packed, gate_parameter(gates, current.gates.requires_grad), adapts)
+        return self._install(adapter_name, packed, gate_parameter(gates, current.gates.requires_grad))
 
     def remove_expert(self, adapter_name: str, index: int) -> Optional[LayerSnapshot]:
-        """Drop expert `index` here; None (and nothing changed) when it is the only expert adapting this module."""
+        """Drop expert `index` here; None (and nothing changed) when it is the only expert adapting this module.
+        Under a budget the gate rows stay as they are (the library frees the expert's slot)."""
         current = self.installed_snapshot(adapter_name)
         bank = current.bank
         if bank.adapting(index) and bank.num_adapting == 1:
             return None
+        keep = [i for i in range(bank.num_experts) if i != index]
         with torch.no_grad():
             packed = bank.without(index)
-            keep = [i for i in range(bank.num_experts) if i != index]
+            if bank.adapts is not None:
+                return self._install(adapter_name, packed, current.gates, bank.adapts[keep], current.gate_slot[keep])
             gates = current.gates.detach()[keep]
-        return self._install(
-            adapter_name, packed, gate_parameter(gates, current.gates.requires_grad),
-            None if bank.adapts is None else bank.adapts[keep],
-        )
+        return self._install(adapter_name, packed, gate_parameter(gates, current.gates.requires_grad))
 
-    def install_resident(self, adapter_name: str, experts: Sequence[Optional[LoraFactors]]) -> LayerSnapshot:
+    def install_resident(
+        self,
+        adapter_name: str,
+        experts: Sequence[Optional[LoraFactors]],
+        gate_slot: torch.Tensor,
+        incoming: Mapping[int, torch.Tensor],
+    ) -> LayerSnapshot:
         """Hold exactly these experts' factors here (None: not resident, or not adapting this module), under a
-        resident-experts budget; the gates and which experts adapt the module stay as they are."""
+        resident-experts budget, with the gates at the rows `gate_slot` (E,) gives; `incoming` (row -> (in,)) the
+        gates of the experts made resident now. The gate parameter keeps its identity (an optimizer may hold it) and
+        takes new data: the snapshots of older versions keep the rows they route with."""
         current = self.installed_snapshot(adapter_name)
         bank = current.bank
         with torch.no_grad():
             packed = pack_experts(self.prepared(experts), (self.in_features, self.out_features))
             packed = _packed_to(packed, bank.device, bank.dtype)
-        snapshot = self._install(adapter_name, packed, current.gates, bank.adapts)
-        snapshot.inherit_rows(current)  # the same gates: their router rows (E, in) need not be computed again
-        return snapshot
+            self._swap_gate_rows(adapter_name, current, incoming)
+        return self._install(adapter_name, packed, current.gates, bank.adapts, gate_slot.to(current.values.device))
 
     def replace_gates(self, adapter_name: str, rows: Mapping[int, torch.Tensor]) -> LayerSnapshot:
-        """New gate tensor with `rows` (expert index -> (in,) vector) replaced; the factors stay as they are."""
+        """New gates `rows` (expert index -> (in,) vector); the factors stay as they are. Without a budget the gates
+        are a new tensor; under one the resident experts' rows are new data of the same parameter, the others go to
+        the library's `GateStore`."""
         current = self.installed_snapshot(adapter_name)
         with torch.no_grad():
-            gates = current.gates.detach().clone()
-            for index, vector in rows.items():
-                gates[index] = vector.to(gates.device, gates.dtype)
-        self._installed[adapter_name] = None
-        self.glider_gates[adapter_name] = gate_parameter(gates, current.gates.requires_grad)
+            if current.gate_slot is None:
+                gates = current.gates.detach().clone()
+                for index, vector in rows.items():
+                    gates[index] = vector.to(gates.device, gates.dtype)
+                self._installed[adapter_name] = None
+                self.glider_gates[adapter_name] = gate_parameter(gates, current.gates.requires_grad)
+            else:
+                resident = {}
+                for index, vector in rows.items():
+                    row = current.row(index)
+                    if row is None:
+                        self.glider_library[adapter_name].keep_cold_gate(self.module_name, index, vector)
+                    else:
+                        resident[row] = vector
+                self._swap_gate_rows(adapter_name, current, resident)
         return self._snapshot_installed(adapter_name)
+
+    def _swap_gate_rows(self, adapter_name: str, current: LayerSnapshot, rows: Mapping[int, torch.Tensor]) -> None:
+        """Give the gate parameter new data: `current`'s values with `rows` (row -> (in,)) replaced (nothing when
+        there are none). `current` keeps the old data as its values, and is marked uninstalled first: calls of
+        older versions must not follow the parameter to the new data."""
+        self._installed[adapter_name] = None
+        if not rows:
+            return
+        values = current.values.clone()
+        for row, vector in rows.items():
+            values[row] = vector.to(values.device, values.dtype)
+        current.gates.data = values
 
     def release(self, adapter_name: str, version_number: int) -> None:
         """No expert of the adapter adapts this module any more from version `version_number` on: drop its tensors
@@ -388,17 +471,23 @@ class GliderLayer(BaseTunerLayer):
         self.released_in[adapter_name] = version_number
         self._installed[adapter_name] = None
         for name in ("glider_gates", "glider_A", "glider_B", "glider_rank_expert", "glider_rank_scaling", "glider_slot",
-                     "glider_shift", "glider_bias", "glider_spans", "glider_adapts", "glider_awaiting_checkpoint",
-                     "_installed"):  # fmt: skip
+                     "glider_gate_slot", "glider_shift", "glider_bias", "glider_spans", "glider_adapts",
+                     "glider_awaiting_checkpoint", "_installed"):  # fmt: skip
             container = getattr(self, name)
             if adapter_name in container:
                 del container[adapter_name]
 
     def _install(
-        self, adapter_name: str, packed: Packed, gates: nn.Parameter, adapts: Optional[torch.Tensor] = None
+        self,
+        adapter_name: str,
+        packed: Packed,
+        gates: nn.Parameter,
+        adapts: Optional[torch.Tensor] = None,
+        gate_slot: Optional[torch.Tensor] = None,
     ) -> LayerSnapshot:
         """Make these the adapter's tensors here and snapshot them. Nothing an older snapshot holds is written to.
-        `adapts`: (E,) bool, the experts adapting the module under a resident-experts budget (None: no budget)."""
+        Under a resident-experts budget: `adapts` (E,) bool, the experts adapting the module, and `gate_slot` (E,),
+        each resident expert's row of `gates` (None, None: no budget)."""
         self._installed[adapter_name] = None  # calls of older versions must not rebind to what follows
         self.glider_A[adapter_name] = packed.A
         self.glider_B[adapter_name] = packed.BT
@@ -413,13 +502,15 @@ class GliderLayer(BaseTunerLayer):
                 del container[adapter_name]
         if adapts is not None:
             self.glider_adapts[adapter_name] = adapts
+            self.glider_gate_slot[adapter_name] = gate_slot
         self.glider_gates[adapter_name] = gates
         return self._snapshot_installed(adapter_name)
 
     def _snapshot_installed(self, adapter_name: str) -> LayerSnapshot:
         bank = self._bank(adapter_name)
         k = min(self.glider_routing[adapter_name].top_k, bank.num_adapting)
-        snapshot = LayerSnapshot(bank, self.glider_gates[adapter_name], k)
+        gate_slot = _storage(self.glider_gate_slot).get(adapter_name)
+        snapshot = LayerSnapshot(bank, self.glider_gates[adapter_name], k, gate_slot)
         self._installed[adapter_name] = snapshot
         return snapshot
 
@@ -446,7 +537,7 @@ class GliderLayer(BaseTunerLayer):
             container = getattr(self, name)
             if adapter_name in container:
                 container[adapter_name] = container[adapter_name].to(device, dtype=dtype)
-        for name in ("glider_rank_expert", "glider_slot", "glider_adapts"):
+        for name in ("glider_rank_expert", "glider_slot", "glider_gate_slot", "glider_adapts"):
             container = getattr(self, name)
             if adapter_name in container:
                 container[adapter_name] = container[adapter_name].to(device)
@@ -476,7 +567,13 @@ class GliderLayer(BaseTunerLayer):
         A, gates = self._live_A.get(adapter_name), self._live_gates.get(adapter_name)
         if A is None or gates is None:  # released by an edit meanwhile
             return snapshot
-        if A is not bank.A or gates is not snapshot.gates or A.device != bank.device or A.dtype != bank.dtype:
+        if (
+            A is not bank.A
+            or gates is not snapshot.gates
+            or gates.data_ptr() != snapshot.values_at  # `.to()` and casts give a parameter new data in place
+            or A.device != bank.device
+            or A.dtype != bank.dtype
+        ):
             self._follow_moves(snapshot, adapter_name)
         return snapshot
 
@@ -487,7 +584,14 @@ class GliderLayer(BaseTunerLayer):
         bank = snapshot.bank
         A, BT = self._live_A.get(adapter_name), self._live_B.get(adapter_name)
         gates = self._live_gates.get(adapter_name)
-        if A is bank.A and BT is bank.BT and gates is snapshot.gates and A.device == bank.device and A.dtype == bank.dtype:
+        if (
+            A is bank.A
+            and BT is bank.BT
+            and gates is snapshot.gates
+            and gates.data_ptr() == snapshot.values_at
+            and A.device == bank.device
+            and A.dtype == bank.dtype
+        ):
             return
         if gates is not None and gates.is_inference():  # loaded with assign=True under inference mode
             gates = self._live_gates[adapter_name] = gate_parameter(gates, gates.requires_grad)
@@ -496,15 +600,67 @@ class GliderLayer(BaseTunerLayer):
         except (KeyError, AttributeError):  # released by an edit meanwhile
             return
         if snapshot is self._installed.get(adapter_name) and moved.A is A and gates is not None:
-            snapshot.rebind(moved, gates)
+            snapshot.rebind(moved, gates, _storage(self.glider_gate_slot).get(adapter_name))
 
     def adapts(self, adapter_name: str, expert: int) -> bool:
         """Whether expert `expert` (routing index) of the adapter adapts this module, as the layer holds it now."""
         return self.expert_bank(adapter_name).adapting(expert)
 
     def gate_parameter(self, adapter_name: str) -> nn.Parameter:
-        """The adapter's trainable gates here, (E, in), one row per expert (prototypes under Arrow)."""
+        """The adapter's trainable gates here (prototypes under Arrow): (E, in), one row per expert, or under a
+        resident-experts budget (max_resident_experts, in), the resident experts' rows (see `gate_row`)."""
         return self.glider_gates[adapter_name]
+
+    def gate_row(self, adapter_name: str, expert: int) -> Optional[int]:
+        """The row of `gate_parameter` holding expert `expert`'s gate; None when it is not resident (budget)."""
+        return self.installed_snapshot(adapter_name).row(expert)
+
+    def full_gates(self, adapter_name: str) -> torch.Tensor:
+        """Every expert's gate here, (E, in) in the parameter's dtype and device, zeros where an expert does not
+        adapt the module: the parameter itself without a budget, assembled from it and the library's `GateStore`
+        under one (what a checkpoint holds either way)."""
+        snapshot = self.installed_snapshot(adapter_name)
+        if snapshot.gate_slot is None:
+            return snapshot.values
+        bank, library = snapshot.bank, self.glider_library[adapter_name]
+        full = snapshot.values.new_zeros(bank.num_experts, self.in_features)
+        if full.device.type == "meta":  # laid out for a checkpoint to fill (low_cpu_mem_usage)
+            return full
+        for index in range(bank.num_experts):
+            if bank.adapting(index):
+                gate = snapshot.gate_of(index)
+                full[index] = gate if gate is not None else library.cold_gate(self.module_name, index, self.in_features)
+        return full
+
+    def _full_gates_in_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """state_dict post-hook: under a budget a checkpoint holds every expert's gates (`full_gates`), as without
+        one, not the resident rows. Left as they are for `keep_vars=True` (the caller wants the parameters)."""
+        for adapter_name in self.glider_gate_slot:
+            key = f"{prefix}glider_gates.{adapter_name}"
+            if key in state_dict and not isinstance(state_dict[key], nn.Parameter):
+                state_dict[key] = self.full_gates(adapter_name).detach().clone()
+
+    def _resident_gates_from_checkpoint(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        """load_state_dict pre-hook: under a budget a checkpoint's (E, in) gates are split into the resident rows,
+        which the parameter loads, and the others, which go to the library's `GateStore`."""
+        for adapter_name in self.glider_gate_slot:
+            key = f"{prefix}glider_gates.{adapter_name}"
+            full = state_dict.get(key)
+            snapshot = self.installed_snapshot(adapter_name)
+            bank = snapshot.bank
+            if full is None or tuple(full.shape) != (bank.num_experts, self.in_features):
+                continue  # torch reports the mismatch, naming the key
+            library = self.glider_library[adapter_name]
+            values = snapshot.values
+            rows = full.new_zeros(values.shape) if values.device.type == "meta" else values.clone().to(full)
+            for index in range(bank.num_experts):
+                if bank.adapting(index):
+                    row = snapshot.row(index)
+                    if row is None:
+                        library.keep_cold_gate(self.module_name, index, full[index])
+                    else:
+                        rows[row] = full[index]
+            state_dict[key] = rows
 
     def expert_bank(self, adapter_name: str) -> ExpertBank:
         """The adapter's experts here as the layer holds them now."""
@@ -555,6 +711,10 @@ class GliderLinear(nn.Module, GliderLayer):
         super().__init__()
         GliderLayer.__init__(self, base_layer, module_name, save_expert_weights, train_expert_factors)
         self.register_load_state_dict_pre_hook(self._note_loaded_factors)
+        self.register_load_state_dict_pre_hook(self._resident_gates_from_checkpoint)
+        # registered unbound (torch marks the hook function; a bound method takes no attributes): called as
+        # hook(module, state_dict, prefix, metadata)
+        self.register_state_dict_post_hook(GliderLayer._full_gates_in_state_dict)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, experts, routing_state, library, device, resident)
 
@@ -577,8 +737,9 @@ class GliderLinear(nn.Module, GliderLayer):
             return out if out is not None else x.new_zeros(*x.shape[:-1], self.out_features)
         if u.dtype != bank.A.dtype or u.device != bank.A.device:
             u = u.to(bank.A.device, bank.A.dtype)
+        source = snapshot.source()  # (E, in), or the resident rows under a budget
         if call.gate_training_expert is not None:
-            gate = snapshot.gates[call.gate_training_expert]
+            gate = source[snapshot.row(call.gate_training_expert)]
             delta = delta_gated_single(u, bank, call.gate_training_expert, gate, base)
             return delta.view(*x.shape[:-1], self.out_features)
         batch_rows = x.shape[0] if x.dim() > 1 else 1
@@ -586,7 +747,7 @@ class GliderLinear(nn.Module, GliderLayer):
             # A resident-experts budget: only the call's candidates' rows are computed (once per call and module),
             # never the rows of all E experts, which would grow with the library, not the budget.
             rows_of = lambda gates: snapshot.rows_of(gates, state)  # noqa: E731
-            candidates = call.candidates_at(bank, snapshot.gates, state.candidates, rows_of)
+            candidates = call.candidates_at(bank, source, state.candidates, rows_of, snapshot.gate_slot)
             router_rows = candidates.rows
         else:
             router_rows = snapshot.router_rows(state)

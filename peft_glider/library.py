@@ -9,7 +9,9 @@ commits and checks their hashes. Factors are read lazily, one module at a time, 
 With a resident-experts budget (`GliderConfig.max_resident_experts`), the layers hold the factors of at most that
 many experts, the least recently used evicted: a call's experts are made resident when it begins (its candidates,
 known from its global scores), read from their sources and checked against their pinned hashes, and published as
-a new version like an edit. Gates and instruction embeddings stay resident for every expert.
+a new version like an edit. The gates follow the factors: a layer holds the resident experts' gates (one row per
+slot: the budget's N rows), the others live in the library's `GateStore` on disk, an evicted expert's gate written
+back there (gates trained while resident included). Instruction embeddings stay resident for every expert.
 
 Edits (add or remove an expert, new gates or instruction embeddings) are copy-on-write: the library tells each
 layer to install new tensors beside the ones the current version holds, then publishes a whole new
@@ -35,6 +37,7 @@ from tqdm.auto import tqdm
 from ._warnings import warn_user
 from .config import ExpertEntry, GliderConfig, normalize_expert_entry
 from .experts import LoadedExpert, LoraFactors, load_expert, tensor_sha256
+from .gate_store import GateStore
 from .hub import GATES_FILE
 from .layer import is_linear
 from .local_router.routers import local_router
@@ -102,13 +105,17 @@ class ExpertLibrary:
         self.config: Optional[GliderConfig] = None
         self.host: Optional[LibraryHost] = None
         # Under a resident-experts budget: the names of the experts whose factors the layers hold, least recently
-        # used first.
+        # used first, each expert's row (slot) in the layers' gates, and the other experts' gates.
         self.resident: "OrderedDict[str, None]" = OrderedDict()
+        self.slot_of: dict[str, int] = {}
+        self.gate_store: Optional[GateStore] = None
 
     def attach(self, adapter_name: str, config: GliderConfig, host: LibraryHost) -> None:
         """Bind the library to its adapter: its name, its config (whose expert entries follow every edit) and the
         model it lives in."""
         self.adapter_name, self.config, self.host = adapter_name, config, host
+        if config.max_resident_experts is not None and self.gate_store is None:
+            self.gate_store = GateStore()
 
     @property
     def editing(self) -> threading.RLock:
@@ -146,6 +153,18 @@ class ExpertLibrary:
         """The experts whose factors a new layer reads: none under a budget (they are read when a call needs them),
         all (None) otherwise."""
         return None if self.budget is None else {i for i, e in enumerate(self.experts) if e.name in self.resident}
+
+    def gate_slots(self) -> torch.Tensor:
+        """(E,) long: each expert's row in the layers' gates under a budget, -1 where it is not resident."""
+        return torch.tensor([self.slot_of.get(expert.name, -1) for expert in self.experts], dtype=torch.long)
+
+    def keep_cold_gate(self, module_name: str, index: int, gate: torch.Tensor) -> None:
+        """Keep the gate (in,) at `module_name` of expert `index`, not resident, in the `GateStore`."""
+        self.gate_store.write(module_name, self.experts[index].name, gate)
+
+    def cold_gate(self, module_name: str, index: int, in_features: int) -> torch.Tensor:
+        """The gate (in,) float32 at `module_name` of expert `index`, not resident, from the `GateStore`."""
+        return self.gate_store.read(module_name, self.experts[index].name, in_features)
 
     @property
     def modules(self) -> list[str]:
@@ -252,15 +271,21 @@ class ExpertLibrary:
 
     def install_shipped_gates(self, warn: bool = True, modules: Optional[Collection[str]] = None) -> None:
         """Set the gates the experts carry (glider_gates.safetensors) at `modules` (default: all); warn, naming them,
-        about experts without. Nothing for a local router whose vectors are computed, not learned."""
+        about experts without. Nothing for a local router whose vectors are computed, not learned. Under a budget
+        the gates are read and set `SHIPPED_GATES_AT_ONCE` experts at a time: most go to the `GateStore`, and the
+        whole library's gates are never in memory together."""
         if not local_router(self.config.local_router).learned:
             return
-        shipped = {
-            expert.name: {module: gate for module, gate in expert.gates.items() if modules is None or module in modules}
-            for expert in self.experts
-            if expert.gates_reader is not None
-        }
-        self.set_gates(shipped, how="shipped with the expert")
+        shipping = [expert for expert in self.experts if expert.gates_reader is not None]
+        at_once = max(1, len(shipping) if self.budget is None else SHIPPED_GATES_AT_ONCE)
+        for start in range(0, len(shipping), at_once):
+            shipped = {
+                expert.name: {
+                    module: gate for module, gate in expert.gates.items() if modules is None or module in modules
+                }
+                for expert in shipping[start : start + at_once]
+            }
+            self.set_gates(shipped, how="shipped with the expert")
         if warn:
             warn_ungated([e.name for e in self.experts if e.gates_reader is None])
 
@@ -271,7 +296,9 @@ class ExpertLibrary:
         for module_name, snapshot in sorted(version.layers.items()):
             for index in range(snapshot.bank.num_experts):
                 if snapshot.bank.adapting(index):
-                    gates[version.expert_names[index]][module_name] = snapshot.gates[index].detach().clone()
+                    gate = snapshot.gate_of(index)
+                    gate = self.cold_gate(module_name, index, snapshot.in_features) if gate is None else gate.clone()
+                    gates[version.expert_names[index]][module_name] = gate
         return gates
 
     def set_embeddings(self, embeddings: torch.Tensor) -> None:
@@ -387,7 +414,11 @@ class ExpertLibrary:
         version any more (at once when none does), to take their layers out of the model."""
         with self._edit_lock:
             current = self.current
-            self.resident.pop(self.experts[index].name, None)
+            name = self.experts[index].name
+            self.resident.pop(name, None)
+            self.slot_of.pop(name, None)
+            if self.gate_store is not None:
+                self.gate_store.drop(name)
             del self.experts[index]
             snapshots, released = {}, []
             for module_name, layer in self.host.layers().items():
@@ -442,11 +473,18 @@ class ExpertLibrary:
             missing = [name for name in wanted if name not in self.resident]
             if not missing:
                 return version
-            fetched = {name: self._fetch(names.index(name)) for name in missing}
+            position = {name: index for index, name in enumerate(names)}
+            fetched = {name: self._fetch(position[name]) for name in missing}
             keep = set(wanted)
-            for name in [name for name in self.resident if name not in keep][: max(0, len(self.resident) + len(missing) - budget)]:
-                del self.resident[name]
+            overflow = max(0, len(self.resident) + len(missing) - budget)
+            evicted = [name for name in self.resident if name not in keep][:overflow]
+            self._write_back_gates(version, {name: position[name] for name in evicted})
+            free = sorted(set(range(budget)) - set(self.slot_of.values()) | {self.slot_of[name] for name in evicted})
+            for name in evicted:
+                del self.resident[name], self.slot_of[name]
             self.resident.update((name, None) for name in missing)
+            self.slot_of.update(zip(missing, free))
+            gate_slot = self.gate_slots()
             snapshots, layers = {}, self.host.layers()
             for module_name, snapshot in version.layers.items():
                 bank = snapshot.bank
@@ -455,8 +493,23 @@ class ExpertLibrary:
                     if name in self.resident else None
                     for index, name in enumerate(names)
                 ]  # fmt: skip
-                snapshots[module_name] = layers[module_name].install_resident(self.adapter_name, factors)
+                incoming = {
+                    self.slot_of[name]: self.cold_gate(module_name, position[name], snapshot.in_features)
+                    for name in missing if bank.adapting(position[name])
+                }  # fmt: skip
+                snapshots[module_name] = layers[module_name].install_resident(
+                    self.adapter_name, factors, gate_slot, incoming
+                )
             return self.publish(layers=snapshots)
+
+    def _write_back_gates(self, version: LibraryVersion, evicted: Mapping[str, int]) -> None:
+        """Keep the evicted experts' gates (name -> routing index), as `version` holds them (trained while resident,
+        maybe), in the store."""
+        for module_name, snapshot in version.layers.items():
+            for name, index in evicted.items():
+                gate = snapshot.gate_of(index) if snapshot.bank.adapting(index) else None
+                if gate is not None:
+                    self.gate_store.write(module_name, name, gate)
 
     def _fetch(self, index: int) -> dict[str, LoraFactors]:
         """Expert `index`'s factors at every module it adapts, read from its source and checked against its pinned
@@ -481,6 +534,9 @@ class ExpertLibrary:
         self.__dict__.update(state)
         self._edit_lock = threading.RLock()
 
+
+#: Under a budget, how many experts' shipped gates are read and set at once (`install_shipped_gates`).
+SHIPPED_GATES_AT_ONCE = 32
 
 #: How many Hub experts are opened at once (downloads of their adapter files, then reads and hashes).
 OPEN_WORKERS = 8

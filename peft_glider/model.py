@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
-from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Collection, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -280,6 +280,17 @@ class GliderModel(BaseTuner):
     def get_gates(self, adapter_name: Optional[str] = None) -> dict[str, dict[str, torch.Tensor]]:
         """The gate vectors, in the form `set_gates` takes (only modules each expert adapts)."""
         return self._libraries[self.resolve_adapter(adapter_name)].gates()
+
+    def make_resident(self, experts: Collection[str], adapter_name: Optional[str] = None) -> None:
+        """Under a resident-experts budget (`max_resident_experts`), read these experts' factors and gates into the
+        layers now (the least recently used others evicted), as entering `route(...)` does for a call's candidates;
+        e.g. before training their gates. Nothing without a budget (every expert is resident)."""
+        library = self._libraries[self.resolve_adapter(adapter_name)]
+        unknown = sorted(set(experts) - set(library.current.expert_names))
+        if unknown:
+            names = list(library.current.expert_names)
+            raise KeyError(f"make_resident: unknown expert(s) {unknown}; experts are {names}.")
+        library.resident_version(experts)
 
     def set_instruction_embeddings(self, embeddings: torch.Tensor, adapter_name: Optional[str] = None) -> None:
         """Set the per-expert instruction embeddings `g_e`, a tensor (E, e) in `expert_names` order."""

@@ -120,14 +120,17 @@ def gather_candidates(
     present: torch.Tensor | None,
     m: int,
     rows_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    row_index: torch.Tensor | None = None,
 ) -> Candidates:
     """Each group's `candidate_experts` (by the global scores (B, E)), their router rows and their global bias from
     `global_bias` (B, E), on the rows' device. The rows are gathered from `source` (E, d): the router rows, or, with
     `rows_of`, the gates, whose candidates' rows it computes (each row depends on its own gate only, so this equals
-    gathering from all E rows without computing them)."""
+    gathering from all E rows without computing them). `row_index` (E,): each expert's row of `source` when it
+    holds only some experts' (a resident-experts budget; -1 for the others, whose gathered rows are another
+    expert's: routing masks them, or `check_resident` refuses the call)."""
     indices = candidate_experts(scores, present, m).to(source.device)
     absent = None if present is None else ~present[indices].unsqueeze(1)
-    gathered = source[indices]  # (B, M, d)
+    gathered = source[indices if row_index is None else row_index[indices].clamp_min(0)]  # (B, M, d)
     rows = gathered if rows_of is None else rows_of(gathered.reshape(-1, gathered.shape[-1])).view(gathered.shape)
     bias = global_bias.to(source.device).gather(1, indices).to(rows.dtype).unsqueeze(1)
     return Candidates(indices, rows, bias, absent if absent is not None and absent.any() else None, source)

@@ -149,10 +149,12 @@ class CallRouting:
         source: torch.Tensor,
         num_candidates: Optional[int],
         rows_of: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        row_index: Optional[torch.Tensor] = None,
     ) -> Optional[Candidates]:
         """Each row's M candidate experts at the module of `bank`, with their router rows (gathered from `source`,
-        the router rows, or computed by `rows_of` from `source`, the gates) and global bias; None when the call has
-        no global scores or M covers every expert. Gathered once per call and module, and checked resident once;
+        the router rows, or computed by `rows_of` from `source`, the gates; `row_index` (E,): each expert's row of
+        `source` under a resident-experts budget) and global bias; None when the call has no global scores or M
+        covers every expert. Gathered once per call and module, and checked resident once;
         again when `source` changed, and at every forward while gradients flow into it (gates under training: each
         forward's rows carry its own graph, from the gates as the optimizer left them)."""
         if not self.has_candidates(num_candidates):
@@ -160,7 +162,9 @@ class CallRouting:
         cached = self._candidates.get(bank)
         if cached is not None and cached.source is source and not (torch.is_grad_enabled() and source.requires_grad):
             return cached
-        gathered = gather_candidates(self.row_scores, self.row_bias, source, bank.present, num_candidates, rows_of)
+        gathered = gather_candidates(
+            self.row_scores, self.row_bias, source, bank.present, num_candidates, rows_of, row_index
+        )
         if bank.partial:
             check_resident(bank, gathered)
         self._candidates[bank] = gathered

@@ -189,3 +189,30 @@ def test_datasets_dataset_input(tmp_path):
         torch.testing.assert_close(from_dataset[module], gate, atol=0, rtol=0)
     with pytest.raises(ValueError, match=r"Dataset columns \['question'\]"):
         train_expert_gates(tiny_llama(), expert, datasets.Dataset.from_dict({"question": ["a"]}), args=args, save=False)
+
+
+def test_gate_training_under_a_budget_smaller_than_the_library_equals_every_expert_resident(llama_experts):
+    """Under max_resident_experts the expert under training is made resident, its gates are rows of the layers'
+    parameters, and the other experts' gates (resident or in the store) stay as they are."""
+    def train(**budget) -> tuple[dict, dict]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = GliderConfig(experts=llama_experts, top_k=1, candidates=1, save_expert_weights=False, **budget)
+            model = get_peft_model(tiny_llama(), config)
+        glider = model.base_model
+        glider.set_gates({name: {m: torch.full(g.shape, 0.1 * i) for m, g in per_module.items()}
+                          for i, (name, per_module) in enumerate(glider.get_gates().items())})
+        args = GateTrainingArguments(steps=4, batch_size=4, learning_rate=1e-2)
+        for name in ("expert3", "expert0"):  # with budget 1, training expert0 evicts expert3
+            trained = train_gates(model, name, task_sequences(0, 16, seed=0), args=args, progress=False)
+        return trained, glider.get_gates()
+
+    (expected_trained, expected), (trained, gates) = train(), train(max_resident_experts=1)
+    for module in expected_trained:
+        torch.testing.assert_close(trained[module], expected_trained[module])
+    assert gates.keys() == expected.keys()
+    for name in expected:
+        for module in expected[name]:
+            torch.testing.assert_close(gates[name][module], expected[name][module], msg=f"{name} at {module}")
+    trained3 = expected["expert3"]
+    assert any(not torch.equal(gate, torch.full_like(gate, 0.3)) for gate in trained3.values())  # it did train

@@ -287,3 +287,152 @@ def test_training_steps_inside_one_global_scores_context_under_a_budget_follow_t
     unbounded = two_steps(build(experts))
     torch.testing.assert_close(torch.stack(budgeted), torch.stack(unbounded))
     assert budgeted[1] != budgeted[0]
+
+
+# ---------------------------------------------------------------------- gates follow the factors
+
+
+def gate_rows(model) -> dict[str, tuple]:
+    """The shape of each layer's gate parameter: what the layers hold of the gates."""
+    layers = model.base_model.glider_layers()
+    return {name: tuple(layer.gate_parameter("default").shape) for name, layer in layers.items()}
+
+
+def assert_same_gates(model, reference) -> None:
+    got, expected = model.base_model.get_gates(), reference.base_model.get_gates()
+    assert got.keys() == expected.keys()
+    for expert in expected:
+        assert got[expert].keys() == expected[expert].keys()
+        for module in expected[expert]:
+            torch.testing.assert_close(got[expert][module], expected[expert][module], msg=f"{expert} at {module}")
+
+
+def test_layers_hold_the_gates_of_the_budget_only_and_the_rest_reads_back_exactly(experts):
+    everything, budgeted = build(experts), build(experts, max_resident_experts=2)
+    widths = {name: shape[1] for name, shape in gate_rows(everything).items()}
+    assert gate_rows(everything) == {name: (NUM_EXPERTS, width) for name, width in widths.items()}
+    assert gate_rows(budgeted) == {name: (2, width) for name, width in widths.items()}  # not E rows
+    parameters = [layer.gate_parameter("default") for layer in budgeted.base_model.glider_layers().values()]
+    assert_same_gates(budgeted, everything)  # every gate cold, in the store
+    ids = input_ids(batch=1)
+    for seed in range(8):  # the resident set turns over
+        row_scores = scores(1, seed)
+        torch.testing.assert_close(logits(budgeted, ids, row_scores), logits(everything, ids, row_scores))
+    assert_same_gates(budgeted, everything)
+    # the parameters an optimizer holds stay the same objects, with the same budget rows, through every change
+    budgeted.base_model.add_expert({"source": experts[0], "name": "again"})
+    everything.base_model.add_expert({"source": experts[0], "name": "again"})
+    new_gates = random_gates(everything.base_model, seed=9)
+    for model in (budgeted, everything):
+        model.base_model.set_gates(new_gates)
+    assert [layer.gate_parameter("default") for layer in budgeted.base_model.glider_layers().values()] == parameters
+    assert gate_rows(budgeted) == {name: (2, width) for name, width in widths.items()}
+    assert_same_gates(budgeted, everything)
+    row_scores = torch.randn(1, NUM_EXPERTS + 1, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(logits(budgeted, ids, row_scores), logits(everything, ids, row_scores))
+
+
+def test_gates_trained_while_resident_are_kept_when_evicted_and_saved_whole(experts, tmp_path):
+    from peft.utils import get_peft_model_state_dict
+
+    everything, budgeted = build(experts), build(experts, max_resident_experts=2)
+    ids, first = input_ids(batch=1), torch.tensor([[9.0, 8, 0, 0, 0, 0]])
+    for model in (everything, budgeted):  # one optimizer step on the gates of e0 and e1, resident in `budgeted`
+        model.train()
+        optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if "glider_gates" in n], lr=0.5)
+        with model.base_model.global_scores(first):
+            model(input_ids=ids).logits.square().mean().backward()
+        optimizer.step()
+        model.eval()
+    logits(budgeted, ids, torch.tensor([[0.0, 0, 9, 8, 0, 0]]))  # e0 and e1 evicted: their trained gates written back
+    assert not {"e0", "e1"} & set(budgeted.base_model._libraries["default"].resident)
+    assert_same_gates(budgeted, everything)
+    torch.testing.assert_close(logits(budgeted, ids, first), logits(everything, ids, first))
+    saved = get_peft_model_state_dict(budgeted)  # what a checkpoint holds: every expert's gates, as without a budget
+    expected = get_peft_model_state_dict(everything)
+    gate_keys = sorted(key for key in expected if "glider_gates" in key)
+    assert gate_keys and gate_keys == sorted(key for key in saved if "glider_gates" in key)
+    for key in gate_keys:
+        torch.testing.assert_close(saved[key], expected[key], msg=key)
+    budgeted.save_pretrained(tmp_path / "saved")
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "saved")
+    assert gate_rows(reloaded) == gate_rows(budgeted)
+    assert_same_gates(reloaded, everything)
+    torch.testing.assert_close(logits(reloaded, ids, first), logits(everything, ids, first))
+
+
+def test_a_copied_budgeted_model_keeps_its_own_gates(experts):
+    import copy
+
+    budgeted = build(experts, max_resident_experts=2)
+    logits(budgeted, input_ids(batch=1), scores(1, seed=1))
+    copied = copy.deepcopy(budgeted)
+    assert_same_gates(copied, budgeted)
+    budgeted.base_model.set_gates(random_gates(budgeted.base_model, seed=11))  # the copy's store is its own
+    assert_same_gates(copied, build(experts))
+
+
+def test_arrow_prototypes_under_a_budget_route_as_every_expert_resident(experts):
+    def arrow(**budget):  # the prototypes computed from the factors (no gates set)
+        config = GliderConfig(experts=experts, local_router="arrow", top_k=2, alpha=5.0, candidates=2,
+                              save_expert_weights=False, **budget)
+        return get_peft_model(tiny_llama(), config)
+
+    everything, budgeted = arrow(), arrow(max_resident_experts=2)
+    assert_same_gates(budgeted, everything)
+    ids = input_ids(batch=1)
+    for seed in range(4):
+        row_scores = scores(1, seed)
+        torch.testing.assert_close(logits(budgeted, ids, row_scores), logits(everything, ids, row_scores))
+
+
+@pytest.mark.parametrize("budget", [None, 6])
+def test_gates_cast_in_place_are_followed_by_routing_and_training(experts, budget):
+    """`model.half()` gives the float32 gates new data in place (the parameter object stays) while the half factors
+    stay the same tensors: routing must read the new data and gradients must reach the parameter."""
+    model = get_peft_model(tiny_llama().half(), GliderConfig(experts=experts, top_k=2, candidates=2,
+                                                              save_expert_weights=False, max_resident_experts=budget))
+    glider = model.base_model
+    glider.set_gates(random_gates(glider, seed=2))
+    parameter = next(iter(glider.glider_layers().values())).gate_parameter("default")
+    assert parameter.dtype == torch.float32
+    with torch.no_grad(), glider.global_scores(scores(1, seed=1)):
+        model(input_ids=input_ids(batch=1))
+    model.half()
+    assert next(iter(glider.glider_layers().values())).gate_parameter("default") is parameter
+    assert parameter.dtype == torch.float16
+    with glider.global_scores(scores(1, seed=1)):
+        model(input_ids=input_ids(batch=1)).logits.float().square().mean().backward()
+    assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+
+
+def test_shipped_gates_under_a_budget_go_to_the_store_a_few_experts_at_a_time(experts, monkeypatch):
+    from peft_glider import library as library_module, save_gates
+
+    generator = torch.Generator().manual_seed(21)
+    modules = build(experts).base_model.get_gates()["e0"]  # every expert adapts the same modules
+    shipped = {}
+    for folder in experts:  # each expert ships its gates
+        shipped[folder] = {module: torch.randn(gate.shape, generator=generator) for module, gate in modules.items()}
+        save_gates(shipped[folder], folder)
+    calls = []
+    set_gates = library_module.ExpertLibrary.set_gates
+    monkeypatch.setattr(library_module, "SHIPPED_GATES_AT_ONCE", 4)
+    monkeypatch.setattr(library_module.ExpertLibrary, "set_gates",
+                        lambda self, gates, how="set": calls.append(len(gates)) or set_gates(self, gates, how))
+
+    def fresh(**budget):
+        config = GliderConfig(experts=experts, top_k=2, alpha=5.0, candidates=2, save_expert_weights=False, **budget)
+        return get_peft_model(tiny_llama(), config)
+
+    budgeted = fresh(max_resident_experts=2)
+    assert calls == [4, 2]  # never the whole library's gates at once
+    calls.clear()
+    everything = fresh()
+    assert calls == [NUM_EXPERTS]
+    assert_same_gates(budgeted, everything)
+    for name, folder in zip(budgeted.base_model.expert_names, experts):
+        for module, gate in budgeted.base_model.get_gates()[name].items():
+            torch.testing.assert_close(gate, shipped[folder][module])
+    ids, row_scores = input_ids(batch=1), scores(1, seed=6)
+    torch.testing.assert_close(logits(budgeted, ids, row_scores), logits(everything, ids, row_scores))

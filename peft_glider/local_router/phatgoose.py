@@ -102,14 +102,16 @@ def train_gates(
     if expert not in names:
         raise KeyError(f"train_gates: unknown expert {expert!r}; experts are {names}.")
     index = names.index(expert)
+    glider.make_resident([expert], adapter)  # under a budget: its gates are rows of the layers' parameters
     layers = {
         name: layer for name, layer in glider.glider_layers(adapter).items() if layer.adapts(adapter, index)
     }
     params = [layer.gate_parameter(adapter) for layer in layers.values()]
+    rows = [layer.gate_row(adapter, index) for layer in layers.values()]  # the expert's row in each
     saved_rows = [param.detach().clone() for param in params]  # other experts' gates stay as they are
     with torch.no_grad():
-        for param in params:
-            param[index] = 0.0
+        for param, row in zip(params, rows):
+            param[row] = 0.0
 
     is_encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     examples = build_examples(data, tokenizer, is_encoder_decoder, args.max_length)
@@ -152,14 +154,14 @@ def train_gates(
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)
         with torch.no_grad():
-            for param, saved in zip(params, saved_rows):
+            for param, row, saved in zip(params, rows, saved_rows):
                 keep = torch.ones(param.shape[0], dtype=torch.bool, device=param.device)
-                keep[index] = False
+                keep[row] = False
                 param[keep] = saved.to(param.device)[keep]
     glider.record_gates(
         expert, f"trained ({args.steps} steps, learning rate {args.learning_rate:g}, {len(examples)} examples)", adapter
     )
-    return {name: layer.gate_parameter(adapter)[index].detach().cpu().clone() for name, layer in layers.items()}
+    return {name: param[row].detach().cpu().clone() for name, param, row in zip(layers, params, rows)}
 
 
 def untrained_experts(model: nn.Module, adapter_name: Optional[str] = None) -> list[str]:
