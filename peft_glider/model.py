@@ -18,7 +18,7 @@ from .contexts import CallContexts
 from .layer import MERGE_ERROR, GliderLayer, GliderLinear, execution_device, gate_parameter
 from .library import ExpertLibrary
 from .local_router.routers import local_router
-from .state import RoutingState, RoutingTrace, call_routing
+from .state import CallRouting, RoutingState, RoutingTrace, call_routing
 
 if TYPE_CHECKING:
     from .global_router import ExpertDescriptions, GlobalRouter, RouteInfo
@@ -280,6 +280,12 @@ class GliderModel(BaseTuner):
     def get_gates(self, adapter_name: Optional[str] = None) -> dict[str, dict[str, torch.Tensor]]:
         """The gate vectors, in the form `set_gates` takes (only modules each expert adapts)."""
         return self._libraries[self.resolve_adapter(adapter_name)].gates()
+
+    def local_call(self, adapter_name: Optional[str] = None) -> CallRouting:
+        """What a call without global scores routes with (local routing only): the current library version, every
+        expert made resident first under a resident-experts budget. For engines that call the layers themselves
+        (`GliderLayer.routed_delta`), as the vLLM plugin does; a `PeftModel` call takes it by itself."""
+        return CallRouting(version=self._calls(self.resolve_adapter(adapter_name)).bare_call_version())
 
     def make_resident(self, experts: Collection[str], adapter_name: Optional[str] = None) -> None:
         """Under a resident-experts budget (`max_resident_experts`), read these experts' factors and gates into the

