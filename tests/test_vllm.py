@@ -303,3 +303,20 @@ def test_importing_peft_glider_does_not_import_vllm():
 
     code = "import sys, peft_glider; print('vllm' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_tensor_parallel_2_equals_tensor_parallel_1_token_for_token(served, monkeypatch):
+    """Two ranks (mp backend) on these 2 cores: the same Glider, plain LoRA and base tokens as one rank."""
+    folder, plain_folder = served["glider"]["glider"], served["experts"][1]
+    requests = [(prompt, [None, lora_request("plain", plain_folder), lora_request("glider", folder)][i % 3], {})
+                for i, prompt in enumerate(PROMPTS)]
+    one = vllm_tokens(served, requests)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    llm = vllm.LLM(model=str(served["root"] / "base"), enable_lora=True, max_lora_rank=16, max_loras=4,
+                   enforce_eager=True, dtype="float32", max_model_len=128, gpu_memory_utilization=0.5, seed=0,
+                   tensor_parallel_size=2, distributed_executor_backend="mp")
+    try:
+        two = vllm_tokens({"llm": llm}, requests)
+    finally:
+        del llm
+    assert two == one

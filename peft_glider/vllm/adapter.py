@@ -31,9 +31,10 @@ class VllmGliderAdapter:
         folder: The saved Glider adapter (`save_pretrained`).
         hf_config: The served model's transformers config (the skeleton is built from it; a Glider adapter made
             for another base does not fit it and is refused with PEFT's and the library's errors).
+        tensor_parallel: Whether the engine shards the model (DoRA experts are refused then).
     """
 
-    def __init__(self, folder: str, hf_config) -> None:
+    def __init__(self, folder: str, hf_config, tensor_parallel: bool = False) -> None:
         from accelerate import init_empty_weights
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
@@ -53,6 +54,14 @@ class VllmGliderAdapter:
         self.state = self.glider.routing_state(self.adapter_name)
         self.num_experts = len(self.glider.expert_names_of(self.adapter_name))
         self.layers = self.glider.glider_layers(self.adapter_name)  # transformers module name -> GliderLayer
+        dora = sorted(name for name, layer in self.layers.items()
+                      if layer.expert_bank(self.adapter_name).shift is not None)
+        if tensor_parallel and dora:
+            raise ValueError(
+                f"Glider adapter {folder!r} has DoRA experts (at {dora[0]}, ...): under tensor parallelism their "
+                "rescaling needs the base output before vLLM sums the ranks' parts; serve it with "
+                "tensor_parallel_size=1."
+            )
         self._model = model  # keeps the skeleton (and the layers' library) alive
 
     def call(self, scores: Optional[torch.Tensor]) -> CallRouting:
@@ -63,18 +72,17 @@ class VllmGliderAdapter:
         with self.glider.global_scores(scores, adapter_name=self.adapter_name):
             return self.state.current_call()
 
-    def add_routed(
-        self, module_name: str, x: torch.Tensor, out: torch.Tensor, call: CallRouting, base: Optional[torch.Tensor]
-    ) -> None:
-        """Add, into `out` (n, o), the routed deltas of module `module_name` (transformers name) for tokens x (n, d);
-        `base` (n, o): the base layer's output without bias (DoRA experts' shifts scale it)."""
+    def routed(
+        self, module_name: str, x: torch.Tensor, call: CallRouting, base: Optional[torch.Tensor]
+    ) -> Optional[torch.Tensor]:
+        """The routed deltas (n, o) of module `module_name` (transformers name) for tokens x (n, d); None where no
+        expert adapts the module. `base` (n, o): the base layer's output without bias (DoRA experts' shifts scale
+        it)."""
         layer = self.layers.get(module_name)
-        if layer is None:  # no expert adapts this module
-            return
-        snapshot = layer.snapshot_in(call.version, self.adapter_name)
+        snapshot = None if layer is None else layer.snapshot_in(call.version, self.adapter_name)
         if snapshot is None:
-            return
+            return None
         # x as n batch rows of one token each: row i takes the global bias of token i's request
         delta = layer.routed_delta(x.unsqueeze(1), snapshot, self.state, call, base=base)  # (n, 1, o)
-        out.add_(delta.view(out.shape).to(out.dtype))
+        return delta.view(x.shape[0], -1)
 

@@ -16,7 +16,10 @@ Four points of vLLM, each wrapped (vLLM's own code runs unchanged around them):
   products, the tokens of Glider adapters get their routed deltas, per output slice (vLLM packs q/k/v and
   gate/up in one layer; each slice routes with its own module's experts and gates).
 
-Tensor parallelism is not supported yet: a Glider adapter is refused when the engine shards the model.
+Under tensor parallelism every rank routes every token the same way (the same inputs, gates and scores): a
+column-parallel layer adds its own shard of the delta (cut as vLLM cuts LoRA B factors, `slice_lora_b`); a
+row-parallel layer, whose input is sharded, gathers it first and adds the whole delta on rank 0 only (vLLM sums
+the ranks' outputs). DoRA experts need the base output before that sum and are refused under tensor parallelism.
 """
 
 from __future__ import annotations
@@ -162,13 +165,8 @@ def _loading(original):
         manager = self._adapter_manager
         model_config = manager.vllm_config.model_config if hasattr(manager, "vllm_config") else None
         hf_config = model_config.hf_config if model_config is not None else manager.model.config
-        if getattr(manager, "tp_size", 1) > 1 or _tensor_parallel_size() > 1:
-            raise ValueError(
-                f"Glider adapter {lora_request.lora_name!r}: tensor parallelism is not supported yet; serve it with "
-                "tensor_parallel_size=1."
-            )
         model = _glider_lora_model_class()(lora_request.lora_int_id, rank=1, loras={})
-        model.glider = VllmGliderAdapter(folder, hf_config)
+        model.glider = VllmGliderAdapter(folder, hf_config, tensor_parallel=_tensor_parallel_size() > 1)
         _WORKER["manager"] = manager
         return model
 
@@ -255,9 +253,15 @@ def _routing(original):
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if not _STEP.groups:
             return original(self, x, output)
-        base = output.reshape(-1, output.shape[-1]).clone()  # before any LoRA: DoRA experts scale it
+        sharded = self.tp_size > 1
+        base = None if sharded else output.reshape(-1, output.shape[-1]).clone()  # before any LoRA: DoRA scales it
         output = original(self, x, output)
         flat, inputs = output.reshape(-1, output.shape[-1]), x.reshape(-1, x.shape[-1])
+        row_parallel = _is_row_parallel(self)
+        if sharded and row_parallel:  # each rank holds a slice of the input features: routing needs all of them
+            from vllm.distributed import tensor_model_parallel_all_gather
+
+            inputs = tensor_model_parallel_all_gather(inputs.contiguous(), dim=-1)
         adapters = _glider_adapters()
         names = _module_names(self)
         for lora_id, groups in _STEP.groups.items():
@@ -265,19 +269,44 @@ def _routing(original):
             if adapter is None:
                 continue
             for positions, call in groups:
+                deltas = []  # per output slice: the whole delta (n, out features of its module), or None
                 offset = 0
                 for name, size in zip(names, self.output_slices):
-                    rows = flat[positions, offset : offset + size]
-                    base_rows = _without_bias(self, base[positions, offset : offset + size], offset, size)
-                    adapter.add_routed(name, inputs[positions], rows, call, base_rows)
-                    flat[positions, offset : offset + size] = rows
+                    base_rows = None if base is None else _without_bias(self, base[positions], offset, size)
+                    deltas.append(adapter.routed(name, inputs[positions], call, base_rows))
                     offset += size
+                _add_shards(self, flat, positions, deltas, row_parallel)
         return output
 
     return _apply_lora_to_output
 
 
+def _is_row_parallel(layer) -> bool:
+    from vllm.lora.layers.row_parallel_linear import RowParallelLinearWithLoRA
+
+    return isinstance(layer, RowParallelLinearWithLoRA)
+
+
+def _add_shards(layer, flat: torch.Tensor, positions: torch.Tensor, deltas: list, row_parallel: bool) -> None:
+    """Add this rank's part of each slice's delta into the layer's output rows `positions`: all of it without
+    tensor parallelism, the rank's shard of a column-parallel layer (as vLLM shards LoRA B), all of it on rank 0
+    only for a row-parallel layer (the ranks' outputs are summed after)."""
+    if layer.tp_size > 1 and row_parallel:
+        deltas = deltas if layer.tp_rank == 0 else [None] * len(deltas)
+    elif layer.tp_size > 1:
+        transposed = [None if delta is None else delta.T for delta in deltas]  # (out, n): shaped like a B factor
+        sliced = layer.slice_lora_b(transposed) if layer.n_slices > 1 else [layer.slice_lora_b(transposed[0])]
+        deltas = [None if part is None else part.T for part in sliced]
+    offset = 0
+    for delta, size in zip(deltas, layer.output_slices):
+        if delta is not None:
+            flat[positions, offset : offset + size] += delta.to(flat.dtype)
+        offset += size
+
+
 def _without_bias(layer, base: torch.Tensor, offset: int, size: int) -> torch.Tensor:
+    """Columns [offset, offset + size) of the base output rows `base`, without the base layer's bias."""
+    base = base[:, offset : offset + size]
     bias = getattr(layer.base_layer, "bias", None)
     return base if bias is None else base - bias[offset : offset + size].to(base.dtype)
 
