@@ -48,6 +48,10 @@ if TYPE_CHECKING:
     from .state import RoutingState
 
 
+class BudgetExceededError(ValueError):
+    """A call needs more experts' factors at once than the adapter's `max_resident_experts`."""
+
+
 class LibraryHost(Protocol):
     """What a library needs of the model it lives in, for its adapter (`GliderModel` provides it)."""
 
@@ -461,7 +465,7 @@ class ExpertLibrary:
             needed = None if needed is None else set(needed)
             wanted = list(names) if needed is None else [name for name in names if name in needed]
             if len(wanted) > budget:
-                raise ValueError(
+                raise BudgetExceededError(
                     f"This call needs {len(wanted)} experts' factors at once, more than max_resident_experts={budget}. "
                     + ("A call without global scores routes over every expert: run it inside route(...) or "
                        "global_scores(...) with GliderConfig(candidates=M)." if needed is None else

@@ -302,7 +302,8 @@ def test_importing_peft_glider_does_not_import_vllm():
     import sys
 
     code = "import sys, peft_glider; print('vllm' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_tensor_parallel_2_equals_tensor_parallel_1_token_for_token(served, monkeypatch):
@@ -320,3 +321,46 @@ def test_tensor_parallel_2_equals_tensor_parallel_1_token_for_token(served, monk
     finally:
         del llm
     assert two == one
+
+
+def test_a_library_of_256_experts_under_a_budget_routes_inside_the_engine_as_in_transformers(served, monkeypatch):
+    """E=256, candidates 4, at most 16 experts resident in the worker: each request's candidates are made resident
+    at its steps (a step whose requests need more than 16 together is routed in shares, each with its own library
+    version), the outputs equal transformers', and the worker holds 16 experts' factors and gates at most."""
+    from vllm.lora.request import LoRARequest
+
+    root = served["root"]
+    experts = [make_expert(base_model, root / "many" / f"e{i:03d}", seed=1000 + i, r=2) for i in range(256)]
+    model = get_peft_model(base_model(), GliderConfig(experts=experts, top_k=2, candidates=4, alpha=2.0,
+                                                      max_resident_experts=16))
+    generator = torch.Generator().manual_seed(3)
+    model.base_model.set_gates({e: {m: torch.randn(g.shape, generator=generator) for m, g in per.items()}
+                                for e, per in model.base_model.get_gates().items()})
+    folder = str(root / "glider-256")
+    model.save_pretrained(folder)
+    # 12 requests x 4 random candidates of 256 in one prefill step: more than 16 experts together, routed in shares
+    scores = [torch.randn(256, generator=generator).tolist() for _ in PROMPTS]
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # for the inspection below
+    llm = vllm.LLM(model=str(root / "base"), enable_lora=True, max_lora_rank=16, max_loras=2, enforce_eager=True,
+                   dtype="float32", max_model_len=128, gpu_memory_utilization=0.5, seed=0)
+    try:
+        lora = LoRARequest("glider-256", 1, folder)
+        got = vllm_tokens({"llm": llm}, [(prompt, lora, {"glider_scores": s}) for prompt, s in zip(PROMPTS, scores)])
+
+        def held(worker) -> list[list[int]]:  # per Glider adapter: resident experts, the layers' gate rows
+            from peft_glider.vllm.plugin import _glider_adapters
+
+            return [[len(adapter.glider._libraries[adapter.adapter_name].resident),
+                     *sorted({layer.gate_parameter(adapter.adapter_name).shape[0]
+                              for layer in adapter.layers.values()})]
+                    for adapter in _glider_adapters().values()]
+
+        assert llm.collective_rpc(held) == [[[16, 16]]]
+        with pytest.raises(ValueError, match="needs global scores"):  # no text router, no scores: refused, not fatal
+            llm.generate([PROMPTS[0]], vllm.SamplingParams(max_tokens=2), lora_request=lora, use_tqdm=False)
+        with pytest.raises(ValueError, match="must be 256 finite numbers"):
+            llm.generate([PROMPTS[0]], vllm.SamplingParams(max_tokens=2, extra_args={"glider_scores": [1.0]}),
+                         lora_request=lora, use_tqdm=False)
+    finally:
+        del llm
+    assert got == [glider_tokens(folder, prompt, s) for prompt, s in zip(PROMPTS, scores)]

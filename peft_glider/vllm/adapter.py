@@ -7,8 +7,10 @@ import json
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 
+from ..library import BudgetExceededError
 from ..state import CallRouting
 
 #: The key of a request's global scores in `SamplingParams.extra_args` (one value per expert, in routing order).
@@ -32,9 +34,12 @@ class VllmGliderAdapter:
         hf_config: The served model's transformers config (the skeleton is built from it; a Glider adapter made
             for another base does not fit it and is refused with PEFT's and the library's errors).
         tensor_parallel: Whether the engine shards the model (DoRA experts are refused then).
+        device: Where the worker computes (the experts and gates go there; default: the CPU).
     """
 
-    def __init__(self, folder: str, hf_config, tensor_parallel: bool = False) -> None:
+    def __init__(
+        self, folder: str, hf_config, tensor_parallel: bool = False, device: Optional[torch.device] = None
+    ) -> None:
         from accelerate import init_empty_weights
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
@@ -45,15 +50,13 @@ class VllmGliderAdapter:
         model.eval()
         self.glider = model.base_model
         self.adapter_name = self.glider.resolve_adapter(None)
-        config = model.peft_config[self.adapter_name]
-        if config.max_resident_experts is not None:
-            raise ValueError(
-                f"Glider adapter {folder!r} has max_resident_experts={config.max_resident_experts}; serving it in vLLM "
-                "needs every expert resident for now: save it without a resident-experts budget."
-            )
+        self.config = model.peft_config[self.adapter_name]
         self.state = self.glider.routing_state(self.adapter_name)
         self.num_experts = len(self.glider.expert_names_of(self.adapter_name))
         self.layers = self.glider.glider_layers(self.adapter_name)  # transformers module name -> GliderLayer
+        if device is not None and torch.device(device).type != "cpu":  # the skeleton's weights stay on `meta`
+            for layer in self.layers.values():
+                layer._move_adapter_to_device_of_base_layer(self.adapter_name, torch.device(device))
         dora = sorted(name for name, layer in self.layers.items()
                       if layer.expert_bank(self.adapter_name).shift is not None)
         if tensor_parallel and dora:
@@ -64,13 +67,32 @@ class VllmGliderAdapter:
             )
         self._model = model  # keeps the skeleton (and the layers' library) alive
 
-    def call(self, scores: Optional[torch.Tensor]) -> CallRouting:
-        """What a group of tokens routes with: `scores` (n, E), one row per token (its request's global scores), or
-        None: local routing only. Computed once per engine step (the library version, alpha, the global bias)."""
-        if scores is None:
-            return self.glider.local_call(self.adapter_name)
-        with self.glider.global_scores(scores, adapter_name=self.adapter_name):
-            return self.state.current_call()
+    @property
+    def needs_scores(self) -> bool:
+        """Whether every request must carry global scores: under a resident-experts budget smaller than the library
+        a call without them would score every expert (refused by the library)."""
+        budget = self.config.max_resident_experts
+        return budget is not None and budget < self.num_experts
+
+    def calls(
+        self, requests: list[tuple[np.ndarray, Optional[torch.Tensor]]]
+    ) -> list[tuple[torch.Tensor, CallRouting]]:
+        """What the tokens of some requests of one engine step route with: per request its token positions and its
+        global scores (1, E), all given or all None (local routing only). Returns (positions, call) pairs, one call
+        for them all, or, under a resident-experts budget their candidates together exceed, one per share of the
+        requests that fits (each call keeps its own library version, so no share loses an expert to another)."""
+        positions = torch.from_numpy(np.concatenate([part for part, _ in requests])).long()
+        if requests[0][1] is None:
+            return [(positions, self.glider.local_call(self.adapter_name))]
+        scores = torch.cat([row.expand(len(part), -1) for part, row in requests])  # (n, E): a row per token
+        try:
+            with self.glider.global_scores(scores, adapter_name=self.adapter_name):
+                return [(positions, self.state.current_call())]
+        except BudgetExceededError:
+            if len(requests) == 1:
+                raise
+            half = len(requests) // 2
+            return self.calls(requests[:half]) + self.calls(requests[half:])
 
     def routed(
         self, module_name: str, x: torch.Tensor, call: CallRouting, base: Optional[torch.Tensor]

@@ -26,6 +26,8 @@ class GliderFrontend:
 
     def __init__(self) -> None:
         self._checked: dict[str, Optional[str]] = {}  # folder -> None (fits) or why it does not
+        self._needs_scores: dict[str, bool] = {}  # folder -> whether its requests must carry global scores
+        self._num_experts: dict[str, int] = {}
         self._routers: dict[str, Optional[tuple]] = {}  # folder -> (router, embeddings (E, e), embedder) or None
         self._lock = threading.Lock()
 
@@ -35,13 +37,37 @@ class GliderFrontend:
         with self._lock:
             if folder not in self._checked:
                 try:
-                    VllmGliderAdapter(folder, hf_config)
+                    adapter = VllmGliderAdapter(folder, hf_config)
+                    self._needs_scores[folder], self._num_experts[folder] = adapter.needs_scores, adapter.num_experts
                     self._checked[folder] = None
                 except Exception as error:  # any failure a worker would meet, reported instead of killing it
                     self._checked[folder] = f"{type(error).__name__}: {error}"
             cause = self._checked[folder]
         if cause is not None:
             raise ValueError(f"Glider adapter {folder!r} cannot be served on this model: {cause}")
+
+    def check_scores(self, folder: str, scores: Any) -> None:
+        """Raise `ValueError` unless `scores` (a request's own global scores) are one finite number per expert of the
+        (checked) adapter in `folder`."""
+        try:
+            values = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"glider_scores must be a list of numbers, one per expert: {error}") from error
+        expected = self._num_experts[folder]
+        if values.numel() != expected or not torch.isfinite(values).all():
+            raise ValueError(
+                f"glider_scores must be {expected} finite numbers (one per expert of {folder!r}), got {values.numel()}."
+            )
+
+    def require_scores(self, folder: str) -> None:
+        """Raise `ValueError` when a request without global scores cannot be routed by the (checked) adapter in
+        `folder`: a resident-experts budget smaller than its library needs each request's candidates."""
+        if self._needs_scores.get(folder):
+            raise ValueError(
+                f"Glider adapter {folder!r} holds fewer experts than it has (max_resident_experts): each request "
+                "needs global scores, from its text (describe the experts with the samples writer) or given in "
+                "SamplingParams(extra_args={'glider_scores': [...]})."
+            )
 
     def scores(self, folder: str, text: str) -> Optional[list[float]]:
         """`text`'s global scores (E values) for the Glider adapter in `folder`; None when its experts were never

@@ -1,6 +1,6 @@
 """The patches that let vLLM (0.32) serve Glider adapters, installed by `register` in every vLLM process.
 
-Four points of vLLM, each wrapped (vLLM's own code runs unchanged around them):
+The points of vLLM wrapped (vLLM's own code runs unchanged around them):
 
 - **The frontend** (`InputProcessor.process_inputs`, which has the prompt's text, and the server's
   `_check_load_lora_adapter_request`): a Glider adapter is checked before the engine sees it (`GliderFrontend`;
@@ -42,7 +42,8 @@ class StepRouting:
     """What one engine step routes its Glider tokens with (set by the runner before the forward)."""
 
     # per Glider adapter (its LoRA int id): (token positions in the step (n,), what they route with), one entry per
-    # group of tokens that share a `CallRouting` (with global scores, and without)
+    # group of tokens that share a `CallRouting`: with global scores and without, and under a resident-experts
+    # budget one per share of the requests whose candidates fit it
     groups: dict[int, list[tuple[torch.Tensor, Any]]] = field(default_factory=dict)
 
 
@@ -54,11 +55,11 @@ def register() -> None:
     """The `vllm.general_plugins` entry point: install the patches (once per process)."""
     if _REGISTERED[0]:
         return
-    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
-    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.worker_manager import WorkerLoRAManager
+    from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
 
     InputProcessor.process_inputs = _scoring(InputProcessor.process_inputs)
@@ -95,10 +96,13 @@ def _scoring(original):
             return request
         _FRONTEND.check(folder, self.model_config.hf_config)  # a bad adapter: this request fails, not the engine
         if SCORES_KEY in (sampling.extra_args or {}):
+            _FRONTEND.check_scores(folder, sampling.extra_args[SCORES_KEY])
             return request
         text = _prompt_text(prompt, request.prompt_token_ids, self.tokenizer)
         scores = None if text is None else _FRONTEND.scores(folder, text)
-        if scores is not None:
+        if scores is None:
+            _FRONTEND.require_scores(folder)
+        else:
             sampling.extra_args = {**(sampling.extra_args or {}), SCORES_KEY: scores}
         return request
 
@@ -138,6 +142,7 @@ def _prompt_text(prompt: Any, token_ids: Optional[list[int]], tokenizer: Any) ->
     return None
 
 
+@functools.cache
 def _glider_lora_model_class():
     from vllm.lora.lora_model import LoRAModel
 
@@ -163,10 +168,9 @@ def _loading(original):
         if not is_glider_folder(folder):
             return original(self, lora_request)
         manager = self._adapter_manager
-        model_config = manager.vllm_config.model_config if hasattr(manager, "vllm_config") else None
-        hf_config = model_config.hf_config if model_config is not None else manager.model.config
         model = _glider_lora_model_class()(lora_request.lora_int_id, rank=1, loras={})
-        model.glider = VllmGliderAdapter(folder, hf_config, tensor_parallel=_tensor_parallel_size() > 1)
+        model.glider = VllmGliderAdapter(folder, manager.model.config, tensor_parallel=_tensor_parallel_size() > 1,
+                                         device=self.device)  # the served model's transformers config
         _WORKER["manager"] = manager
         return model
 
@@ -219,32 +223,22 @@ def _step_groups(runner, input_batch, num_scheduled_tokens: np.ndarray) -> dict[
     if not adapters:
         return {}
     starts = np.concatenate([[0], np.cumsum(num_scheduled_tokens)])
-    tokens: dict[tuple[int, bool], list[np.ndarray]] = {}
-    scores: dict[int, list[torch.Tensor]] = {}
+    # per (adapter, whether its requests carry scores): each request's token positions and scores (1, E) or None
+    requests: dict[tuple[int, bool], list[tuple[np.ndarray, Optional[torch.Tensor]]]] = {}
     for row, req_id in enumerate(input_batch.req_ids[: len(num_scheduled_tokens)]):
         request = runner.requests.get(req_id)
         lora = getattr(request, "lora_request", None)
         if lora is None or lora.lora_int_id not in adapters:
             continue
-        adapter = adapters[lora.lora_int_id]
         extra = getattr(request.sampling_params, "extra_args", None) or {}
+        scores = None  # checked by the frontend: one finite value per expert
+        if SCORES_KEY in extra:
+            scores = torch.as_tensor(extra[SCORES_KEY], dtype=torch.float32).reshape(1, -1)
         positions = np.arange(starts[row], starts[row + 1])
-        has_scores = SCORES_KEY in extra
-        tokens.setdefault((lora.lora_int_id, has_scores), []).append(positions)
-        if has_scores:
-            row_scores = torch.as_tensor(extra[SCORES_KEY], dtype=torch.float32).reshape(1, -1)
-            if row_scores.shape[1] != adapter.num_experts:
-                raise ValueError(
-                    f"Request {req_id}: {SCORES_KEY} has {row_scores.shape[1]} values; the Glider adapter "
-                    f"{lora.lora_name!r} has {adapter.num_experts} experts."
-                )
-            scores.setdefault(lora.lora_int_id, []).append(row_scores.expand(len(positions), -1))
+        requests.setdefault((lora.lora_int_id, scores is not None), []).append((positions, scores))
     groups: dict[int, list[tuple[torch.Tensor, Any]]] = {}
-    for (lora_id, has_scores), parts in tokens.items():
-        positions = torch.from_numpy(np.concatenate(parts)).long()
-        adapter = adapters[lora_id]
-        call = adapter.call(torch.cat(scores[lora_id]) if has_scores else None)
-        groups.setdefault(lora_id, []).append((positions, call))
+    for (lora_id, _), parts in requests.items():
+        groups.setdefault(lora_id, []).extend(adapters[lora_id].calls(parts))
     return groups
 
 
@@ -300,7 +294,7 @@ def _add_shards(layer, flat: torch.Tensor, positions: torch.Tensor, deltas: list
     offset = 0
     for delta, size in zip(deltas, layer.output_slices):
         if delta is not None:
-            flat[positions, offset : offset + size] += delta.to(flat.dtype)
+            flat[positions, offset : offset + size] += delta.to(flat.device, flat.dtype)
         offset += size
 
 
