@@ -13,6 +13,10 @@
 
 Cases that would not finish within `--budget-seconds` are skipped and listed as such, never estimated.
 
+vLLM serving (docs/serving.md) is not measured here: the GPU machine reaches no package registry and has no vLLM.
+The report's `vllm` entry says whether vLLM is importable there and what would run if it were: the vLLM tests
+(`tests/test_vllm.py`) on CUDA, where the plugin moves the experts to the worker's GPU (untested: no vLLM here).
+
 It runs from the working tree without installing the package (the repository root goes first on `sys.path`, and
 the tests step gets it as PYTHONPATH), prints the versions it runs on first, and needs no compiled CPU kernel.
 `--dry-run` runs every step (tests, every variant, both workloads, the JSON) on tiny shapes in float32: on CUDA
@@ -265,6 +269,16 @@ def check_targets(results: list[dict]) -> dict:
     return checks
 
 
+def vllm_status() -> dict:
+    """Whether vLLM is installed here, and what this project would run on it (nothing is run: see the docstring)."""
+    try:
+        version = metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        version = None
+    return {"installed": version, "would_run": "python -m pytest tests/test_vllm.py (Glider adapters served by vLLM "
+            "on CUDA)", "ran": False}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="gpu-benchmark.json")
@@ -292,6 +306,7 @@ def main() -> None:
             report["notes"] = ("Triton's interpreter cannot run here (Triton < 3.7 with NumPy >= 2.4): the Glider "
                                "variants fell back to the concat kernel; the kernel's tests are skipped.")
             print("note: " + report["notes"], flush=True)
+    report["vllm"] = vllm_status()
     report["tests"] = None if args.skip_tests else run_tests(setup)
     if args.dry_run:
         hiddens, sizes, rounds = [64], [2, 4], 1
