@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import string
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,11 +110,12 @@ def vllm_tokens(served, requests: list[tuple[str, object, dict]]) -> list[list[i
     return [list(output.outputs[0].token_ids) for output in outputs]
 
 
-def greedy(model, ids: torch.Tensor) -> list[int]:
-    """NEW_TOKENS greedy tokens, the whole sequence recomputed at each step (no cache: nothing to differ)."""
+def greedy(model, ids: torch.Tensor, new_tokens: int = NEW_TOKENS) -> list[int]:
+    """Greedy tokens, the whole sequence recomputed at each step (no cache: nothing to differ), past any
+    end-of-sequence token (as vLLM's `ignore_eos`)."""
     start = ids.shape[1]
     with torch.no_grad():
-        for _ in range(NEW_TOKENS):
+        for _ in range(new_tokens):
             ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return ids[0, start:].tolist()
 
@@ -364,3 +366,38 @@ def test_a_library_of_256_experts_under_a_budget_routes_inside_the_engine_as_in_
     finally:
         del llm
     assert got == [glider_tokens(folder, prompt, s) for prompt, s in zip(PROMPTS, scores)]
+
+
+@pytest.mark.slow
+def test_the_quickstart_smollm2_library_is_served_as_transformers_routes_it(tmp_path):
+    """SmolLM2-135M-Instruct and the quickstart's three experts (`examples/quickstart.py` must have run: skipped
+    otherwise), 12 prompts of the three tasks submitted together, routed by their text: vLLM's 32 tokens each are
+    the transformers Glider model's (a greedy reference that goes on past the end-of-sequence token, as vLLM does
+    with `ignore_eos`)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    serving = pytest.importorskip("serving")
+    try:
+        base_dir, experts = serving.quickstart_files()
+    except SystemExit as missing:
+        pytest.skip(str(missing))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm.lora.request import LoRARequest
+
+    adapter = serving.glider_adapter(base_dir, experts, tmp_path)
+    prompts = [prompt for _, prompt in serving.workload(base_dir)[:12]]
+    llm = vllm.LLM(model=str(base_dir), enable_lora=True, max_lora_rank=16, enforce_eager=True, dtype="float32",
+                   max_model_len=512, gpu_memory_utilization=0.5, seed=0)
+    try:
+        outputs = llm.generate(prompts, vllm.SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+                               lora_request=LoRARequest("glider", 1, adapter), use_tqdm=False)
+    finally:
+        del llm
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
+    for prompt, output in zip(prompts, outputs):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with model.base_model.route(prompt):
+            expected = greedy(model, ids, 32)
+        assert list(output.outputs[0].token_ids) == expected, prompt
