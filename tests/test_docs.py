@@ -71,6 +71,23 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert "python3 .ci/newest_releases.py" in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
+def test_ci_fails_when_the_readme_test_command_fails(tmp_path):
+    """A failure anywhere in the README's && chain (a red test suite) fails `.ci/run`, even when the newest-releases
+    report after it succeeds."""
+    import subprocess
+
+    command = re.findall(r"```bash\n(python3 -m venv .*?)\n```", README)[1]
+    script = (ROOT / ".ci" / "run").read_text()
+    assert command in script and "python3 .ci/newest_releases.py" in script
+    for failing, expected in ((command.replace(".venv/bin/python -m pytest", "false"), 1), ("true", 0)):
+        run = script.replace(command, failing.replace("python3 -m venv .venv", "true")
+                             .replace(".venv/bin/pip", "true").replace(".venv/bin/mkdocs", "true")
+                             .replace("python3 .ci/vllm_suite.py", "true"))
+        run = run.replace("python3 .ci/newest_releases.py", "true")
+        result = subprocess.run(["bash", "-c", run], cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == expected, (failing, result.stderr)
+
+
 def test_the_constraints_pin_every_package_of_the_test_install():
     """Every distribution the README's test command installs is pinned, so upstream cannot move one under a fresh
     clone (checked against this environment, which that command made)."""
