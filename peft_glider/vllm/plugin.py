@@ -11,7 +11,8 @@ The points of vLLM wrapped (vLLM's own code runs unchanged around them):
   packs a LoRA's factors, passes it by) carrying the `VllmGliderAdapter`.
 - **Each engine step** (`LoRAModelRunnerMixin.set_active_loras`, which knows every scheduled token's request):
   which tokens of the step use which Glider adapter, and what each of them routes with (its request's global
-  scores from `SamplingParams.extra_args["glider_scores"]`, or local routing only).
+  scores from `SamplingParams.extra_args["glider_scores"]`, or local routing only). Every other mapping vLLM sets
+  (`_set_active_loras`: dummy and profiling runs) clears it.
 - **Each LoRA linear layer** (`BaseLinearLayerWithLoRA._apply_lora_to_output`): after vLLM adds its LoRA slots'
   products, the tokens of Glider adapters get their routed deltas, per output slice (vLLM packs q/k/v and
   gate/up in one layer; each slice routes with its own module's experts and gates).
@@ -70,6 +71,7 @@ def register() -> None:
     LoRAModelManager._create_merged_loras_inplace = _no_merging_for_glider(
         LoRAModelManager._create_merged_loras_inplace
     )
+    LoRAModelRunnerMixin._set_active_loras = _clearing(LoRAModelRunnerMixin._set_active_loras)
     LoRAModelRunnerMixin.set_active_loras = _stepping(LoRAModelRunnerMixin.set_active_loras)
     BaseLinearLayerWithLoRA._apply_lora_to_output = _routing(BaseLinearLayerWithLoRA._apply_lora_to_output)
     _REGISTERED[0] = True
@@ -205,6 +207,15 @@ def _glider_adapters() -> dict[int, VllmGliderAdapter]:
         for lora_id, model in manager._registered_adapters.items()
         if getattr(model, "glider", None) is not None
     }
+
+
+def _clearing(original):
+    @functools.wraps(original)
+    def _set_active_loras(self, *args, **kwargs):
+        _STEP.groups = {}  # every mapping vLLM sets (dummy and profiling runs too) starts without Glider tokens
+        return original(self, *args, **kwargs)
+
+    return _set_active_loras
 
 
 def _stepping(original):
