@@ -88,6 +88,7 @@ def served(tmp_path_factory):
         folders[name] = str(root / name)
         model.save_pretrained(folders[name])
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the tests inspect the workers (collective_rpc)
     llm = vllm.LLM(model=str(root / "base"), enable_lora=True, max_lora_rank=16, max_loras=6, enforce_eager=True,
                    dtype="float32", max_model_len=128, gpu_memory_utilization=0.5, seed=0)
     yield {"llm": llm, "root": root, "experts": experts, "glider": folders}
@@ -137,6 +138,23 @@ def test_each_request_is_routed_by_its_own_text_inside_one_engine_batch(served):
     base = base_model()
     plain = [greedy(base, torch.tensor([char_tokenizer()(p).input_ids])) for p in PROMPTS]
     assert sum(g != b for g, b in zip(got, plain)) >= len(PROMPTS) // 2  # the experts do change the answers
+
+
+def test_a_dummy_run_after_glider_steps_routes_nothing_stale(served):
+    """vLLM runs dummy batches between real steps (profiling, idle data-parallel ranks): they set their own LoRA
+    mapping, and must not route with the last real step's Glider tokens (their positions, their scores)."""
+    folder = served["glider"]["glider"]
+    vllm_tokens(served, [(prompt, lora_request("glider", folder), {}) for prompt in PROMPTS])
+
+    def glider_tokens_of_a_dummy_run(worker) -> int:
+        from peft_glider.vllm.plugin import _STEP
+
+        worker.model_runner._dummy_run(num_tokens=1)
+        return sum(len(positions) for groups in _STEP.groups.values() for positions, _ in groups)
+
+    assert served["llm"].collective_rpc(glider_tokens_of_a_dummy_run) == [0]
+    after = vllm_tokens(served, [(PROMPTS[1], lora_request("glider", folder), {})])
+    assert after == [glider_tokens(folder, PROMPTS[1])]
 
 
 @pytest.mark.parametrize("variant", ["glider-candidates", "glider-auto", "glider-arrow"])
