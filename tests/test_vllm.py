@@ -30,6 +30,7 @@ TASKS = {  # three kinds of text: each expert is described by one of them
     "weather": ["rain is coming today", "the sun is hot", "snow falls at night", "a windy cold day"],
 }
 PROMPTS = [text for texts in TASKS.values() for text in texts]  # 12 prompts of 3 tasks
+BLOCK_SIZE = 32  # tokens per KV-cache block (the served engine's; vLLM's CPU default is 128)
 EXPERT_SPECS = [  # mixed ranks, scalings and modules
     dict(r=4, target_modules=["q_proj", "v_proj"]),
     dict(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
@@ -90,7 +91,8 @@ def served(tmp_path_factory):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the tests inspect the workers (collective_rpc)
     llm = vllm.LLM(model=str(root / "base"), enable_lora=True, max_lora_rank=16, max_loras=6, enforce_eager=True,
-                   dtype="float32", max_model_len=128, gpu_memory_utilization=0.5, seed=0)
+                   dtype="float32", max_model_len=128, gpu_memory_utilization=0.5, seed=0,
+                   enable_prefix_caching=True, block_size=BLOCK_SIZE)
     yield {"llm": llm, "root": root, "experts": experts, "glider": folders}
     del llm
 
@@ -150,7 +152,7 @@ def test_a_dummy_run_after_glider_steps_routes_nothing_stale(served):
         from peft_glider.vllm.plugin import _STEP
 
         worker.model_runner._dummy_run(num_tokens=1)
-        return sum(len(positions) for groups in _STEP.groups.values() for positions, _ in groups)
+        return sum(len(positions) for _, positions, _ in _STEP.groups)
 
     assert served["llm"].collective_rpc(glider_tokens_of_a_dummy_run) == [0]
     after = vllm_tokens(served, [(PROMPTS[1], lora_request("glider", folder), {})])
@@ -188,6 +190,173 @@ def test_plain_lora_base_and_glider_requests_share_a_batch(served):
         assert got[i] == expected, (i, prompt)
 
 
+def test_prefix_caching_never_shares_keys_and_values_between_routings(served):
+    """Prefix caching on (vLLM's default): 12 prompts of 3 tasks share an instruction longer than two KV blocks;
+    half bring their task's scores, half are routed by their text; one of them was served before, so its blocks
+    are cached. Each must give the transformers model's tokens: blocks computed under one routing are never reused
+    under another (requests routed alike still share them)."""
+    folder = served["glider"]["glider"]
+    instruction = "Answer the request below in a few words, as briefly and plainly as you can: "
+    assert len(instruction) > 2 * BLOCK_SIZE  # one token per character
+    task_scores = {"arithmetic": [3.0, -1.0, 0.0, 1.0], "greeting": [-1.0, 3.0, 0.0, 0.0],
+                   "weather": [0.0, -1.0, 3.0, -2.0]}
+    requests = []
+    for i, (task, text) in enumerate((task, text) for task, texts in TASKS.items() for text in texts):
+        extra = {"glider_scores": task_scores[task]} if i % 2 == 0 else {}
+        requests.append((instruction + text, lora_request("glider", folder), extra))
+    vllm_tokens(served, requests[:1])  # its blocks are cached now
+    got = vllm_tokens(served, requests)
+    expected = [glider_tokens(folder, prompt, extra.get("glider_scores")) for prompt, _, extra in requests]
+    assert got == expected
+
+
+def test_a_router_that_cannot_run_here_refuses_with_the_way_around_and_given_scores_still_serve(served, tmp_path):
+    """An adapter whose instructions an endpoint wrote (its writer cannot be rebuilt in the frontend): a request
+    routed by text is refused naming the cause and how to send scores; one that brings scores is served."""
+    import json
+    import shutil
+
+    folder = tmp_path / "endpoint-described"
+    shutil.copytree(served["glider"]["glider"], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["instruction_writer"] = "openai:some-model@http://127.0.0.1:9/v1"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    from vllm.lora.request import LoRARequest
+
+    lora = LoRARequest("endpoint-described", 30, str(folder))
+    with pytest.raises(ValueError, match="cannot be computed from its text here .*vllm_xargs"):
+        served["llm"].generate([PROMPTS[0]], vllm.SamplingParams(max_tokens=2), lora_request=lora, use_tqdm=False)
+    scores = [3.0, -1.0, 0.5, 0.0]
+    got = vllm_tokens(served, [(PROMPTS[0], lora, {"glider_scores": scores})])
+    assert got == [glider_tokens(served["glider"]["glider"], PROMPTS[0], scores)]
+
+
+def run_engine(served, tmp_path, name: str, requests: list[tuple[str, object, dict]], env: dict) -> list:
+    """`tests/vllm_generate.py` in a process of its own with `env`: per request its tokens or {"error": ...}."""
+    import json
+    import subprocess
+    import sys
+
+    spec = {"base": str(served["root"] / "base"), "new_tokens": NEW_TOKENS,
+            "engine": dict(enable_lora=True, max_lora_rank=16, max_loras=4, enforce_eager=True, dtype="float32",
+                           max_model_len=128, gpu_memory_utilization=0.5, seed=0),
+            "requests": [{"prompt": prompt, "extra": extra or None,
+                          "lora": None if lora is None else [lora.lora_name, lora.lora_int_id, lora.lora_path]}
+                         for prompt, lora, extra in requests]}
+    (tmp_path / f"{name}.json").write_text(json.dumps(spec))
+    script = Path(__file__).resolve().parent / "vllm_generate.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.json")], capture_output=True,
+                            text=True, timeout=900, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **env})
+    (tmp_path / f"{name}.log").write_text(result.stdout + result.stderr)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, (result.stdout + result.stderr)[-4000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def reference_tokens(served, requests: list[tuple[str, object, dict]]) -> list[list[int]]:
+    """The transformers tokens of (prompt, LoRA request or None, extra_args): base model, plain LoRA, or Glider."""
+    base = base_model()
+    expected = []
+    for prompt, lora, extra in requests:
+        ids = torch.tensor([char_tokenizer()(prompt).input_ids])
+        if lora is None:
+            expected.append(greedy(base, ids))
+        elif lora.lora_name == "plain":
+            expected.append(greedy(PeftModel.from_pretrained(base_model(), lora.lora_path).eval(), ids))
+        else:
+            expected.append(glider_tokens(lora.lora_path, prompt, extra.get("glider_scores")))
+    return expected
+
+
+def mixed_requests(served) -> list[tuple[str, object, dict]]:
+    """12 prompts of 3 tasks: base, plain LoRA, Glider routed by its text, Glider with given scores."""
+    folder, plain_folder = served["glider"]["glider"], served["experts"][1]
+    scores = [[3.0, -1.0, 0.5, 0.0], [0.0, 0.0, 4.0, -2.0]]
+    kinds = [(None, {}), (lora_request("plain", plain_folder), {}), (lora_request("glider", folder), {}),
+             (lora_request("glider", folder), {"glider_scores": scores[0]}),
+             (lora_request("glider", folder), {"glider_scores": scores[1]}), (lora_request("glider", folder), {})]
+    return [(prompt, *kinds[i % len(kinds)]) for i, prompt in enumerate(PROMPTS)]
+
+
+def test_model_runner_v2_routes_mixed_requests_as_transformers(served, tmp_path):
+    """Model Runner V2 (vLLM's runner on every GPU from 0.33, the only one in 0.34), here on vllm-cpu 0.32 with a
+    stub Triton CPU backend: base, plain LoRA and Glider requests (by text and by given scores) in one batch."""
+    requests = mixed_requests(served)
+    got = run_engine(served, tmp_path, "v2", requests, V2_ENV)
+    assert "Using V2 Model Runner" in (tmp_path / "v2.log").read_text()
+    assert got == reference_tokens(served, requests)
+
+
+def test_a_vllm_missing_a_point_serves_as_without_the_plugin_and_refuses_glider_with_the_reason(served, tmp_path):
+    """One point the plugin wraps taken away (tests/vllm_missing_point): the plugin patches nothing, logs why, and
+    vLLM serves base and plain-LoRA requests as without peft-glider; a Glider request is refused with the reason."""
+    requests = [request for request in mixed_requests(served)[:6]]
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent / "vllm_missing_point")}
+    got = run_engine(served, tmp_path, "missing", requests, env)
+    expected = reference_tokens(served, [r for r in requests if r[1] is None or r[1].lora_name == "plain"])
+    assert [g for g, r in zip(got, requests) if r[1] is None or r[1].lora_name == "plain"] == expected
+    refusals = [g for g, r in zip(got, requests) if r[1] is not None and r[1].lora_name == "glider"]
+    assert refusals and all(isinstance(g, dict) and "cannot be served by this vLLM" in g["error"]
+                            and "remove_request" in g["error"] and "vllm-cpu>=0.32,<0.33" in g["error"]
+                            for g in refusals), refusals
+    assert "peft-glider: Glider adapters cannot be served by this vLLM" in (tmp_path / "missing.log").read_text()
+
+
+def test_the_installed_vllm_holds_every_point_the_plugin_wraps():
+    from peft_glider.vllm import points
+
+    assert points.problems(points.installed_root()) == []
+
+
+@pytest.mark.parametrize("setting, flag", [
+    ("compiled", "--enforce-eager"), ("cudagraphs", "--enforce-eager"),
+    ("fully_sharded", "--fully-sharded-loras"), ("dual_stream", "VLLM_LORA_ENABLE_DUAL_STREAM"),
+])
+def test_engine_modes_that_never_route_refuse_glider_adapters_naming_the_flag(served, setting, flag, monkeypatch):
+    """Compiled graphs, CUDA-graph replays, fully sharded and dual-stream LoRA layers never run the routing: a
+    Glider adapter is refused (the request, or its load: HTTP 400) with the setting to change, never served with
+    base-model tokens."""
+    import copy
+    from types import SimpleNamespace
+
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+
+    from peft_glider.vllm.frontend import GliderFrontend
+
+    engine = served["llm"].llm_engine.vllm_config
+    config = SimpleNamespace(model_config=engine.model_config, lora_config=copy.deepcopy(engine.lora_config),
+                             compilation_config=copy.deepcopy(engine.compilation_config))
+    assert GliderFrontend().check(served["glider"]["glider"], config) is None  # the served engine's mode routes
+    if setting == "compiled":
+        config.compilation_config.mode = CompilationMode.VLLM_COMPILE
+    elif setting == "cudagraphs":
+        config.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+    elif setting == "fully_sharded":
+        config.lora_config.fully_sharded_loras = True
+    else:
+        monkeypatch.setenv("VLLM_LORA_ENABLE_DUAL_STREAM", "1")
+    with pytest.raises(ValueError, match="cannot be served by this engine") as refusal:
+        GliderFrontend().check(served["glider"]["glider"], config)
+    assert flag in str(refusal.value)
+
+
+def test_tensor_parallel_layers_no_expert_adapts_add_nothing():
+    """A column-parallel layer of one slice that no expert adapts (vLLM's `slice_lora_b(None)` would raise)."""
+    from types import SimpleNamespace
+
+    from peft_glider.vllm.plugin import _add_shards
+
+    def slice_lora_b(factor):
+        return factor[:2]  # a TypeError for None, as vLLM's
+
+    layer = SimpleNamespace(tp_size=2, tp_rank=1, n_slices=1, output_slices=(2,), slice_lora_b=slice_lora_b)
+    out = torch.zeros(3, 2)
+    _add_shards(layer, out, torch.tensor([0, 2]), [None], row_parallel=False)
+    assert torch.equal(out, torch.zeros(3, 2))
+    _add_shards(layer, out, torch.tensor([0, 2]), [torch.ones(2, 4)], row_parallel=False)
+    assert out[[0, 2]].eq(1).all() and out[1].eq(0).all()
+
+
 def other_base() -> LlamaForCausalLM:
     """Another tiny Llama (hidden size 64): adapters made for it do not fit the served one."""
     torch.manual_seed(1)
@@ -223,10 +392,16 @@ def test_a_bad_glider_adapter_fails_its_request_with_the_cause_and_the_engine_ke
 # ---------------------------------------------------------------------- the OpenAI-compatible server
 
 
-@pytest.fixture(scope="module")
-def server(served):
+#: The environment that makes vllm-cpu 0.32 run Model Runner V2 (the runner of vLLM >= 0.33 on every GPU): a stub
+#: Triton CPU backend (tests/vllm_v2/sitecustomize.py, in every vLLM process) and Triton's interpreter
+V2_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent / "vllm_v2"), "TRITON_INTERPRET": "1",
+          "VLLM_USE_V2_MODEL_RUNNER": "1"}
+
+
+def start_server(served, log_name: str, extra_env: dict):
     """`vllm serve` on 127.0.0.1 (vLLM's OpenAI server module: vllm-cpu's `vllm` script looks for a `vllm`
-    distribution and does not start), serving the Glider adapter and a plain LoRA, runtime loading allowed."""
+    distribution and does not start), serving the Glider adapter and a plain LoRA, runtime loading allowed; yields
+    its URL, then stops it."""
     import socket
     import subprocess
     import sys
@@ -236,13 +411,14 @@ def server(served):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1", **extra_env}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(served["root"] / "base"),
                "--served-model-name", "base", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4",
                "--lora-modules", f"glider={served['glider']['glider']}", f"plain={served['experts'][1]}",
                "--dtype", "float32", "--enforce-eager", "--max-model-len", "128", "--seed", "0",
                "--host", "127.0.0.1", "--port", str(port)]
-    log = open(served["root"] / "server.log", "w")  # noqa: SIM115
+    log_path = served["root"] / log_name
+    log = open(log_path, "w")  # noqa: SIM115
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -251,13 +427,26 @@ def server(served):
                 urllib.request.urlopen(f"{url}/v1/models", timeout=1)
                 break
             except OSError:
-                assert process.poll() is None, (served["root"] / "server.log").read_text()[-3000:]
+                assert process.poll() is None, log_path.read_text()[-3000:]
                 time.sleep(0.5)
         yield url
     finally:
         process.terminate()
         process.wait(timeout=60)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    yield from start_server(served, "server.log", {})
+
+
+@pytest.fixture(scope="module")
+def server_v2(served):
+    """The same server under Model Runner V2; its log must say so."""
+    for url in start_server(served, "server-v2.log", V2_ENV):
+        assert "Using V2 Model Runner" in (served["root"] / "server-v2.log").read_text()
+        yield url
 
 
 def complete(url: str, model: str, prompt: str) -> list[int]:
@@ -272,9 +461,11 @@ def complete(url: str, model: str, prompt: str) -> list[int]:
     return [int(token.split(":")[1]) for token in response.choices[0].logprobs.tokens]
 
 
-def test_64_concurrent_requests_through_the_openai_client_equal_each_request_alone(served, server):
+@pytest.mark.parametrize("runner", ["V1", "V2"])
+def test_64_concurrent_requests_through_the_openai_client_equal_each_request_alone(served, runner, request):
     from concurrent.futures import ThreadPoolExecutor
 
+    server = request.getfixturevalue("server" if runner == "V1" else "server_v2")
     requests = [(["base", "plain", "glider", "glider"][i % 4], PROMPTS[i % len(PROMPTS)]) for i in range(64)]
     with ThreadPoolExecutor(32) as pool:
         together = list(pool.map(lambda request: complete(server, *request), requests))

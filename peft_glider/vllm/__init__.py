@@ -7,6 +7,13 @@ project's own layers (`GliderLayer.routed_delta`), per token and per adapted mod
 scores (`SamplingParams(extra_args={"glider_scores": [...]})`, one value per expert). See docs/serving.md.
 """
 
-from .plugin import register
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point (`plugin.register`, imported only when vLLM calls it)."""
+    from .plugin import register as install
+
+    install()
+
 
 __all__ = ["register"]

@@ -54,11 +54,13 @@ class VllmGliderAdapter:
         self.state = self.glider.routing_state(self.adapter_name)
         self.num_experts = len(self.glider.expert_names_of(self.adapter_name))
         self.layers = self.glider.glider_layers(self.adapter_name)  # transformers module name -> GliderLayer
-        if device is not None and torch.device(device).type != "cpu":  # the skeleton's weights stay on `meta`
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        if self.device.type != "cpu":  # the skeleton's weights stay on `meta`
             for layer in self.layers.values():
-                layer._move_adapter_to_device_of_base_layer(self.adapter_name, torch.device(device))
+                layer._move_adapter_to_device_of_base_layer(self.adapter_name, self.device)
         dora = sorted(name for name, layer in self.layers.items()
                       if layer.expert_bank(self.adapter_name).shift is not None)
+        self.has_dora = bool(dora)  # DoRA experts' shifts scale the base output: the layers keep it for them
         if tensor_parallel and dora:
             raise ValueError(
                 f"Glider adapter {folder!r} has DoRA experts (at {dora[0]}, ...): under tensor parallelism their "

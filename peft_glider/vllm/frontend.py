@@ -3,14 +3,20 @@
 - checks a Glider adapter folder once, before any request reaches the engine, by loading it as a worker would
   (`VllmGliderAdapter`): a broken folder or an adapter made for another base is refused with its cause (HTTP 400 on
   the server, a `ValueError` from `LLM.generate`), and the engine keeps serving;
+- refuses Glider adapters in an engine mode whose layers never run the routing (compiled graphs, CUDA graphs,
+  fully sharded LoRAs, dual-stream LoRA), naming the setting to change;
 - gives each request its global scores from its own text, as `GliderModel.route(prompt)` computes them: the
   adapter's recorded global router (its instruction writer and embedder, `GlobalRouter.recorded`) against its
   experts' instruction embeddings. The scores travel to the workers in the request's `SamplingParams.extra_args`
-  (`adapter.SCORES_KEY`); a request that carries its own keeps them.
+  (`adapter.SCORES_KEY`); a request that carries its own keeps them;
+- salts the request's prefix-cache keys with what it routes with (`routing_salt`): vLLM keys cached blocks by
+  tokens and adapter only, and a Glider request's keys and values depend on its global scores.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import threading
 from typing import Any, Optional
@@ -18,7 +24,9 @@ from typing import Any, Optional
 import torch
 
 from ..config import GliderConfig
-from .adapter import VllmGliderAdapter
+from .adapter import SCORES_KEY, VllmGliderAdapter
+
+logger = logging.getLogger(__name__)
 
 
 class GliderFrontend:
@@ -31,9 +39,14 @@ class GliderFrontend:
         self._routers: dict[str, Optional[tuple]] = {}  # folder -> (router, embeddings (E, e), embedder) or None
         self._lock = threading.Lock()
 
-    def check(self, folder: str, hf_config: Any) -> None:
-        """Raise `ValueError` naming the cause when the Glider adapter in `folder` cannot be served on the model of
-        `hf_config` (checked once per folder: loaded as a worker loads it, then dropped)."""
+    def check(self, folder: str, vllm_config: Any) -> None:
+        """Raise `ValueError` naming the cause when the Glider adapter in `folder` cannot be served by the engine of
+        `vllm_config`: an engine mode that never runs the routing, or an adapter that does not load on its model
+        (checked once per folder: loaded as a worker loads it, then dropped)."""
+        mode = engine_mode_problem(vllm_config)
+        if mode is not None:
+            raise ValueError(f"Glider adapter {folder!r} cannot be served by this engine: {mode}")
+        hf_config = vllm_config.model_config.hf_config
         with self._lock:
             if folder not in self._checked:
                 try:
@@ -71,15 +84,52 @@ class GliderFrontend:
 
     def scores(self, folder: str, text: str) -> Optional[list[float]]:
         """`text`'s global scores (E values) for the Glider adapter in `folder`; None when its experts were never
-        described (no instruction embeddings: the adapter routes locally only)."""
-        with self._lock:
-            if folder not in self._routers:
-                self._routers[folder] = _load_router(folder)
-            loaded = self._routers[folder]
-        if loaded is None:
-            return None
-        router, embeddings, embedder = loaded
-        return router.score([[text]], embeddings, embedder).scores[0].tolist()
+        described (no instruction embeddings: the adapter routes locally only). A router that cannot be rebuilt or
+        run here is a `ValueError` naming the cause and the way around it (also logged: the server's log says it)."""
+        try:
+            with self._lock:
+                if folder not in self._routers:
+                    self._routers[folder] = _load_router(folder)
+                loaded = self._routers[folder]
+            if loaded is None:
+                return None
+            router, embeddings, embedder = loaded
+            return router.score([[text]], embeddings, embedder).scores[0].tolist()
+        except Exception as error:
+            message = (f"Glider adapter {folder!r}: the request's global scores cannot be computed from its text here "
+                       f"({type(error).__name__}: {error}). Send them with the request instead: "
+                       f"SamplingParams(extra_args={{{SCORES_KEY!r}: [...]}}), or over HTTP "
+                       f"extra_body={{'vllm_xargs': {{{SCORES_KEY!r}: [...]}}}}.")
+            logger.error(message)
+            raise ValueError(message) from error
+
+
+def engine_mode_problem(vllm_config: Any) -> Optional[str]:
+    """Why the engine of `vllm_config` would not route Glider tokens (None when it does): the routing runs in Python
+    inside each LoRA layer's `_apply_lora_to_output`, which compiled graphs and CUDA-graph replays do not hold and
+    which fully sharded and dual-stream LoRA layers never call."""
+    from vllm import envs
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+
+    compilation = vllm_config.compilation_config
+    if compilation.mode != CompilationMode.NONE:
+        return (f"the model is compiled (compilation mode {compilation.mode.name}), and a compiled graph does not "
+                "hold the routing: start the engine with --enforce-eager (LLM(..., enforce_eager=True)).")
+    if compilation.cudagraph_mode not in (None, CUDAGraphMode.NONE):
+        return (f"CUDA graphs are on (cudagraph mode {compilation.cudagraph_mode.name}), and a replay runs no "
+                "routing: start the engine with --enforce-eager (LLM(..., enforce_eager=True)).")
+    if vllm_config.lora_config is not None and vllm_config.lora_config.fully_sharded_loras:
+        return "--fully-sharded-loras layers never call the routing: start the engine without it."
+    if envs.VLLM_LORA_ENABLE_DUAL_STREAM:
+        return "dual-stream LoRA layers never call the routing: unset VLLM_LORA_ENABLE_DUAL_STREAM."
+    return None
+
+
+def routing_salt(salt: Optional[str], scores: list[float]) -> str:
+    """A request's prefix-cache salt that also names its global scores: requests routed alike share cached blocks,
+    requests routed otherwise never do. `salt`: the request's own `cache_salt`, kept in the result."""
+    digest = hashlib.sha256(torch.tensor(scores, dtype=torch.float32).numpy().tobytes()).hexdigest()[:32]
+    return f"{salt or ''}|glider:{digest}"
 
 
 def _load_router(folder: str) -> Optional[tuple]:

@@ -1,18 +1,25 @@
-"""The patches that let vLLM (0.32) serve Glider adapters, installed by `register` in every vLLM process.
+"""The patches that let vLLM serve Glider adapters, installed by `register` in every vLLM process.
+
+Before patching anything, `register` checks from vLLM's sources that every point it wraps is there with the
+parameters it uses (`points`): all of them, or none is patched. A vLLM that misses one keeps working as if
+peft-glider were not installed, except that a request or a load naming a Glider adapter is refused with the reason
+(one warning in the log names the supported versions).
 
 The points of vLLM wrapped (vLLM's own code runs unchanged around them):
 
 - **The frontend** (`InputProcessor.process_inputs`, which has the prompt's text, and the server's
   `_check_load_lora_adapter_request`): a Glider adapter is checked before the engine sees it (`GliderFrontend`;
-  a bad one is refused with its cause, HTTP 400), and a request for one gets its global scores from its text,
-  unless it brings its own.
+  a bad one, or an engine mode that would not route it, is refused with its cause, HTTP 400); a request for one
+  gets its global scores from its text, unless it brings its own, and a prefix-cache salt naming them.
 - **Loading** (`WorkerLoRAManager._load_adapter`): a folder whose adapter_config.json names GLIDER becomes a
   `GliderLoRAModel`: a LoRA model with no factors (vLLM's slot stays zero; `_create_merged_loras_inplace`, which
   packs a LoRA's factors, passes it by) carrying the `VllmGliderAdapter`.
-- **Each engine step** (`LoRAModelRunnerMixin.set_active_loras`, which knows every scheduled token's request):
-  which tokens of the step use which Glider adapter, and what each of them routes with (its request's global
-  scores from `SamplingParams.extra_args["glider_scores"]`, or local routing only). Every other mapping vLLM sets
-  (`_set_active_loras`: dummy and profiling runs) clears it.
+- **Each engine step**: the model runner tells which requests the step's tokens belong to, in batch order, with
+  their token counts (the V1 runner's `set_active_loras`; under Model Runner V2 `LoraState.make_lora_inputs`, with
+  each request's sampling parameters taken when the runner adds it); the mapping vLLM then sets
+  (`_set_active_loras`, which every runner calls, dummy and profiling runs too) takes that step's Glider tokens,
+  and what each routes with (its request's global scores from `SamplingParams.extra_args["glider_scores"]`, or
+  local routing only), or none.
 - **Each LoRA linear layer** (`BaseLinearLayerWithLoRA._apply_lora_to_output`): after vLLM adds its LoRA slots'
   products, the tokens of Glider adapters get their routed deltas, per output slice (vLLM packs q/k/v and
   gate/up in one layer; each slice routes with its own module's experts and gates).
@@ -26,58 +33,139 @@ the ranks' outputs). DoRA experts need the base output before that sum and are r
 from __future__ import annotations
 
 import functools
+import importlib
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
+from . import points
 from .adapter import SCORES_KEY, VllmGliderAdapter, is_glider_folder
-from .frontend import GliderFrontend
+from .frontend import GliderFrontend, routing_salt
+
+logger = logging.getLogger(__name__)
 
 _REGISTERED = [False]
 
 
 @dataclass
 class StepRouting:
-    """What one engine step routes its Glider tokens with (set by the runner before the forward)."""
+    """What one engine step routes its Glider tokens with."""
 
-    # per Glider adapter (its LoRA int id): (token positions in the step (n,), what they route with), one entry per
-    # group of tokens that share a `CallRouting`: with global scores and without, and under a resident-experts
-    # budget one per share of the requests whose candidates fit it
-    groups: dict[int, list[tuple[torch.Tensor, Any]]] = field(default_factory=dict)
+    # the step's requests in batch order, set by the runner before it sets the LoRA mapping: per request its LoRA
+    # request (or None) and its global scores (1, E) (or None), and its number of scheduled tokens
+    pending: Optional[tuple[list[tuple[Any, Optional[torch.Tensor]]], np.ndarray]] = None
+    # per Glider adapter of the step: (token positions in the step (n,) on the adapter's device, what they route
+    # with), one entry per group of tokens that share a `CallRouting`: with global scores and without, and under a
+    # resident-experts budget one per share of the requests whose candidates fit it
+    groups: list[tuple[VllmGliderAdapter, torch.Tensor, Any]] = field(default_factory=list)
+    dora: bool = False  # whether an adapter of the step has DoRA experts (their shifts scale the base output)
 
 
 _STEP = StepRouting()
 _WORKER: dict[str, Any] = {}  # the worker's LoRA model manager ("manager"), once a Glider adapter was loaded
+_REQUEST_SCORES: dict[str, Optional[torch.Tensor]] = {}  # Model Runner V2: request id -> its global scores (1, E)
 
 
 def register() -> None:
-    """The `vllm.general_plugins` entry point: install the patches (once per process)."""
+    """The `vllm.general_plugins` entry point: install the patches (once per process), or, in a vLLM whose points
+    differ from those the plugin wraps, only the refusal of Glider adapters."""
     if _REGISTERED[0]:
         return
-    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
-    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
-    from vllm.lora.model_manager import LoRAModelManager
-    from vllm.lora.worker_manager import WorkerLoRAManager
-    from vllm.v1.engine.input_processor import InputProcessor
-    from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
-
-    InputProcessor.process_inputs = _scoring(InputProcessor.process_inputs)
-    OpenAIServingModels._check_load_lora_adapter_request = _checking(
-        OpenAIServingModels._check_load_lora_adapter_request
-    )
-    WorkerLoRAManager._load_adapter = _loading(WorkerLoRAManager._load_adapter)
-    LoRAModelManager._create_merged_loras_inplace = _no_merging_for_glider(
-        LoRAModelManager._create_merged_loras_inplace
-    )
-    LoRAModelRunnerMixin._set_active_loras = _clearing(LoRAModelRunnerMixin._set_active_loras)
-    LoRAModelRunnerMixin.set_active_loras = _stepping(LoRAModelRunnerMixin.set_active_loras)
-    BaseLinearLayerWithLoRA._apply_lora_to_output = _routing(BaseLinearLayerWithLoRA._apply_lora_to_output)
     _REGISTERED[0] = True
+    root = points.installed_root()
+    found = points.problems(root) if root is not None else ["vllm is not installed"]
+    if not found:
+        try:
+            _patch(_all_patches(root))
+            return
+        except (ImportError, AttributeError) as error:  # the sources hold the points, the modules do not load them
+            found = [f"{type(error).__name__}: {error}"]
+    reason = _unsupported_reason(found)
+    logger.warning("peft-glider: %s", reason)
+    if not points.refusal_problems(root or ""):
+        _patch([(points.PROCESS_INPUTS, functools.partial(_refusing_requests, reason=reason)),
+                (points.CHECK_LOAD, functools.partial(_refusing_loads, reason=reason))])
+
+
+def _unsupported_reason(found: list[str]) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    installed = []
+    for distribution in points.SUPPORTED:
+        try:
+            installed.append(f"{distribution} {version(distribution)}")
+        except PackageNotFoundError:
+            continue
+    supported = ", ".join(f"{name}{spec}" for name, spec in points.SUPPORTED.items())
+    return (f"Glider adapters cannot be served by this vLLM ({', '.join(installed) or 'unknown version'}; supported: "
+            f"{supported}): {found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
+            + ". Base-model and LoRA requests are served as usual.")
+
+
+def _all_patches(root: str) -> list[tuple[points.Point, Callable]]:
+    runner_wrappers = {
+        points.V1_STEP: _v1_stepping,
+        points.V2_ADD: _adding, points.V2_STEP: _v2_stepping, points.V2_REMOVE: _removing,
+        points.CPU_ADD: _adding, points.CPU_STEP: _v2_stepping, points.CPU_REMOVE: _removing,
+    }
+    return [
+        (points.PROCESS_INPUTS, _scoring),
+        (points.CHECK_LOAD, _checking),
+        (points.LOAD_ADAPTER, _loading),
+        (points.MERGE_LORAS, _no_merging_for_glider),
+        (points.SET_MAPPING, _mapping),
+        (points.APPLY_LORA, _routing),
+        *[(point, runner_wrappers[point]) for point in points.present_runner_points(root)],
+    ]
+
+
+def _patch(patches: list[tuple[points.Point, Callable]]) -> None:
+    """Wrap every point of `patches` with its wrapper factory (called with the original), or none of them when one
+    cannot be reached."""
+    resolved = []
+    for point, wrapper in patches:
+        owner = importlib.import_module(point.module)
+        if point.owner is not None:
+            owner = getattr(owner, point.owner)
+        resolved.append((owner, point.name, wrapper(getattr(owner, point.name))))
+    for owner, name, wrapped in resolved:
+        setattr(owner, name, wrapped)
 
 
 _FRONTEND = GliderFrontend()
+
+
+def _refusing_requests(original, reason: str):
+    @functools.wraps(original)
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        if request.lora_request is not None and _glider_folder(request.lora_request.lora_path) is not None:
+            raise ValueError(reason)
+        return request
+
+    return process_inputs
+
+
+def _refusing_loads(original, reason: str):
+    @functools.wraps(original)
+    async def _check_load_lora_adapter_request(self, request):
+        error = await original(self, request)
+        if error is not None or not request.lora_path or _glider_folder(request.lora_path) is None:
+            return error
+        return _bad_request(reason)
+
+    return _check_load_lora_adapter_request
+
+
+def _bad_request(message: str):
+    from http import HTTPStatus
+
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    return create_error_response(message=message, err_type="InvalidUserInput", status_code=HTTPStatus.BAD_REQUEST)
 
 
 def _glider_folder(lora_path: str) -> Optional[str]:
@@ -96,16 +184,17 @@ def _scoring(original):
         folder = None if lora is None or sampling is None else _glider_folder(lora.lora_path)
         if folder is None:
             return request
-        _FRONTEND.check(folder, self.model_config.hf_config)  # a bad adapter: this request fails, not the engine
+        _FRONTEND.check(folder, self.vllm_config)  # a bad adapter: this request fails, not the engine
         if SCORES_KEY in (sampling.extra_args or {}):
             _FRONTEND.check_scores(folder, sampling.extra_args[SCORES_KEY])
-            return request
-        text = _prompt_text(prompt, request.prompt_token_ids, self.tokenizer)
-        scores = None if text is None else _FRONTEND.scores(folder, text)
-        if scores is None:
-            _FRONTEND.require_scores(folder)
         else:
+            text = _prompt_text(prompt, request.prompt_token_ids, self.tokenizer)
+            scores = None if text is None else _FRONTEND.scores(folder, text)
+            if scores is None:
+                _FRONTEND.require_scores(folder)
+                return request  # local routing only: the same for every request of the adapter
             sampling.extra_args = {**(sampling.extra_args or {}), SCORES_KEY: scores}
+        request.cache_salt = routing_salt(request.cache_salt, sampling.extra_args[SCORES_KEY])
         return request
 
     return process_inputs
@@ -118,15 +207,10 @@ def _checking(original):
         folder = None if error is not None or not request.lora_path else _glider_folder(request.lora_path)
         if folder is None:
             return error
-        from http import HTTPStatus
-
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
         try:
-            _FRONTEND.check(folder, self.model_config.hf_config)
+            _FRONTEND.check(folder, self.input_processor.vllm_config)
         except ValueError as cause:
-            return create_error_response(message=str(cause), err_type="InvalidUserInput",
-                                         status_code=HTTPStatus.BAD_REQUEST)
+            return _bad_request(str(cause))
         return None
 
     return _check_load_lora_adapter_request
@@ -189,7 +273,7 @@ def _no_merging_for_glider(original):
 
 
 def _tensor_parallel_size() -> int:
-    from vllm.distributed import get_tensor_model_parallel_world_size
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_world_size
 
     try:
         return get_tensor_model_parallel_world_size()
@@ -209,47 +293,89 @@ def _glider_adapters() -> dict[int, VllmGliderAdapter]:
     }
 
 
-def _clearing(original):
-    @functools.wraps(original)
-    def _set_active_loras(self, *args, **kwargs):
-        _STEP.groups = {}  # every mapping vLLM sets (dummy and profiling runs too) starts without Glider tokens
-        return original(self, *args, **kwargs)
-
-    return _set_active_loras
+def _scores_of(sampling_params: Any) -> Optional[torch.Tensor]:
+    """A request's global scores (1, E) from its sampling parameters (checked by the frontend: one finite value per
+    expert), or None (local routing only)."""
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    return torch.as_tensor(extra[SCORES_KEY], dtype=torch.float32).reshape(1, -1) if SCORES_KEY in extra else None
 
 
-def _stepping(original):
+def _v1_stepping(original):
     @functools.wraps(original)
     def set_active_loras(self, input_batch, num_scheduled_tokens: np.ndarray, *args, **kwargs):
-        result = original(self, input_batch, num_scheduled_tokens, *args, **kwargs)
-        _STEP.groups = _step_groups(self, input_batch, num_scheduled_tokens)
-        return result
+        rows = []
+        for req_id in input_batch.req_ids[: len(num_scheduled_tokens)]:
+            state = self.requests.get(req_id)
+            rows.append((getattr(state, "lora_request", None), _scores_of(getattr(state, "sampling_params", None))))
+        _STEP.pending = (rows, np.asarray(num_scheduled_tokens))
+        return original(self, input_batch, num_scheduled_tokens, *args, **kwargs)
 
     return set_active_loras
 
 
-def _step_groups(runner, input_batch, num_scheduled_tokens: np.ndarray) -> dict[int, list[tuple[torch.Tensor, Any]]]:
-    """For each Glider adapter of this step: its tokens' positions and what they route with."""
+def _adding(original):
+    @functools.wraps(original)
+    def add_requests(self, scheduler_output, *args, **kwargs):
+        for new in scheduler_output.scheduled_new_reqs:
+            _REQUEST_SCORES[new.req_id] = _scores_of(new.sampling_params)
+        return original(self, scheduler_output, *args, **kwargs)
+
+    return add_requests
+
+
+def _removing(original):
+    @functools.wraps(original)
+    def remove_request(self, req_id, *args, **kwargs):
+        _REQUEST_SCORES.pop(req_id, None)
+        return original(self, req_id, *args, **kwargs)
+
+    return remove_request
+
+
+def _v2_stepping(original):
+    @functools.wraps(original)
+    def make_lora_inputs(self, req_ids, idx_mapping, num_scheduled_tokens, *args, **kwargs):
+        rows = [(self.lora_requests.get(req_id), _REQUEST_SCORES.get(req_id)) for req_id in req_ids]
+        _STEP.pending = (rows, np.asarray(num_scheduled_tokens))
+        return original(self, req_ids, idx_mapping, num_scheduled_tokens, *args, **kwargs)
+
+    return make_lora_inputs
+
+
+def _mapping(original):
+    @functools.wraps(original)
+    def _set_active_loras(self, *args, **kwargs):
+        pending, _STEP.pending = _STEP.pending, None
+        _STEP.groups, _STEP.dora = [], False  # a mapping set without the step's requests (dummy runs): no Glider
+        result = original(self, *args, **kwargs)  # loads the step's adapters
+        if pending is not None:
+            _STEP.groups = _step_groups(*pending)
+            _STEP.dora = any(adapter.has_dora for adapter, _, _ in _STEP.groups)
+        return result
+
+    return _set_active_loras
+
+
+def _step_groups(
+    rows: list[tuple[Any, Optional[torch.Tensor]]], num_scheduled_tokens: np.ndarray
+) -> list[tuple[VllmGliderAdapter, torch.Tensor, Any]]:
+    """The Glider tokens of a step (its requests in batch order: LoRA request and scores, and token counts), grouped
+    by adapter and by what they route with."""
     adapters = _glider_adapters()
     if not adapters:
-        return {}
+        return []
     starts = np.concatenate([[0], np.cumsum(num_scheduled_tokens)])
     # per (adapter, whether its requests carry scores): each request's token positions and scores (1, E) or None
     requests: dict[tuple[int, bool], list[tuple[np.ndarray, Optional[torch.Tensor]]]] = {}
-    for row, req_id in enumerate(input_batch.req_ids[: len(num_scheduled_tokens)]):
-        request = runner.requests.get(req_id)
-        lora = getattr(request, "lora_request", None)
+    for row, (lora, scores) in enumerate(rows[: len(num_scheduled_tokens)]):
         if lora is None or lora.lora_int_id not in adapters:
             continue
-        extra = getattr(request.sampling_params, "extra_args", None) or {}
-        scores = None  # checked by the frontend: one finite value per expert
-        if SCORES_KEY in extra:
-            scores = torch.as_tensor(extra[SCORES_KEY], dtype=torch.float32).reshape(1, -1)
         positions = np.arange(starts[row], starts[row + 1])
         requests.setdefault((lora.lora_int_id, scores is not None), []).append((positions, scores))
-    groups: dict[int, list[tuple[torch.Tensor, Any]]] = {}
+    groups = []
     for (lora_id, _), parts in requests.items():
-        groups.setdefault(lora_id, []).extend(adapters[lora_id].calls(parts))
+        adapter = adapters[lora_id]
+        groups += [(adapter, positions.to(adapter.device), call) for positions, call in adapter.calls(parts)]
     return groups
 
 
@@ -259,28 +385,24 @@ def _routing(original):
         if not _STEP.groups:
             return original(self, x, output)
         sharded = self.tp_size > 1
-        base = None if sharded else output.reshape(-1, output.shape[-1]).clone()  # before any LoRA: DoRA scales it
+        # the base output before any LoRA, only when DoRA experts scale it
+        base = output.reshape(-1, output.shape[-1]).clone() if _STEP.dora and not sharded else None
         output = original(self, x, output)
         flat, inputs = output.reshape(-1, output.shape[-1]), x.reshape(-1, x.shape[-1])
         row_parallel = _is_row_parallel(self)
         if sharded and row_parallel:  # each rank holds a slice of the input features: routing needs all of them
-            from vllm.distributed import tensor_model_parallel_all_gather
+            from vllm.distributed.communication_op import tensor_model_parallel_all_gather
 
             inputs = tensor_model_parallel_all_gather(inputs.contiguous(), dim=-1)
-        adapters = _glider_adapters()
         names = _module_names(self)
-        for lora_id, groups in _STEP.groups.items():
-            adapter = adapters.get(lora_id)
-            if adapter is None:
-                continue
-            for positions, call in groups:
-                deltas = []  # per output slice: the whole delta (n, out features of its module), or None
-                offset = 0
-                for name, size in zip(names, self.output_slices):
-                    base_rows = None if base is None else _without_bias(self, base[positions], offset, size)
-                    deltas.append(adapter.routed(name, inputs[positions], call, base_rows))
-                    offset += size
-                _add_shards(self, flat, positions, deltas, row_parallel)
+        for adapter, positions, call in _STEP.groups:
+            deltas = []  # per output slice: the whole delta (n, out features of its module), or None
+            offset = 0
+            for name, size in zip(names, self.output_slices):
+                base_rows = None if base is None else _without_bias(self, base[positions], offset, size)
+                deltas.append(adapter.routed(name, inputs[positions], call, base_rows))
+                offset += size
+            _add_shards(self, flat, positions, deltas, row_parallel)
         return output
 
     return _apply_lora_to_output
@@ -296,6 +418,8 @@ def _add_shards(layer, flat: torch.Tensor, positions: torch.Tensor, deltas: list
     """Add this rank's part of each slice's delta into the layer's output rows `positions`: all of it without
     tensor parallelism, the rank's shard of a column-parallel layer (as vLLM shards LoRA B), all of it on rank 0
     only for a row-parallel layer (the ranks' outputs are summed after)."""
+    if all(delta is None for delta in deltas):  # no expert adapts this layer's modules
+        return
     if layer.tp_size > 1 and row_parallel:
         deltas = deltas if layer.tp_rank == 0 else [None] * len(deltas)
     elif layer.tp_size > 1:
