@@ -231,6 +231,34 @@ def test_a_router_that_cannot_run_here_refuses_with_the_way_around_and_given_sco
     assert got == [glider_tokens(served["glider"]["glider"], PROMPTS[0], scores)]
 
 
+def test_beam_search_routes_every_step_by_the_prompt_and_embeds_it_once(served):
+    """vLLM's beam search submits each step's beams as new requests (the prompt's tokens and the beam's): each is
+    routed by the original prompt's text, as `route(prompt)` routes, and that text is written and embedded once."""
+    from vllm.sampling_params import BeamSearchParams
+
+    from peft_glider.vllm.plugin import _FRONTEND
+
+    folder = served["glider"]["glider-auto"]
+    _FRONTEND.scores(folder, "loads the adapter's router")
+    router = _FRONTEND._routers[folder][0]
+    embedded: list[str] = []
+    embed = router.embed
+
+    def counting_embed(texts, *args, **kwargs):
+        embedded.extend(texts)
+        return embed(texts, *args, **kwargs)
+
+    router.embed = counting_embed
+    try:
+        prompt = "a storm is coming this night"  # no other test routes it: not in the router's recent queries
+        outputs = served["llm"].beam_search([{"prompt": prompt}], BeamSearchParams(beam_width=3, max_tokens=4),
+                                            lora_request=lora_request("glider-auto", folder))
+    finally:
+        del router.embed
+    assert len(outputs[0].sequences) == 3
+    assert len(embedded) == 1 and embedded[0].endswith(prompt)  # the samples writer's instruction: the prompt
+
+
 def run_engine(served, tmp_path, name: str, requests: list[tuple[str, object, dict]], env: dict) -> list:
     """`tests/vllm_generate.py` in a process of its own with `env`: per request its tokens or {"error": ...}."""
     import json
@@ -490,6 +518,23 @@ def post(url: str, path: str, body: dict) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
+
+
+def test_http_requests_bring_scores_in_vllm_xargs_and_a_refusal_says_why_in_the_answer_and_the_log(served, server):
+    folder = served["glider"]["glider"]
+    scores = [0.0, 0.0, 4.0, -2.0]
+    status, body = post(server, "/v1/completions", {
+        "model": "glider", "prompt": PROMPTS[4], "max_tokens": NEW_TOKENS, "temperature": 0, "logprobs": 0,
+        "ignore_eos": True, "return_tokens_as_token_ids": True, "vllm_xargs": {"glider_scores": scores}})
+    assert status == 200, body
+    import json
+
+    tokens = [int(token.split(":")[1]) for token in json.loads(body)["choices"][0]["logprobs"]["tokens"]]
+    assert tokens == glider_tokens(folder, PROMPTS[4], scores)
+    status, body = post(server, "/v1/completions", {"model": "glider", "prompt": PROMPTS[4], "max_tokens": 2,
+                                                   "vllm_xargs": {"glider_scores": [1.0]}})
+    assert status == 400 and "glider_scores must be 4 finite numbers" in body, (status, body)
+    assert "glider_scores must be 4 finite numbers" in (served["root"] / "server.log").read_text()
 
 
 def test_glider_adapters_load_and_unload_at_run_time_and_bad_ones_are_refused(served, server, bad_adapters):

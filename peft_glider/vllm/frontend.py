@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import threading
 from typing import Any, Optional
@@ -25,8 +24,6 @@ import torch
 
 from ..config import GliderConfig
 from .adapter import SCORES_KEY, VllmGliderAdapter
-
-logger = logging.getLogger(__name__)
 
 
 class GliderFrontend:
@@ -85,7 +82,7 @@ class GliderFrontend:
     def scores(self, folder: str, text: str) -> Optional[list[float]]:
         """`text`'s global scores (E values) for the Glider adapter in `folder`; None when its experts were never
         described (no instruction embeddings: the adapter routes locally only). A router that cannot be rebuilt or
-        run here is a `ValueError` naming the cause and the way around it (also logged: the server's log says it)."""
+        run here is a `ValueError` naming the cause and the way around it."""
         try:
             with self._lock:
                 if folder not in self._routers:
@@ -96,12 +93,12 @@ class GliderFrontend:
             router, embeddings, embedder = loaded
             return router.score([[text]], embeddings, embedder).scores[0].tolist()
         except Exception as error:
-            message = (f"Glider adapter {folder!r}: the request's global scores cannot be computed from its text here "
-                       f"({type(error).__name__}: {error}). Send them with the request instead: "
-                       f"SamplingParams(extra_args={{{SCORES_KEY!r}: [...]}}), or over HTTP "
-                       f"extra_body={{'vllm_xargs': {{{SCORES_KEY!r}: [...]}}}}.")
-            logger.error(message)
-            raise ValueError(message) from error
+            raise ValueError(
+                f"Glider adapter {folder!r}: the request's global scores cannot be computed from its text here "
+                f"({type(error).__name__}: {error}). Send them with the request instead: "
+                f"SamplingParams(extra_args={{{SCORES_KEY!r}: [...]}}), or over HTTP "
+                f"extra_body={{'vllm_xargs': {{{SCORES_KEY!r}: [...]}}}}."
+            ) from error
 
 
 def engine_mode_problem(vllm_config: Any) -> Optional[str]:

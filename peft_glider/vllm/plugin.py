@@ -45,7 +45,8 @@ from . import points
 from .adapter import SCORES_KEY, VllmGliderAdapter, is_glider_folder
 from .frontend import GliderFrontend, routing_salt
 
-logger = logging.getLogger(__name__)
+# under vLLM's logger: its handlers print it in every vLLM process (a server's logging set-up silences others)
+logger = logging.getLogger("vllm.plugins.peft_glider")
 
 _REGISTERED = [False]
 
@@ -75,6 +76,15 @@ def register() -> None:
     if _REGISTERED[0]:
         return
     _REGISTERED[0] = True
+    try:
+        _install()
+    except Exception as error:  # vLLM loads plugins without a guard: whatever happens here, vLLM must start
+        logger.warning("peft-glider: the vLLM plugin is off (%s: %s); Glider adapters cannot be served.",
+                       type(error).__name__, error)
+
+
+def _install() -> None:
+    """Every patch when vLLM's sources hold every point, else only the refusal of Glider adapters (and a warning)."""
     root = points.installed_root()
     found = points.problems(root) if root is not None else ["vllm is not installed"]
     if not found:
@@ -143,7 +153,7 @@ def _refusing_requests(original, reason: str):
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         request = original(self, request_id, prompt, params, *args, **kwargs)
         if request.lora_request is not None and _glider_folder(request.lora_request.lora_path) is not None:
-            raise ValueError(reason)
+            raise _refusal(reason)
         return request
 
     return process_inputs
@@ -184,20 +194,51 @@ def _scoring(original):
         folder = None if lora is None or sampling is None else _glider_folder(lora.lora_path)
         if folder is None:
             return request
-        _FRONTEND.check(folder, self.vllm_config)  # a bad adapter: this request fails, not the engine
-        if SCORES_KEY in (sampling.extra_args or {}):
-            _FRONTEND.check_scores(folder, sampling.extra_args[SCORES_KEY])
-        else:
-            text = _prompt_text(prompt, request.prompt_token_ids, self.tokenizer)
-            scores = None if text is None else _FRONTEND.scores(folder, text)
-            if scores is None:
-                _FRONTEND.require_scores(folder)
-                return request  # local routing only: the same for every request of the adapter
-            sampling.extra_args = {**(sampling.extra_args or {}), SCORES_KEY: scores}
-        request.cache_salt = routing_salt(request.cache_salt, sampling.extra_args[SCORES_KEY])
+        try:
+            _route_request(self, request, prompt, folder)
+        except ValueError as error:
+            raise _refusal(str(error)) from error
         return request
 
     return process_inputs
+
+
+def _route_request(processor, request, prompt: Any, folder: str) -> None:
+    """Check a request for the Glider adapter in `folder`, give it its global scores from its text unless it brings
+    its own, and salt its prefix-cache keys with them; `ValueError` naming the cause when it cannot be served."""
+    sampling = request.sampling_params
+    _FRONTEND.check(folder, processor.vllm_config)  # a bad adapter: this request fails, not the engine
+    if SCORES_KEY in (sampling.extra_args or {}):
+        _FRONTEND.check_scores(folder, sampling.extra_args[SCORES_KEY])
+    else:
+        text = _prompt_text(prompt, request.prompt_token_ids, processor.tokenizer)
+        scores = None if text is None else _FRONTEND.scores(folder, text)
+        if scores is None:
+            _FRONTEND.require_scores(folder)
+            return  # local routing only: the same for every request of the adapter
+        sampling.extra_args = {**(sampling.extra_args or {}), SCORES_KEY: scores}
+    request.cache_salt = routing_salt(request.cache_salt, sampling.extra_args[SCORES_KEY])
+
+
+def _refusal(message: str) -> Exception:
+    """The error a refused Glider request raises, logged: a `ValueError` in Python, and in the server one that
+    vLLM answers with HTTP 400 and the message (vLLM turns other errors raised while it adds a request into an
+    empty HTTP 500)."""
+    logger.warning("peft-glider: %s", message)
+    return _refusal_class()(message)
+
+
+@functools.cache
+def _refusal_class() -> type:
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:  # a vLLM before its own client-error classes
+        return ValueError
+
+    class GliderRequestRefused(VLLMValidationError, ValueError):
+        """A request naming a Glider adapter that this engine cannot serve, and why."""
+
+    return GliderRequestRefused
 
 
 def _checking(original):
