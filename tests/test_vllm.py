@@ -259,15 +259,17 @@ def test_beam_search_routes_every_step_by_the_prompt_and_embeds_it_once(served):
     assert len(embedded) == 1 and embedded[0].endswith(prompt)  # the samples writer's instruction: the prompt
 
 
-def run_engine(served, tmp_path, name: str, requests: list[tuple[str, object, dict]], env: dict) -> list:
-    """`tests/vllm_generate.py` in a process of its own with `env`: per request its tokens or {"error": ...}."""
+def run_engine(served, tmp_path, name: str, requests: list[tuple[str, object, dict]], env: dict,
+               **engine) -> list:
+    """`tests/vllm_generate.py` in a process of its own with `env` (and `engine`: more `LLM` arguments): per request
+    its tokens or {"error": ...}."""
     import json
     import subprocess
     import sys
 
     spec = {"base": str(served["root"] / "base"), "new_tokens": NEW_TOKENS,
             "engine": dict(enable_lora=True, max_lora_rank=16, max_loras=4, enforce_eager=True, dtype="float32",
-                           max_model_len=128, gpu_memory_utilization=0.5, seed=0),
+                           max_model_len=128, gpu_memory_utilization=0.5, seed=0, **engine),
             "requests": [{"prompt": prompt, "extra": extra or None,
                           "lora": None if lora is None else [lora.lora_name, lora.lora_int_id, lora.lora_path]}
                          for prompt, lora, extra in requests]}
@@ -312,6 +314,17 @@ def test_model_runner_v2_routes_mixed_requests_as_transformers(served, tmp_path)
     requests = mixed_requests(served)
     got = run_engine(served, tmp_path, "v2", requests, V2_ENV)
     assert "Using V2 Model Runner" in (tmp_path / "v2.log").read_text()
+    assert got == reference_tokens(served, requests)
+
+
+def test_chunked_prefill_splits_long_prompts_and_routes_them_as_transformers(served, tmp_path):
+    """At most 32 tokens per engine step: each ~90-token prompt's prefill is split over steps, beside other
+    requests' chunks and decodes; each chunk's tokens route with their own request's scores."""
+    instruction = "Answer the request below in a few words, as briefly and plainly as you can: "
+    requests = [(instruction + prompt, lora, extra) for prompt, lora, extra in mixed_requests(served)[:6]]
+    assert all(len(prompt) > 2 * 32 for prompt, _, _ in requests)  # one token per character
+    got = run_engine(served, tmp_path, "chunked", requests, {}, enable_chunked_prefill=True,
+                     max_num_batched_tokens=32)
     assert got == reference_tokens(served, requests)
 
 
