@@ -381,6 +381,29 @@ def test_engine_modes_that_never_route_refuse_glider_adapters_naming_the_flag(se
     assert flag in str(refusal.value)
 
 
+def test_an_adapter_is_counted_before_a_worker_loads_it_and_refused_when_it_does_not_fit(served):
+    """The frontend counts what a worker will hold for an adapter (its experts' factors at least, and its gates)
+    and refuses it, naming the sizes and what to change, when that is more than vLLM left free."""
+    from safetensors import safe_open
+
+    from peft_glider.vllm.adapter import VllmGliderAdapter
+    from peft_glider.vllm.frontend import memory_problem
+
+    factors = 0
+    for folder in served["experts"]:
+        with safe_open(str(Path(folder) / "adapter_model.safetensors"), framework="pt") as handle:
+            factors += sum(handle.get_tensor(key).numel() * 4 for key in handle.keys())  # float32
+    needed = VllmGliderAdapter(served["glider"]["glider"], base_model().config).memory_bytes
+    assert factors < needed < 2 * factors  # the factors once each, the gates and routing tensors beside them
+    config = served["llm"].llm_engine.vllm_config
+    assert memory_problem(needed, config) is None
+    import psutil
+
+    too_much = psutil.virtual_memory().available + 2**30
+    problem = memory_problem(too_much, config)
+    assert problem is not None and "host memory available" in problem and "max_resident_experts" in problem
+
+
 def test_tensor_parallel_layers_no_expert_adapts_add_nothing():
     """A column-parallel layer of one slice that no expert adapts (vLLM's `slice_lora_b(None)` would raise)."""
     from types import SimpleNamespace

@@ -70,6 +70,20 @@ class VllmGliderAdapter:
         self._model = model  # keeps the skeleton (and the layers' library) alive
 
     @property
+    def memory_bytes(self) -> int:
+        """The bytes a worker holds for this adapter: its layers' experts, gates and routing tensors, each storage
+        counted once (the skeleton's weights are on `meta` and hold none)."""
+        storages: dict[int, int] = {}
+        for layer in self.layers.values():
+            bank = layer.expert_bank(self.adapter_name)
+            tensors = [*layer.parameters(), *layer.buffers(), *(v for v in vars(bank).values() if torch.is_tensor(v))]
+            for tensor in tensors:
+                if tensor.device.type != "meta":
+                    storage = tensor.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
+    @property
     def needs_scores(self) -> bool:
         """Whether every request must carry global scores: under a resident-experts budget smaller than the library
         a call without them would score every expert (refused by the library)."""

@@ -38,8 +38,9 @@ class GliderFrontend:
 
     def check(self, folder: str, vllm_config: Any) -> None:
         """Raise `ValueError` naming the cause when the Glider adapter in `folder` cannot be served by the engine of
-        `vllm_config`: an engine mode that never runs the routing, or an adapter that does not load on its model
-        (checked once per folder: loaded as a worker loads it, then dropped)."""
+        `vllm_config`: an engine mode that never runs the routing, an adapter that does not load on its model, or
+        one whose experts would not fit in the memory vLLM leaves (checked once per folder: loaded as a worker
+        loads it, counted, then dropped)."""
         mode = engine_mode_problem(vllm_config)
         if mode is not None:
             raise ValueError(f"Glider adapter {folder!r} cannot be served by this engine: {mode}")
@@ -49,7 +50,9 @@ class GliderFrontend:
                 try:
                     adapter = VllmGliderAdapter(folder, hf_config)
                     self._needs_scores[folder], self._num_experts[folder] = adapter.needs_scores, adapter.num_experts
-                    self._checked[folder] = None
+                    needed = adapter.memory_bytes
+                    del adapter
+                    self._checked[folder] = memory_problem(needed, vllm_config)
                 except Exception as error:  # any failure a worker would meet, reported instead of killing it
                     self._checked[folder] = f"{type(error).__name__}: {error}"
             cause = self._checked[folder]
@@ -120,6 +123,31 @@ def engine_mode_problem(vllm_config: Any) -> Optional[str]:
     if envs.VLLM_LORA_ENABLE_DUAL_STREAM:
         return "dual-stream LoRA layers never call the routing: unset VLLM_LORA_ENABLE_DUAL_STREAM."
     return None
+
+
+def memory_problem(needed: int, vllm_config: Any) -> Optional[str]:
+    """Why `needed` bytes (an adapter, as each worker holds it: every rank holds all of it) would not fit beside
+    what vLLM has taken (None when they do). A worker loads an adapter at its first request, after vLLM sized its
+    KV cache: on a CPU engine against the host memory available now (the KV cache is allocated at start-up), on
+    a GPU against the share of the device that `--gpu-memory-utilization` leaves to others."""
+    from vllm.platforms import current_platform
+
+    mib = 2**20
+    if vllm_config.device_config.device.type == "cpu":
+        import psutil
+
+        free = psutil.virtual_memory().available
+        where, advice = "host memory available", "free host memory or lower VLLM_CPU_KVCACHE_SPACE"
+    else:
+        utilization = vllm_config.cache_config.gpu_memory_utilization
+        free = int(current_platform.get_device_total_memory(0) * (1 - utilization))
+        where = f"device memory left beside vLLM's share (--gpu-memory-utilization {utilization:g})"
+        advice = "lower --gpu-memory-utilization"
+    if needed <= free:
+        return None
+    return (f"its experts, gates and routing tensors need {needed / mib:.0f} MiB in each worker, more than the "
+            f"{free / mib:.0f} MiB of {where}: {advice}, or save it with a smaller max_resident_experts (the rest "
+            "of the library stays on disk).")
 
 
 def routing_salt(salt: Optional[str], scores: list[float]) -> str:
