@@ -343,6 +343,32 @@ def test_a_vllm_missing_a_point_serves_as_without_the_plugin_and_refuses_glider_
     assert "peft-glider: Glider adapters cannot be served by this vLLM" in (tmp_path / "missing.log").read_text()
 
 
+def test_the_plugin_installs_on_the_newest_vllm_releases_python():
+    """vLLM 0.34's Python (its CUDA wheel's sources, in front of this venv: the modules import, the compiled parts
+    do not load) has no V1 runner: `register` used to raise there, stopping vLLM at start-up. Now it wraps every
+    point, the V2 runners' included, and nothing raises."""
+    import subprocess
+    import sys
+
+    from peft_glider.vllm import points
+
+    _, root = points.release_sources("vllm==0.34.0")
+    code = (
+        "import importlib\n"
+        "from peft_glider.vllm import plugin, points\n"
+        "plugin.register()\n"
+        "wrapped = [point for point, _ in plugin._all_patches(points.installed_root())]\n"
+        "def patched(p):\n"
+        "    owner = importlib.import_module(p.module)\n"
+        "    return hasattr(getattr(getattr(owner, p.owner), p.name), '__wrapped__')\n"
+        "print('PATCHED', sum(map(patched, wrapped)), 'OF', len(wrapped), points.installed_root())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": root})
+    line = next((line for line in result.stdout.splitlines() if line.startswith("PATCHED")), result.stderr[-3000:])
+    assert line == f"PATCHED 12 OF 12 {root}", line
+
+
 def test_the_installed_vllm_holds_every_point_the_plugin_wraps():
     from peft_glider.vllm import points
 
