@@ -406,7 +406,7 @@ def test_a_large_library_run_adds_library_only_experts_reuses_what_needs_no_libr
     report_text = (out / "results.md").read_text()
     for expected in ("## The lean of each task", "## Against the standard library (this run's 5 experts minus the "
                      "3-expert run's, points)", f"| Held-out: GLIDER α=auto >= {run.MAJORITY} |",
-                     f"| Held-in: GLIDER α=auto at most 2 points below the standard library |",
+                     "| Held-in: GLIDER α=auto at most 2 points below the standard library |",
                      f"| {auto} · M=5 within 1 point of full routing (held-in) | yes |",
                      "- Library-only experts (2, trained on every example up to 12 and never evaluated): epsilon, zeta"):
         assert expected in report_text, expected
