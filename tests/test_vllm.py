@@ -391,7 +391,8 @@ def test_engine_modes_that_never_route_refuse_glider_adapters_naming_the_flag(se
     from peft_glider.vllm.frontend import GliderFrontend
 
     engine = served["llm"].llm_engine.vllm_config
-    config = SimpleNamespace(model_config=engine.model_config, lora_config=copy.deepcopy(engine.lora_config),
+    config = SimpleNamespace(model_config=engine.model_config, device_config=engine.device_config,
+                             cache_config=engine.cache_config, lora_config=copy.deepcopy(engine.lora_config),
                              compilation_config=copy.deepcopy(engine.compilation_config))
     assert GliderFrontend().check(served["glider"]["glider"], config) is None  # the served engine's mode routes
     if setting == "compiled":

@@ -140,7 +140,11 @@ def memory_problem(needed: int, vllm_config: Any) -> Optional[str]:
         where, advice = "host memory available", "free host memory or lower VLLM_CPU_KVCACHE_SPACE"
     else:
         utilization = vllm_config.cache_config.gpu_memory_utilization
-        free = int(current_platform.get_device_total_memory(0) * (1 - utilization))
+        try:
+            total = current_platform.get_device_total_memory(0)
+        except Exception:  # a platform that cannot tell (no NVML, say): not counted rather than refused
+            return None
+        free = int(total * (1 - utilization))
         where = f"device memory left beside vLLM's share (--gpu-memory-utilization {utilization:g})"
         advice = "lower --gpu-memory-utilization"
     if needed <= free:
