@@ -8,7 +8,6 @@ scores (`SamplingParams(extra_args={"glider_scores": [...]})`, one value per exp
 """
 
 
-
 def register() -> None:
     """The `vllm.general_plugins` entry point (`plugin.register`, imported only when vLLM calls it)."""
     from .plugin import register as install

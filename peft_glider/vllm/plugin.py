@@ -95,9 +95,13 @@ def _install() -> None:
             found = [f"{type(error).__name__}: {error}"]
     reason = _unsupported_reason(found)
     logger.warning("peft-glider: %s", reason)
+
+    def refuse(*_) -> None:
+        raise ValueError(reason)
+
     if not points.refusal_problems(root or ""):
-        _patch([(points.PROCESS_INPUTS, functools.partial(_refusing_requests, reason=reason)),
-                (points.CHECK_LOAD, functools.partial(_refusing_loads, reason=reason))])
+        _patch([(points.PROCESS_INPUTS, functools.partial(_scoring, route=refuse)),
+                (points.CHECK_LOAD, functools.partial(_checking, check=refuse))])
 
 
 def _unsupported_reason(found: list[str]) -> str:
@@ -148,28 +152,6 @@ def _patch(patches: list[tuple[points.Point, Callable]]) -> None:
 _FRONTEND = GliderFrontend()
 
 
-def _refusing_requests(original, reason: str):
-    @functools.wraps(original)
-    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        request = original(self, request_id, prompt, params, *args, **kwargs)
-        if request.lora_request is not None and _glider_folder(request.lora_request.lora_path) is not None:
-            raise _refusal(reason)
-        return request
-
-    return process_inputs
-
-
-def _refusing_loads(original, reason: str):
-    @functools.wraps(original)
-    async def _check_load_lora_adapter_request(self, request):
-        error = await original(self, request)
-        if error is not None or not request.lora_path or _glider_folder(request.lora_path) is None:
-            return error
-        return _bad_request(reason)
-
-    return _check_load_lora_adapter_request
-
-
 def _bad_request(message: str):
     from http import HTTPStatus
 
@@ -186,16 +168,20 @@ def _glider_folder(lora_path: str) -> Optional[str]:
     return folder if is_glider_folder(folder) else None
 
 
-def _scoring(original):
+def _scoring(original, route: Optional[Callable] = None):
+    """`process_inputs` wrapped: each request naming a Glider adapter goes through `route(processor, request,
+    prompt, folder)` (`_route_request`; in a vLLM the plugin does not support, a refusal), whose `ValueError` is
+    the request's refusal."""
+    route = route or _route_request
+
     @functools.wraps(original)
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         request = original(self, request_id, prompt, params, *args, **kwargs)
-        lora, sampling = request.lora_request, request.sampling_params
-        folder = None if lora is None or sampling is None else _glider_folder(lora.lora_path)
+        folder = None if request.lora_request is None else _glider_folder(request.lora_request.lora_path)
         if folder is None:
             return request
         try:
-            _route_request(self, request, prompt, folder)
+            route(self, request, prompt, folder)
         except ValueError as error:
             raise _refusal(str(error)) from error
         return request
@@ -207,6 +193,8 @@ def _route_request(processor, request, prompt: Any, folder: str) -> None:
     """Check a request for the Glider adapter in `folder`, give it its global scores from its text unless it brings
     its own, and salt its prefix-cache keys with them; `ValueError` naming the cause when it cannot be served."""
     sampling = request.sampling_params
+    if sampling is None:  # a pooling request: nothing to route by
+        return
     _FRONTEND.check(folder, processor.vllm_config)  # a bad adapter: this request fails, not the engine
     if SCORES_KEY in (sampling.extra_args or {}):
         _FRONTEND.check_scores(folder, sampling.extra_args[SCORES_KEY])
@@ -241,7 +229,11 @@ def _refusal_class() -> type:
     return GliderRequestRefused
 
 
-def _checking(original):
+def _checking(original, check: Optional[Callable] = None):
+    """The server's adapter-load check wrapped: a Glider adapter goes through `check(serving_models, folder)`
+    (`_check_adapter`; in a vLLM the plugin does not support, a refusal), whose `ValueError` is an HTTP 400."""
+    check = check or _check_adapter
+
     @functools.wraps(original)
     async def _check_load_lora_adapter_request(self, request):
         error = await original(self, request)
@@ -249,12 +241,16 @@ def _checking(original):
         if folder is None:
             return error
         try:
-            _FRONTEND.check(folder, self.input_processor.vllm_config)
+            check(self, folder)
         except ValueError as cause:
             return _bad_request(str(cause))
         return None
 
     return _check_load_lora_adapter_request
+
+
+def _check_adapter(serving_models, folder: str) -> None:
+    _FRONTEND.check(folder, serving_models.input_processor.vllm_config)
 
 
 def _prompt_text(prompt: Any, token_ids: Optional[list[int]], tokenizer: Any) -> Optional[str]:

@@ -150,11 +150,16 @@ def point_problem(root: str, point: Point) -> Optional[str]:
     return None
 
 
+def _present_runners(root: str) -> list[str]:
+    """The names of the model runners whose module is in the vLLM sources under `root`."""
+    return [name for name, (module, _) in RUNNERS.items() if _source_file(root, module) is not None]
+
+
 def problems(root: str) -> list[str]:
     """Every point that does not hold in the vLLM sources under `root`, described; empty when the plugin can patch
     that vLLM."""
     found = [problem for point in REQUIRED if (problem := point_problem(root, point)) is not None]
-    runners = [name for name, (module, _) in RUNNERS.items() if _source_file(root, module) is not None]
+    runners = _present_runners(root)
     if not runners:
         found.append(f"no model runner the plugin knows ({', '.join(module for module, _ in RUNNERS.values())})")
     for name in runners:
@@ -165,8 +170,7 @@ def problems(root: str) -> list[str]:
 
 def present_runner_points(root: str) -> list[Point]:
     """The runner points of the runners present under `root`."""
-    return [point for module, points in RUNNERS.values() if _source_file(root, module) is not None
-            for point in points]
+    return [point for name in _present_runners(root) for point in RUNNERS[name][1]]
 
 
 def refusal_problems(root: str) -> list[str]:
