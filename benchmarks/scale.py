@@ -7,6 +7,7 @@ and against the same model at E=8 with full routing. Prints a table and the rati
 
     python benchmarks/scale.py                          # tiny Llama (hidden 512, 4 layers, r=8 on q/v), E up to 1024
     python benchmarks/scale.py --models llama512-all    # every linear module adapted
+    python benchmarks/scale.py --models llama512-all-gated --experts 8 128 1024   # ... experts shipping their gates
     python benchmarks/scale.py --models smollm2-qv      # SmolLM2-135M-Instruct (30 layers), r=8 on q/v
     python benchmarks/scale.py --quick                  # E in {8, 64}, 3 rounds
 
@@ -49,6 +50,8 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 MODELS = {
     "llama512-qv": dict(kind="llama", hidden=512, layers=4, modules=["q_proj", "v_proj"]),
     "llama512-all": dict(kind="llama", hidden=512, layers=4, modules=ALL_LINEAR),
+    # the same, each expert shipping its gates (glider_gates.safetensors): a budget keeps the cold ones on disk
+    "llama512-all-gated": dict(kind="llama", hidden=512, layers=4, modules=ALL_LINEAR, gated=True),
     "smollm2-qv": dict(smollm2=True, modules=["q_proj", "v_proj"]),  # SmolLM2-135M-Instruct (the offline wheel)
 }
 BATCH = 4
@@ -78,7 +81,8 @@ def smollm2() -> LlamaForCausalLM:
 
 
 def write_experts(spec: dict, count: int, folder: Path) -> list[str]:
-    """`count` PEFT LoRA folders with random factors (written once; a finished library has a `done` marker)."""
+    """`count` PEFT LoRA folders with random factors, and random gates where the model's spec says `gated` (written
+    once; a finished library has a `done` marker)."""
     paths = [str(folder / f"expert{i:04d}") for i in range(count)]
     if (folder / "done").exists():
         return paths
@@ -93,6 +97,10 @@ def write_experts(spec: dict, count: int, folder: Path) -> list[str]:
         Path(path, "adapter_config.json").write_text(config_text)
         tensors = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
         save_file(tensors, str(Path(path, "adapter_model.safetensors")), metadata={"format": "pt"})
+        if spec.get("gated"):  # module name -> (in_features,), from each module's lora_A (r, in)
+            gates = {name.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): torch.randn(shape[1], generator=generator)
+                     for name, shape in shapes.items() if name.endswith(".lora_A.weight")}
+            peft_glider.save_gates(gates, path)
     (folder / "done").touch()
     return paths
 

@@ -11,14 +11,12 @@ only: `adapts` then says which experts adapt the module (what routing masks), th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from . import native
-
-if TYPE_CHECKING:
-    from .experts import LoraFactors
+from .factors import LoraFactors
 
 LN_EPS = 1e-5
 
@@ -42,8 +40,14 @@ class Packed(NamedTuple):
     shift: torch.Tensor | None = None  # (E, o) DoRA's g - 1 per expert (0 for a plain LoRA); None without DoRA
     bias: torch.Tensor | None = None  # (E, o) the B factors' biases (0 where none); None without any
 
+    def to(self, device: torch.device, dtype: torch.dtype | None) -> "Packed":
+        """The packed tensors on `device`, the floating ones in `dtype` (None: kept)."""
+        floating = {name: getattr(self, name) for name in ("A", "BT", "rank_scaling", "shift", "bias")}
+        moved = {name: None if t is None else t.to(device, dtype=dtype) for name, t in floating.items()}
+        return self._replace(rank_expert=self.rank_expert.to(device), **moved)
 
-def _output_terms(experts: "list[LoraFactors | None]", kind: str, o: int, dtype: torch.dtype) -> torch.Tensor | None:
+
+def _output_terms(experts: list[LoraFactors | None], kind: str, o: int, dtype: torch.dtype) -> torch.Tensor | None:
     """(E, o): each expert's `kind` vector ("shift" or "bias"), zeros where it has none; None when no expert has."""
     rows = [None if factors is None else getattr(factors, kind) for factors in experts]
     if all(row is None for row in rows):
@@ -51,7 +55,7 @@ def _output_terms(experts: "list[LoraFactors | None]", kind: str, o: int, dtype:
     return torch.stack([torch.zeros(o, dtype=dtype) if row is None else row.to(dtype) for row in rows])
 
 
-def pack_experts(experts: "list[LoraFactors | None]", features: tuple[int, int] | None = None) -> Packed:
+def pack_experts(experts: list[LoraFactors | None], features: tuple[int, int] | None = None) -> Packed:
     """Concatenate the experts' factors along the rank axis, in routing order (None: absent from the module).
 
     Returns A (R, d), BT (R, o) in the first expert's dtype, rank_expert (R,) long, rank_scaling (R,), the spans
@@ -140,7 +144,7 @@ class ExpertBank:
         self._device_layout: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_factors(cls, experts: "list[LoraFactors | None]") -> "ExpertBank":
+    def from_factors(cls, experts: list[LoraFactors | None]) -> "ExpertBank":
         """The bank of these experts (None: absent from the module), packed in routing order (`pack_experts`)."""
         packed = pack_experts(experts)
         return cls(**packed._asdict(), expert_slot=expert_slots(packed.spans))
@@ -149,10 +153,8 @@ class ExpertBank:
         """Whether expert `index` adapts this module (its factors here or not)."""
         return bool(self.adapts[index]) if self.adapts is not None else self.spans[index] is not None
 
-    def factors_of(self, index: int) -> "LoraFactors | None":
+    def factors_of(self, index: int) -> LoraFactors | None:
         """Expert `index`'s factors here (views of this bank's rows), or None when they are not here."""
-        from .experts import LoraFactors
-
         span = self.spans[index]
         if span is None:
             return None
@@ -160,7 +162,7 @@ class ExpertBank:
         rows = {kind: None if terms is None else terms[index] for kind, terms in (("shift", self.shift), ("bias", self.bias))}
         return LoraFactors(self.A[start:end], self.BT[start:end].T, float(self.expert_scaling[index]), **rows)
 
-    def _terms_appended(self, kind: str, factors: "LoraFactors | None") -> torch.Tensor | None:
+    def _terms_appended(self, kind: str, factors: LoraFactors | None) -> torch.Tensor | None:
         terms, row = getattr(self, kind), None if factors is None else getattr(factors, kind)
         if terms is None and row is None:
             return None
@@ -170,7 +172,7 @@ class ExpertBank:
         row = torch.zeros(o, dtype=self.dtype, device=self.device) if row is None else row.to(self.device, self.dtype)
         return torch.cat([terms, row[None]])
 
-    def appended(self, factors: "LoraFactors | None") -> Packed:
+    def appended(self, factors: LoraFactors | None) -> Packed:
         """The packed tensors with one more expert after the others (None: absent here), in this bank's dtype and
         device. The factors of an expert absent here are the same tensors, not copies."""
         index, rows = self.num_experts, self.A.shape[0]

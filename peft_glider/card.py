@@ -18,7 +18,7 @@ import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
 from .config import GliderConfig
-from .local_router.routers import local_router
+from .local_routers import local_router
 
 if TYPE_CHECKING:
     from peft import PeftModel

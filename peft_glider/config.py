@@ -11,6 +11,7 @@ from peft.utils import PeftType
 
 from ._registration import GLIDER_NAME
 from ._warnings import warn_user
+from .local_routers import local_router
 
 #: Bumped when the saved layout changes incompatibly; additive changes keep it.
 FORMAT_VERSION = 1
@@ -171,8 +172,6 @@ class GliderConfig(PeftConfig):
             if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
                 raise ValueError(f"alpha must be a number or 'auto', got {self.alpha!r}.")
             self.alpha = float(self.alpha)
-        from .local_router.routers import local_router  # here: local_router imports experts, which import config
-
         local_router(self.local_router)  # a ValueError lists the known ones
         if not isinstance(self.arrow_temperature, (int, float)) or not self.arrow_temperature > 0:
             raise ValueError(f"arrow_temperature must be a positive number, got {self.arrow_temperature!r}.")

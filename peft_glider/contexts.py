@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 import torch
 
 from .config import GliderConfig
-from .library import ExpertLibrary, LibraryVersion
+from .library import ExpertLibrary
 from .routing import auto_alpha, candidate_experts
 from .state import RoutingState, RoutingTrace, call_routing
+from .versions import LibraryVersion
 
 if TYPE_CHECKING:
     from .global_router import GlobalRouter, RouteInfo
@@ -47,13 +48,14 @@ class CallContexts:
     def current_version(self) -> LibraryVersion:
         """The current library version, republished first if the instruction embeddings were replaced behind the
         library's back (a checkpoint loaded with `assign=True`, a move to another device)."""
-        version = self.library.current
+        versions = self.library.versions
+        version = versions.current
         if version.embeddings is not self._embeddings():
-            with self.library.editing:  # an edit may be between setting the embeddings and publishing them
+            with versions.editing:  # an edit may be between setting the embeddings and publishing them
                 embeddings = self._embeddings()
-                if self.library.current.embeddings is not embeddings:
-                    self.library.publish(embeddings=embeddings)
-                version = self.library.current
+                if versions.current.embeddings is not embeddings:
+                    versions.publish(embeddings=embeddings)
+                version = versions.current
         return version
 
     def bare_call_version(self) -> LibraryVersion:
@@ -61,11 +63,12 @@ class CallContexts:
         resident first under a resident-experts budget (such a call scores them all; a gate-training call uses
         only the expert under training)."""
         version = self.current_version()
-        if self.library.budget is None:
+        residency = self.library.residency
+        if residency.budget is None:
             return version
         call = self.state.current_call()
         training = None if call is None else call.gate_training_expert
-        return self.library.resident_version(None if training is None else [version.expert_names[training]])
+        return residency.make_resident(None if training is None else [version.expert_names[training]])
 
     def call_version(self) -> LibraryVersion:
         """The version a call routes with: the one an enclosing context of this call took, else the current one
@@ -98,8 +101,9 @@ class CallContexts:
             raise ValueError("Global scores contain non-finite values.")
         scores = scores.detach().float().cpu()
         row_alpha = self._row_alpha(scores, alpha)
-        if self.library.budget is not None:  # the call's candidates resident before it begins
-            version = self.library.resident_version(self._needed_experts(version, scores))
+        residency = self.library.residency
+        if residency.budget is not None:  # the call's candidates resident before it begins
+            version = residency.make_resident(self._needed_experts(version, scores))
         with call_routing(self.state, version=version, row_bias=row_alpha[:, None] * scores, row_scores=scores):
             yield row_alpha
 

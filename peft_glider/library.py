@@ -1,32 +1,24 @@
 """The expert library of one Glider adapter: its experts resolved from a config and checked against the base model,
-and the versions of it that calls route with.
+and its edits, published as the versions calls route with (`versions`).
 
 A config whose experts are not yet resolved (a new adapter) loads them from their sources, to be pinned (commit,
 tensor hash, layout: `LoadedExpert.pins`). A resolved config of a self-contained saved adapter lays out zero placeholders of the saved
 layout, which the adapter's checkpoint fills; a router-only one reloads its experts from their sources at the pinned
 commits and checks their hashes. Factors are read lazily, one module at a time, and not kept by the library.
 
-With a resident-experts budget (`GliderConfig.max_resident_experts`), the layers hold the factors of at most that
-many experts, the least recently used evicted: a call's experts are made resident when it begins (its candidates,
-known from its global scores), read from their sources and checked against their pinned hashes, and published as
-a new version like an edit. The gates follow the factors: a layer holds the resident experts' gates (one row per
-slot: the budget's N rows), the others live in the library's `GateStore` on disk, an evicted expert's gate written
-back there (gates trained while resident included). Instruction embeddings stay resident for every expert.
+With a resident-experts budget (`GliderConfig.max_resident_experts`) the library asks its `Residency` which experts
+a layer holds and where the others' gates are; nothing here knows slots or the cold store.
 
 Edits (add or remove an expert, new gates or instruction embeddings) are copy-on-write: the library tells each
 layer to install new tensors beside the ones the current version holds, then publishes a whole new
-`LibraryVersion` in one assignment. A call takes the version current when it begins and keeps it to its end, in
-every layer; an old version is freed when the last call holding it ends. Edits are serialized by one lock.
+`LibraryVersion` in one assignment (`versions.Versions`).
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import weakref
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Collection, Mapping, Optional, Protocol
 
 import torch
@@ -36,29 +28,28 @@ from tqdm.auto import tqdm
 
 from ._warnings import warn_user
 from .config import ExpertEntry, GliderConfig, normalize_expert_entry
-from .experts import LoadedExpert, LoraFactors, load_expert, tensor_sha256
-from .gate_store import GateStore
+from .base_layer import is_linear
+from .experts import LoadedExpert, load_expert
+from .factors import LoraFactors
 from .hub import GATES_FILE
-from .layer import is_linear
-from .local_router.routers import local_router
+from .layer import GliderLayer
+from .local_routers import local_router
+from .residency import Residency
+from .versions import LibraryVersion, Versions
 
 if TYPE_CHECKING:
     from .global_router import ExpertDescriptions
-    from .layer import GliderLayer, LayerSnapshot
+    from .snapshot import LayerSnapshot
     from .state import RoutingState
-
-
-class BudgetExceededError(ValueError):
-    """A call needs more experts' factors at once than the adapter's `max_resident_experts`."""
 
 
 class LibraryHost(Protocol):
     """What a library needs of the model it lives in, for its adapter (`GliderModel` provides it)."""
 
-    def layers(self) -> dict[str, "GliderLayer"]:
+    def layers(self) -> dict[str, GliderLayer]:
         """Module name -> the Glider layer holding the adapter now."""
 
-    def wrap(self, module_name: str) -> "GliderLayer":
+    def wrap(self, module_name: str) -> GliderLayer:
         """Make the Glider layer of a module the adapter did not adapt yet (the library's experts say what)."""
 
     def retire(self, module_names: list[str], version_number: int) -> None:
@@ -69,27 +60,6 @@ class LibraryHost(Protocol):
 
     def store_embeddings(self, embeddings: Optional[torch.Tensor]) -> None:
         """Keep the instruction embeddings (E, e) where the adapter's state dict saves them."""
-
-
-@dataclass(frozen=True, eq=False)
-class LibraryVersion:
-    """One whole state of an adapter's library, as calls route with it; never changed once published (but for the
-    link to its successor).
-
-    Holds no reference back to the library or the model. Each version keeps its successors alive, so a version
-    is freed once no call holds it or any version before it: the modules an edit released leave the model only
-    when no call can route through them any more.
-    """
-
-    number: int  # 0 for the first version of an adapter, one more for each edit
-    expert_names: tuple[str, ...]  # routing order
-    layers: Mapping[str, "LayerSnapshot"]  # module name -> its experts, for the modules the adapter adapts
-    embeddings: Optional[torch.Tensor] = None  # (E, e) instruction embeddings, when set
-    successor: list["LibraryVersion"] = field(default_factory=list, repr=False)  # the next version, once published
-
-    @property
-    def num_experts(self) -> int:
-        return len(self.expert_names)
 
 
 class ExpertLibrary:
@@ -103,28 +73,17 @@ class ExpertLibrary:
     def __init__(self, experts: list[LoadedExpert], placeholders: bool) -> None:
         self.experts = experts
         self.placeholders = placeholders
-        self.current: Optional[LibraryVersion] = None  # what a call that begins now routes with
-        self._edit_lock = threading.RLock()  # one edit at a time (re-entrant: an edit may publish more than once)
-        self.adapter_name: Optional[str] = None  # the adapter, its config and its model, once attached
+        self.versions = Versions()  # what calls route with; its lock serializes the edits
+        self.adapter_name: Optional[str] = None  # the adapter, its config, its model and its residency, once attached
         self.config: Optional[GliderConfig] = None
         self.host: Optional[LibraryHost] = None
-        # Under a resident-experts budget: the names of the experts whose factors the layers hold, least recently
-        # used first, each expert's row (slot) in the layers' gates, and the other experts' gates.
-        self.resident: "OrderedDict[str, None]" = OrderedDict()
-        self.slot_of: dict[str, int] = {}
-        self.gate_store: Optional[GateStore] = None
+        self.residency: Optional[Residency] = None
 
     def attach(self, adapter_name: str, config: GliderConfig, host: LibraryHost) -> None:
-        """Bind the library to its adapter: its name, its config (whose expert entries follow every edit) and the
-        model it lives in."""
+        """Bind the library to its adapter: its name, its config (whose expert entries follow every edit), the model
+        it lives in, and the residency of its experts."""
         self.adapter_name, self.config, self.host = adapter_name, config, host
-        if config.max_resident_experts is not None and self.gate_store is None:
-            self.gate_store = GateStore()
-
-    @property
-    def editing(self) -> threading.RLock:
-        """Held by every edit: hold it to make several changes one after another without another edit between."""
-        return self._edit_lock
+        self.residency = Residency(config.max_resident_experts, adapter_name, self.versions, self.experts, host.layers)
 
     @classmethod
     def resolve(cls, config: GliderConfig, model: nn.Module, placeholders: Optional[bool] = None) -> "ExpertLibrary":
@@ -149,28 +108,6 @@ class ExpertLibrary:
         return cls(experts, placeholders)
 
     @property
-    def budget(self) -> Optional[int]:
-        """The resident-experts budget (`GliderConfig.max_resident_experts`), None without one."""
-        return None if self.config is None else self.config.max_resident_experts
-
-    def initially_resident(self) -> Optional[set[int]]:
-        """The experts whose factors a new layer reads: none under a budget (they are read when a call needs them),
-        all (None) otherwise."""
-        return None if self.budget is None else {i for i, e in enumerate(self.experts) if e.name in self.resident}
-
-    def gate_slots(self) -> torch.Tensor:
-        """(E,) long: each expert's row in the layers' gates under a budget, -1 where it is not resident."""
-        return torch.tensor([self.slot_of.get(expert.name, -1) for expert in self.experts], dtype=torch.long)
-
-    def keep_cold_gate(self, module_name: str, index: int, gate: torch.Tensor) -> None:
-        """Keep the gate (in,) at `module_name` of expert `index`, not resident, in the `GateStore`."""
-        self.gate_store.write(module_name, self.experts[index].name, gate)
-
-    def cold_gate(self, module_name: str, index: int, in_features: int) -> torch.Tensor:
-        """The gate (in,) float32 at `module_name` of expert `index`, not resident, from the `GateStore`."""
-        return self.gate_store.read(module_name, self.experts[index].name, in_features)
-
-    @property
     def modules(self) -> list[str]:
         """Names of the modules at least one expert adapts, sorted."""
         return sorted({module for expert in self.experts for module in expert.factors})
@@ -193,7 +130,7 @@ class ExpertLibrary:
         entry = normalize_expert_entry(expert, len(config.experts))
         if entry["name"] in config.expert_names:
             raise ValueError(f"add_expert: an expert named {entry['name']!r} exists already; give another 'name'.")
-        embeddings = self.current.embeddings
+        embeddings = self.versions.current.embeddings
         if (embeddings is None) != (instruction_embedding is None):
             raise ValueError(
                 "add_expert: pass an instruction_embedding exactly when the adapter has instruction embeddings."
@@ -216,13 +153,13 @@ class ExpertLibrary:
         entry.update(loaded.pins)
         if shipped:
             entry["gates"] = "shipped with the expert"
-        with self._edit_lock:
+        with self.versions.editing:
             gates = {name: torch.as_tensor(vector) for name, vector in gates.items()}
             self._add(loaded, gates, instruction_embedding)
             config.experts.append(entry)
             config.target_modules = sorted(self.host.layers())
             if embeddings is not None:
-                self.host.store_embeddings(self.current.embeddings)
+                self.host.store_embeddings(self.versions.current.embeddings)
         if learned and not shipped:
             warn_ungated([loaded.name])
         return loaded.name
@@ -238,19 +175,19 @@ class ExpertLibrary:
         if config.top_k > len(names) - 1:
             raise ValueError(f"remove_expert: top_k={config.top_k} would exceed the {len(names) - 1} experts left.")
         index = names.index(name)
-        with self._edit_lock:
+        with self.versions.editing:
             self._remove(index)
             del config.experts[index]
             config.target_modules = sorted(self.host.layers())
-            if self.current.embeddings is not None:
-                self.host.store_embeddings(self.current.embeddings)
+            if self.versions.current.embeddings is not None:
+                self.host.store_embeddings(self.versions.current.embeddings)
 
     def set_gates(self, gates: Mapping[str, Mapping[str, torch.Tensor]], how: str = "set") -> None:
         """See `GliderModel.set_gates`: every gate checked before anything changes, then one new version."""
         names = self.config.expert_names
-        with self._edit_lock:
+        with self.versions.editing:
             layers = self.host.layers()
-            rows: dict["GliderLayer", dict[int, torch.Tensor]] = {}
+            rows: dict[GliderLayer, dict[int, torch.Tensor]] = {}
             for expert, per_module in gates.items():
                 if expert not in names:
                     raise KeyError(f"set_gates: unknown expert {expert!r}; experts are {names}.")
@@ -259,7 +196,7 @@ class ExpertLibrary:
                     layer = layers.get(module_name)
                     if layer is None:
                         raise KeyError(f"set_gates: expert {expert!r}: no Glider layer at module {module_name!r}.")
-                    adapts = self.current.layers[module_name].bank.adapting(index)
+                    adapts = self.versions.current.layers[module_name].bank.adapting(index)
                     in_features = layer.in_features if adapts else None
                     rows.setdefault(layer, {})[index] = check_gate(expert, module_name, vector, in_features, "set_gates")
             self.replace_gates(rows)
@@ -281,7 +218,7 @@ class ExpertLibrary:
         if not local_router(self.config.local_router).learned:
             return
         shipping = [expert for expert in self.experts if expert.gates_reader is not None]
-        at_once = max(1, len(shipping) if self.budget is None else SHIPPED_GATES_AT_ONCE)
+        at_once = max(1, len(shipping) if self.config.max_resident_experts is None else SHIPPED_GATES_AT_ONCE)
         for start in range(0, len(shipping), at_once):
             shipped = {
                 expert.name: {
@@ -295,14 +232,13 @@ class ExpertLibrary:
 
     def gates(self) -> dict[str, dict[str, torch.Tensor]]:
         """The current version's gate vectors, in the form `set_gates` takes (only modules each expert adapts)."""
-        version = self.current
+        version = self.versions.current
         gates: dict[str, dict[str, torch.Tensor]] = {name: {} for name in version.expert_names}
         for module_name, snapshot in sorted(version.layers.items()):
             for index in range(snapshot.bank.num_experts):
                 if snapshot.bank.adapting(index):
-                    gate = snapshot.gate_of(index)
-                    gate = self.cold_gate(module_name, index, snapshot.in_features) if gate is None else gate.clone()
-                    gates[version.expert_names[index]][module_name] = gate
+                    gate = self.residency.gate_of(snapshot, module_name, index)
+                    gates[version.expert_names[index]][module_name] = gate.clone()
         return gates
 
     def set_embeddings(self, embeddings: torch.Tensor) -> None:
@@ -310,10 +246,10 @@ class ExpertLibrary:
         self._publish_embeddings(self._checked_embeddings(embeddings))
 
     def _publish_embeddings(self, embeddings: torch.Tensor) -> None:
-        with self._edit_lock:
+        with self.versions.editing:
             self.host.store_embeddings(embeddings)
             self.config.instruction_embedding_dim = embeddings.shape[1]
-            self.publish(embeddings=embeddings)
+            self.versions.publish(embeddings=embeddings)
 
     def set_descriptions(self, descriptions: "ExpertDescriptions") -> None:
         """See `GliderModel.set_expert_descriptions`: all checked before anything changes."""
@@ -323,7 +259,7 @@ class ExpertLibrary:
                 f"The descriptions are for experts {list(descriptions.names)}, the adapter has {config.expert_names}."
             )
         embeddings = self._checked_embeddings(descriptions.embeddings)  # checked before anything changes
-        with self._edit_lock:
+        with self.versions.editing:
             self._publish_embeddings(embeddings)
             for entry, text in zip(config.experts, descriptions.instructions):
                 entry["instruction"] = text
@@ -347,13 +283,13 @@ class ExpertLibrary:
                 "and its experts could not be loaded from their sources either. Load it with "
                 f"PeftModel.from_pretrained(base_model, path) (or peft_glider.load_glider). Cause: {error}"
             ) from error
-        with self._edit_lock:
-            snapshots = dict(self.current.layers)
+        with self.versions.editing:
+            snapshots = dict(self.versions.current.layers)
             for name, layer in waiting.items():
-                snapshots[name] = layer.update_layer(adapter, sources.module_factors(name), state, self)
+                snapshots[name] = layer.update_layer(adapter, sources.module_factors(name), state, self.versions)
                 del layer.glider_awaiting_checkpoint[adapter]
-            self.publish(layers=snapshots)
-            self.experts, self.placeholders = sources.experts, False
+            self.versions.publish(layers=snapshots)
+            self.experts[:], self.placeholders = sources.experts, False  # the same list: the residency holds it
         # the gates of the filled modules are what a fresh build gives (no checkpoint brought trained ones)
         self.install_shipped_gates(warn=False, modules=waiting)
 
@@ -369,19 +305,7 @@ class ExpertLibrary:
             raise ValueError("Instruction embeddings contain non-finite values.")
         return embeddings.detach().float().clone()
 
-    # ------------------------------------------------------------------ versions
-
-    def publish(self, **changes: Any) -> LibraryVersion:
-        """Make a new version current: the current one with `changes` (fields of `LibraryVersion`), or the first
-        one. One assignment: a call that begins after it sees all of the edit, one that began before sees none."""
-        with self._edit_lock:
-            if self.current is None:
-                version = LibraryVersion(number=0, **changes)
-            else:
-                version = replace(self.current, number=self.current.number + 1, successor=[], **changes)
-                self.current.successor.append(version)
-            self.current = version
-            return version
+    # ------------------------------------------------------------------ edits, each one version
 
     def _add(
         self, expert: LoadedExpert, gates: Mapping[str, torch.Tensor], embedding: Optional[torch.Tensor] = None
@@ -389,9 +313,9 @@ class ExpertLibrary:
         """Append `expert`: each layer of the adapter inserts it (or an absent slot), the host wraps a module only it
         adapts, and its `gates` ({module: (in,)}, checked) are installed with it. Published as one version, with
         `embedding` (1, e) appended to the instruction embeddings."""
-        with self._edit_lock:
+        with self.versions.editing:
             layers = self.host.layers()
-            current = self.current
+            current = self.versions.current
             index = current.num_experts
             self.experts.append(expert)
             snapshots = dict(current.layers)
@@ -399,16 +323,18 @@ class ExpertLibrary:
                 factors = expert.factors.get(module_name)
                 gate = gates.get(module_name) if factors is not None else None
                 snapshots[module_name] = layer.append_expert(self.adapter_name, factors, gate)
+                if factors is not None:  # a layer that holds only some experts does not hold the new one
+                    self.residency.keep_added(layer, index, factors, gate)
             for module_name in sorted(set(expert.factors) - set(layers)):
                 layer = self.host.wrap(module_name)
                 if module_name in gates:
-                    snapshots[module_name] = layer.replace_gates(self.adapter_name, {index: gates[module_name]})
+                    snapshots[module_name] = self._set_gates_at(layer, {index: gates[module_name]})
                 else:
                     snapshots[module_name] = layer.installed_snapshot(self.adapter_name)
             embeddings = current.embeddings
             if embedding is not None:
                 embeddings = torch.cat([embeddings, embedding.to(embeddings)], dim=0)
-            return self.publish(
+            return self.versions.publish(
                 expert_names=(*current.expert_names, expert.name), layers=snapshots, embeddings=embeddings
             )
 
@@ -416,13 +342,9 @@ class ExpertLibrary:
         """Drop the expert at routing index `index` from every layer and publish the result. The modules it alone
         adapted are released; the host's `retire(module_names, version_number)` runs once no call holds an older
         version any more (at once when none does), to take their layers out of the model."""
-        with self._edit_lock:
-            current = self.current
-            name = self.experts[index].name
-            self.resident.pop(name, None)
-            self.slot_of.pop(name, None)
-            if self.gate_store is not None:
-                self.gate_store.drop(name)
+        with self.versions.editing:
+            current = self.versions.current
+            self.residency.forget(self.experts[index].name)
             del self.experts[index]
             snapshots, released = {}, []
             for module_name, layer in self.host.layers().items():
@@ -434,110 +356,27 @@ class ExpertLibrary:
                     snapshots[module_name] = snapshot
             keep = [i for i in range(current.num_experts) if i != index]
             embeddings = None if current.embeddings is None else current.embeddings[keep].clone()
-            version = self.publish(
+            version = self.versions.publish(
                 expert_names=tuple(current.expert_names[i] for i in keep), layers=snapshots, embeddings=embeddings
             )
             if released:
                 weakref.finalize(current, self.host.retire, released, version.number)
             return version
 
-    def replace_gates(self, rows: Mapping["GliderLayer", Mapping[int, torch.Tensor]]) -> LibraryVersion:
+    def replace_gates(self, rows: Mapping[GliderLayer, Mapping[int, torch.Tensor]]) -> LibraryVersion:
         """New gates at the given layers (`{layer: {expert index: (in,) vector}}`), published as one version."""
-        with self._edit_lock:
-            snapshots = dict(self.current.layers)
+        with self.versions.editing:
+            snapshots = dict(self.versions.current.layers)
             for layer, per_expert in rows.items():
-                snapshots[layer.module_name] = layer.replace_gates(self.adapter_name, per_expert)
-            return self.publish(layers=snapshots)
+                snapshots[layer.module_name] = self._set_gates_at(layer, per_expert)
+            return self.versions.publish(layers=snapshots)
 
-    # ------------------------------------------------------------------ residency (max_resident_experts)
-
-    def resident_version(self, needed: Optional[Collection[str]] = None) -> LibraryVersion:
-        """The current version, with the experts named in `needed` (None: all of them) resident first when the
-        adapter has a budget: the least recently used others are evicted, the missing ones read from their sources
-        (checked against their pinned hashes), and the result published as a new version. Calls holding an older
-        version keep its factors until they end, so nothing they route with is evicted under them."""
-        budget = self.budget
-        if budget is None:
-            return self.current
-        with self._edit_lock:
-            version = self.current
-            names = version.expert_names
-            needed = None if needed is None else set(needed)
-            wanted = list(names) if needed is None else [name for name in names if name in needed]
-            if len(wanted) > budget:
-                raise BudgetExceededError(
-                    f"This call needs {len(wanted)} experts' factors at once, more than max_resident_experts={budget}. "
-                    + ("A call without global scores routes over every expert: run it inside route(...) or "
-                       "global_scores(...) with GliderConfig(candidates=M)." if needed is None else
-                       "Raise max_resident_experts, lower candidates, or route fewer rows per call.")
-                )  # fmt: skip
-            for name in wanted:
-                if name in self.resident:
-                    self.resident.move_to_end(name)
-            missing = [name for name in wanted if name not in self.resident]
-            if not missing:
-                return version
-            position = {name: index for index, name in enumerate(names)}
-            fetched = {name: self._fetch(position[name]) for name in missing}
-            keep = set(wanted)
-            overflow = max(0, len(self.resident) + len(missing) - budget)
-            evicted = [name for name in self.resident if name not in keep][:overflow]
-            self._write_back_gates(version, {name: position[name] for name in evicted})
-            free = sorted(set(range(budget)) - set(self.slot_of.values()) | {self.slot_of[name] for name in evicted})
-            for name in evicted:
-                del self.resident[name], self.slot_of[name]
-            self.resident.update((name, None) for name in missing)
-            self.slot_of.update(zip(missing, free))
-            gate_slot = self.gate_slots()
-            snapshots, layers = {}, self.host.layers()
-            for module_name, snapshot in version.layers.items():
-                bank = snapshot.bank
-                factors = [
-                    (fetched[name].get(module_name) if name in fetched else bank.factors_of(index))
-                    if name in self.resident else None
-                    for index, name in enumerate(names)
-                ]  # fmt: skip
-                incoming = {
-                    self.slot_of[name]: self.cold_gate(module_name, position[name], snapshot.in_features)
-                    for name in missing if bank.adapting(position[name])
-                }  # fmt: skip
-                snapshots[module_name] = layers[module_name].install_resident(
-                    self.adapter_name, factors, gate_slot, incoming
-                )
-            return self.publish(layers=snapshots)
-
-    def _write_back_gates(self, version: LibraryVersion, evicted: Mapping[str, int]) -> None:
-        """Keep the evicted experts' gates (name -> routing index), as `version` holds them (trained while resident,
-        maybe), in the store."""
-        for module_name, snapshot in version.layers.items():
-            for name, index in evicted.items():
-                gate = snapshot.gate_of(index) if snapshot.bank.adapting(index) else None
-                if gate is not None:
-                    self.gate_store.write(module_name, name, gate)
-
-    def _fetch(self, index: int) -> dict[str, LoraFactors]:
-        """Expert `index`'s factors at every module it adapts, read from its source and checked against its pinned
-        hash; an expert whose files vanished or changed is refused, naming it."""
-        expert = self.experts[index]
-        try:
-            factors = {module: f.loaded() for module, f in expert.factors.items()}
-        except (OSError, ValueError, KeyError) as error:
-            raise RuntimeError(f"Expert '{expert.name}' could not be read from its source when fetched: {error}") from error
-        sha256 = tensor_sha256(factors, expert.name)
-        if sha256 != expert.sha256:
-            raise RuntimeError(
-                f"Expert '{expert.name}' changed since it was opened: its tensors now hash to {sha256[:12]}..., it was "
-                f"pinned at {expert.sha256[:12]}...; reload the adapter (or pin a 'revision')."
-            )
-        return factors
-
-    def __getstate__(self) -> dict:  # models are copied and pickled: a lock is not, a fresh one is made
-        return {key: value for key, value in self.__dict__.items() if key != "_edit_lock"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._edit_lock = threading.RLock()
-
+    def _set_gates_at(self, layer: GliderLayer, gates: Mapping[int, torch.Tensor]) -> "LayerSnapshot":
+        """New gates (expert index -> (in,)) at one layer: the rows it holds, the others where the residency keeps
+        them."""
+        snapshot = layer.installed_snapshot(self.adapter_name)
+        rows = self.residency.place_gates(snapshot, layer.module_name, gates)
+        return layer.set_gate_rows(self.adapter_name, rows)
 
 #: Under a budget, how many experts' shipped gates are read and set at once (`install_shipped_gates`).
 SHIPPED_GATES_AT_ONCE = 32

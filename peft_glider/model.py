@@ -15,9 +15,11 @@ from torch import nn
 
 from .config import ExpertEntry, GliderConfig
 from .contexts import CallContexts
-from .layer import MERGE_ERROR, GliderLayer, GliderLinear, execution_device, gate_parameter
+from .base_layer import execution_device
+from .layer import MERGE_ERROR, GliderLayer, GliderLinear
 from .library import ExpertLibrary
-from .local_router.routers import local_router
+from .local_routers import local_router
+from .snapshot import gate_parameter
 from .state import CallRouting, RoutingState, RoutingTrace, call_routing
 
 if TYPE_CHECKING:
@@ -102,7 +104,7 @@ class GliderModel(BaseTuner):
             self.glider_instruction_embeddings[adapter_name] = torch.zeros(
                 len(config.experts), config.instruction_embedding_dim
             )
-        library.publish(
+        library.versions.publish(
             expert_names=tuple(config.expert_names),
             layers={name: layer.installed_snapshot(adapter_name) for name, layer in self.glider_layers(adapter_name).items()},
             embeddings=self.get_instruction_embeddings(adapter_name),
@@ -152,27 +154,28 @@ class GliderModel(BaseTuner):
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         library = self._libraries[adapter_name]
-        experts = library.module_factors(current_key)
+        experts, slots = library.module_factors(current_key), library.residency.slots()
         state = self._routing_states[adapter_name]
-        resident = library.initially_resident()
         if isinstance(target, GliderLayer):
-            target.update_layer(adapter_name, experts, state, library, resident=resident)
-            return
-        new_module = GliderLinear(
-            target,
-            adapter_name,
-            module_name=current_key,
-            experts=experts,
-            routing_state=state,
-            library=library,
-            save_expert_weights=config.save_expert_weights,
-            device=execution_device(target),
-            train_expert_factors=config.train_expert_factors,
-            resident=resident,
-        )
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+            target.update_layer(adapter_name, experts, state, library.versions, slots=slots)
+        else:
+            new_module = GliderLinear(
+                target,
+                adapter_name,
+                module_name=current_key,
+                experts=experts,
+                routing_state=state,
+                versions=library.versions,
+                save_expert_weights=config.save_expert_weights,
+                device=execution_device(target),
+                train_expert_factors=config.train_expert_factors,
+                slots=slots,
+            )
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+            target = new_module
+        library.residency.adopt(target, experts)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # PEFT's default moves adapter tensors to the base weight's device, which is `meta` for offloaded layers;
@@ -256,7 +259,7 @@ class GliderModel(BaseTuner):
 
     def expert_names_of(self, adapter_name: Optional[str] = None) -> list[str]:
         """Expert names of an adapter (the active one by default), in routing order."""
-        return list(self._libraries[self.resolve_adapter(adapter_name)].current.expert_names)
+        return list(self._libraries[self.resolve_adapter(adapter_name)].versions.current.expert_names)
 
     def record_gates(self, expert: str, how: str, adapter_name: Optional[str] = None) -> None:
         """Record how an expert's gates were made (e.g. by a gate trainer); shown on the model card."""
@@ -292,11 +295,11 @@ class GliderModel(BaseTuner):
         layers now (the least recently used others evicted), as entering `route(...)` does for a call's candidates;
         e.g. before training their gates. Nothing without a budget (every expert is resident)."""
         library = self._libraries[self.resolve_adapter(adapter_name)]
-        unknown = sorted(set(experts) - set(library.current.expert_names))
+        unknown = sorted(set(experts) - set(library.versions.current.expert_names))
         if unknown:
-            names = list(library.current.expert_names)
+            names = list(library.versions.current.expert_names)
             raise KeyError(f"make_resident: unknown expert(s) {unknown}; experts are {names}.")
-        library.resident_version(experts)
+        library.residency.make_resident(experts)
 
     def set_instruction_embeddings(self, embeddings: torch.Tensor, adapter_name: Optional[str] = None) -> None:
         """Set the per-expert instruction embeddings `g_e`, a tensor (E, e) in `expert_names` order."""
@@ -431,7 +434,7 @@ class _AdapterHost:
         module the adapter adapts again (an expert added since), or released again later, is left alone."""
         adapter = self.adapter_name
         library = self.glider._libraries.get(adapter)
-        with library.editing if library is not None else contextlib.nullcontext():
+        with library.versions.editing if library is not None else contextlib.nullcontext():
             for module_name in module_names:
                 try:
                     parent, layer, target_name = _get_submodules(self.glider.model, module_name)
@@ -441,7 +444,7 @@ class _AdapterHost:
                     continue
                 if adapter in layer.glider_gates:  # adapted again since
                     continue
-                for references in (layer.glider_library, layer.glider_routing, layer.released_in):
+                for references in (layer.glider_versions, layer.glider_routing, layer.released_in):
                     references.pop(adapter, None)
                 if not layer.glider_gates:
                     setattr(parent, target_name, layer.get_base_layer())

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Optional
 
 import torch
 
-from .local_router.routers import LOCAL_ROUTERS
+from .local_routers import LOCAL_ROUTERS
 from .routing import Candidates, check_resident, gather_candidates
 
 if TYPE_CHECKING:
     from .bank import ExpertBank
-    from .library import LibraryVersion
-    from .local_router.routers import LocalRouter
+    from .versions import LibraryVersion
+    from .local_routers import LocalRouter
 
 
 @dataclass

@@ -81,7 +81,7 @@ def test_a_resident_budget_holds_on_a_disk_offloaded_model(tmp_path):
             expected = reference(ids).logits
         with torch.no_grad(), model.base_model.global_scores(scores):
             torch.testing.assert_close(model(ids).logits, expected, atol=1e-6, rtol=0)
-        assert sorted(library.resident) == [f"e{i}" for i in best]
+        assert sorted(library.residency.hot) == [f"e{i}" for i in best]
         layer = model.base_model.glider_layers()["model.layers.1.self_attn.q_proj"]  # an offloaded layer
         assert layer.glider_A["default"].device.type == "cpu" and layer.glider_A["default"].shape[0] == 2 * 4
 

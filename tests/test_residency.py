@@ -63,10 +63,10 @@ def test_a_budget_routes_exactly_as_every_expert_resident_and_holds_at_most_the_
     for seed in range(12):  # distinct queries: the resident set turns over
         row_scores = scores(rows, seed)
         torch.testing.assert_close(logits(budgeted, ids, row_scores), logits(everything, ids, row_scores))
-        assert len(library.resident) <= 4 * rows
+        assert len(library.residency.hot) <= 4 * rows
         for name, held in resident_factor_rows(budgeted).items():  # rank 4 each, only the resident ones adapting
-            adapting = [e for e in library.resident if name.endswith(tuple(MODULES[: 2 + int(e[1:]) % 2]))]
-            assert held == 4 * len(adapting), (name, held, list(library.resident))
+            adapting = [e for e in library.residency.hot if name.endswith(tuple(MODULES[: 2 + int(e[1:]) % 2]))]
+            assert held == 4 * len(adapting), (name, held, list(library.residency.hot))
 
 
 def test_the_least_recently_used_expert_is_evicted(experts):
@@ -74,7 +74,7 @@ def test_the_least_recently_used_expert_is_evicted(experts):
     library, ids = budgeted.base_model._libraries["default"], input_ids(batch=1)
     for best in (0, 1, 2, 0, 3):  # one candidate per call: expert `best`; 1 is then the least recently used
         logits(budgeted, ids, torch.nn.functional.one_hot(torch.tensor([best]), NUM_EXPERTS).float())
-    assert list(library.resident) == ["e2", "e0", "e3"]
+    assert list(library.residency.hot) == ["e2", "e0", "e3"]
 
 
 def test_a_call_that_needs_more_than_the_budget_is_refused_naming_the_knob(experts):
@@ -100,7 +100,7 @@ def test_a_trace_inside_scores_routes_resident_experts_only(experts):
     with torch.no_grad(), glider.global_scores(row_scores), glider.routing_trace() as trace:
         budgeted(input_ids=input_ids(batch=1))
     chosen = set().union(*(torch.cat(s, 1).unique().tolist() for s in trace.selections.values()))
-    assert chosen <= {glider.expert_names.index(name) for name in glider._libraries["default"].resident}
+    assert chosen <= {glider.expert_names.index(name) for name in glider._libraries["default"].residency.hot}
 
 
 def test_generate_with_beams_under_a_budget_equals_every_expert_resident(experts):
@@ -120,7 +120,7 @@ def test_a_call_held_mid_forward_keeps_the_experts_another_call_evicts(experts):
     first, second = torch.tensor([[9.0, 8, 0, 0, 0, 0]]), torch.tensor([[0.0, 0, 9, 8, 0, 0]])
     hold = HoldBetweenLayers(budgeted)
     held = hold.run(lambda: logits(budgeted, ids, first), lambda: logits(budgeted, ids, second))
-    assert set(library.resident) == {"e2", "e3"}  # the second call evicted both of the first call's experts
+    assert set(library.residency.hot) == {"e2", "e3"}  # the second call evicted both of the first call's experts
     torch.testing.assert_close(held, logits(everything, ids, first))
 
 
@@ -146,14 +146,14 @@ def test_edits_under_a_budget(experts, tmp_path):
     library, ids = glider._libraries["default"], input_ids(batch=1)
     logits(budgeted, ids, torch.tensor([[9.0, 8, 0, 0, 0]]))
     glider.remove_expert("e0")
-    assert list(library.resident) == ["e1"]
+    assert list(library.residency.hot) == ["e1"]
     glider.add_expert({"source": experts[5], "name": "e5"})
     glider.set_gates(random_gates(glider, seed=2))
     reference = build([experts[i] for i in (1, 2, 3, 4, 5)])
     reference.base_model.set_gates(random_gates(reference.base_model, seed=2))
     row_scores = torch.tensor([[0.0, 0, 0, 8, 9]])  # the newcomer and e4
     torch.testing.assert_close(logits(budgeted, ids, row_scores), logits(reference, ids, row_scores))
-    assert set(library.resident) == {"e4", "e5"}
+    assert set(library.residency.hot) == {"e4", "e5"}
 
 
 def test_a_budget_makes_a_router_only_adapter_and_survives_save_and_load(experts, tmp_path):
@@ -242,8 +242,8 @@ def test_threads_with_different_candidates_under_a_small_budget_route_as_every_e
     ids = input_ids(batch=1)
     expected = [logits(everything, ids, q) for q in queries]
     errors, wrong, reads = [], [], [0]
-    real_fetch = library._fetch
-    library._fetch = lambda index: reads.__setitem__(0, reads[0] + 1) or real_fetch(index)
+    real_fetch = library.residency._fetch
+    library.residency._fetch = lambda expert: reads.__setitem__(0, reads[0] + 1) or real_fetch(expert)
 
     def serve(thread: int) -> None:
         try:
@@ -260,7 +260,7 @@ def test_threads_with_different_candidates_under_a_small_budget_route_as_every_e
     for thread in threads:
         thread.join(timeout=300)
     assert not errors and not wrong, (errors[:3], wrong[:5])
-    assert len(library.resident) <= 4 and reads[0] > 20  # the budget turned over many times
+    assert len(library.residency.hot) <= 4 and reads[0] > 20  # the budget turned over many times
 
 
 def test_training_steps_inside_one_global_scores_context_under_a_budget_follow_the_gates(experts):
@@ -345,7 +345,7 @@ def test_gates_trained_while_resident_are_kept_when_evicted_and_saved_whole(expe
         optimizer.step()
         model.eval()
     logits(budgeted, ids, torch.tensor([[0.0, 0, 9, 8, 0, 0]]))  # e0 and e1 evicted: their trained gates written back
-    assert not {"e0", "e1"} & set(budgeted.base_model._libraries["default"].resident)
+    assert not {"e0", "e1"} & set(budgeted.base_model._libraries["default"].residency.hot)
     assert_same_gates(budgeted, everything)
     torch.testing.assert_close(logits(budgeted, ids, first), logits(everything, ids, first))
     saved = get_peft_model_state_dict(budgeted)  # what a checkpoint holds: every expert's gates, as without a budget

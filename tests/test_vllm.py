@@ -682,7 +682,7 @@ def test_a_library_of_256_experts_under_a_budget_routes_inside_the_engine_as_in_
         def held(worker) -> list[list[int]]:  # per Glider adapter: resident experts, the layers' gate rows
             from peft_glider.vllm.plugin import _glider_adapters
 
-            return [[len(adapter.glider._libraries[adapter.adapter_name].resident),
+            return [[len(adapter.glider._libraries[adapter.adapter_name].residency.hot),
                      *sorted({layer.gate_parameter(adapter.adapter_name).shape[0]
                               for layer in adapter.layers.values()})]
                     for adapter in _glider_adapters().values()]

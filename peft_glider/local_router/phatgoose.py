@@ -107,7 +107,7 @@ def train_gates(
         name: layer for name, layer in glider.glider_layers(adapter).items() if layer.adapts(adapter, index)
     }
     params = [layer.gate_parameter(adapter) for layer in layers.values()]
-    rows = [layer.gate_row(adapter, index) for layer in layers.values()]  # the expert's row in each
+    rows = [layer.installed_snapshot(adapter).row(index) for layer in layers.values()]  # the expert's row in each
     saved_rows = [param.detach().clone() for param in params]  # other experts' gates stay as they are
     with torch.no_grad():
         for param, row in zip(params, rows):

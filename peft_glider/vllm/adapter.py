@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..library import BudgetExceededError
+from ..residency import BudgetExceededError
 from ..state import CallRouting
 
 #: The key of a request's global scores in `SamplingParams.extra_args` (one value per expert, in routing order).

@@ -15,8 +15,8 @@ from typing import ClassVar
 
 import torch
 
-from .. import routing
-from ..experts import LoraFactors
+from . import routing
+from .factors import LoraFactors
 
 
 class LocalRouter(ABC):
