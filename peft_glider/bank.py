@@ -60,7 +60,7 @@ def pack_experts(experts: list[LoraFactors | None], features: tuple[int, int] | 
 
     Returns A (R, d), BT (R, o) in the first expert's dtype, rank_expert (R,) long, rank_scaling (R,), the spans
     `[start, end)` of each expert's rows (None where absent), and the experts' per-output terms (DoRA's shift, B's
-    bias; None when no expert has one). DoRA experts come prepared (`GliderLayer.prepared`: B rescaled, the shift
+    bias; None when no expert has one). DoRA experts come prepared (`factors.prepared_for_kernels`: B rescaled, the shift
     made). With no expert here, `features` (d, o) shapes the empty factors (float32)."""
     present = [factors for factors in experts if factors is not None]
     if not present:

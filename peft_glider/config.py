@@ -66,6 +66,15 @@ def normalize_expert_entry(entry: ExpertEntry, position: int) -> dict[str, Any]:
     return normalized
 
 
+def check_adapter_name(adapter_name: str) -> None:
+    """Refuse an adapter name PEFT's state dicts cannot carry: its filter drops keys containing
+    ".{other_adapter}.", and "." or "/" break key parsing."""
+    if not adapter_name or adapter_name.isdigit() or any(ch in adapter_name for ch in "./\\"):
+        raise ValueError(
+            f"Invalid Glider adapter name {adapter_name!r}: use a non-numeric name without '.', '/' or '\\'."
+        )
+
+
 @dataclass
 class GliderConfig(PeftConfig):
     """Configuration of a Glider adapter: which LoRA experts to route among, and how.

@@ -29,9 +29,8 @@ class CallContexts:
     Args:
         config: The adapter's config (alpha settings, the embedder's id).
         state: The adapter's routing state (the key of the call's routing).
-        library: The adapter's expert library (its versions).
+        library: The adapter's expert library (its versions and residency).
         embeddings: Reads the adapter's instruction embeddings as the model holds them now.
-        router: The global router `route` uses when it is given none.
     """
 
     def __init__(
@@ -40,10 +39,19 @@ class CallContexts:
         state: RoutingState,
         library: ExpertLibrary,
         embeddings: Callable[[], Optional[torch.Tensor]],
-        router: Callable[[], "GlobalRouter"],
     ) -> None:
         self.config, self.state, self.library = config, state, library
-        self._embeddings, self._router = embeddings, router
+        self._embeddings = embeddings
+        self.router: Optional["GlobalRouter"] = None  # the one `route` uses when given none (`recorded_router`)
+
+    def recorded_router(self) -> "GlobalRouter":
+        """`router`, or else the router the adapter's config records (a shared adapter, loaded elsewhere), rebuilt
+        on first use and kept."""
+        if self.router is None:
+            from .global_router import GlobalRouter
+
+            self.router = GlobalRouter.recorded(self.config.instruction_writer, self.config.embedder)
+        return self.router
 
     def current_version(self) -> LibraryVersion:
         """The current library version, republished first if the instruction embeddings were replaced behind the
@@ -148,7 +156,7 @@ class CallContexts:
         router: Optional["GlobalRouter"] = None,
     ) -> Iterator["RouteInfo"]:
         """See `GliderModel.route`."""
-        router = router or self._router()
+        router = router or self.recorded_router()
         version = self.call_version()
         if version.embeddings is None:
             raise ValueError("The Glider adapter has no instruction embeddings: run describe_experts(...) first.")

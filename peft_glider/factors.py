@@ -3,7 +3,7 @@ tensors in memory or read lazily from the expert's files (`experts` makes them).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -11,7 +11,7 @@ import torch
 class LoraFactors:
     """One expert's LoRA at one module: `delta(u) = scaling * (B @ A @ u + bias)`, and for a DoRA expert the
     magnitude vector `m` (out,) that rescales the adapted layer's outputs: `m / ||W + scaling B A||` per output
-    row, against the base weight W (see `GliderLayer.prepared`).
+    row, against the base weight W (see `prepared_for_kernels`).
 
     The factors are given as tensors, or as shapes plus a `loader` that reads them on first access: a Glider model
     is built one module at a time, so only that module's factors need to be in memory at once. The loader returns
@@ -21,7 +21,7 @@ class LoraFactors:
     __slots__ = ("extras", "_tensors", "_loader", "scaling", "_origin", "rank", "in_features", "out_features")
 
     #: What an expert may carry beside A and B: DoRA's magnitude vector as saved, B's bias, and, once prepared
-    #: against a base weight (`GliderLayer.prepared`), DoRA's shift `g - 1` (B then holds `g * B`).
+    #: against a base weight (`prepared_for_kernels`), DoRA's shift `g - 1` (B then holds `g * B`).
     EXTRAS = ("magnitude", "bias", "shift")
 
     def __init__(
@@ -58,7 +58,7 @@ class LoraFactors:
 
     def dora_prepared(self, weight: torch.Tensor) -> "LoraFactors":
         """A DoRA expert's factors against the base weight W (out, in) float32, as the kernels use them (see
-        `GliderLayer.prepared`): `g * B` and the shift `g - 1`, with `g = m / ||W + s B A||` per output row."""
+        `prepared_for_kernels`): `g * B` and the shift `g - 1`, with `g = m / ||W + s B A||` per output row."""
         A, B = self.A, self.B
         with torch.no_grad():
             lora = self.scaling * (B.float() @ A.float())  # (out, in)
@@ -121,3 +121,21 @@ class LoraFactors:
     def shift(self) -> Optional[torch.Tensor]:
         return self._extra("shift")
 
+
+def prepared_for_kernels(
+    experts: Sequence[Optional[LoraFactors]], base_weight: Callable[[], torch.Tensor]
+) -> list[Optional[LoraFactors]]:
+    """Experts' factors as the kernels use them at a module (None stays None). A DoRA expert computes
+    `g * (W x + s B A x)` with `g = m / ||W + s B A||` per output row (the base weight W (out, in) float32 that
+    `base_weight` reads, norms over the input axis, as PEFT computes them and detaches them); its delta over the
+    base output is `(g - 1) * W x + s (g * B) A x`: B is rescaled by g and `g - 1` kept as the expert's shift (mixed
+    by the routing weights, times the base output without its bias). Other factors are returned as they are. The
+    base weight is read once, and only when a DoRA expert is among them."""
+    weight = None
+    prepared = []
+    for factors in experts:
+        if factors is not None and factors.is_dora:
+            weight = base_weight() if weight is None else weight
+            factors = factors.dora_prepared(weight)
+        prepared.append(factors)
+    return prepared

@@ -1,14 +1,13 @@
 """The Glider layer: wraps a linear layer, holds the experts adapting it and their gates, calls the router.
 
-A layer holds what it is given: every expert's factors and gates (row e of the gates is expert e's), or, for an
-adapter that holds only some experts at a time, the factors of those and their gates at the rows `slots` gives
-(`update_layer`, `hold_experts`). Which experts those are, and where the others' gates live, is decided elsewhere
-(`residency`); the layer computes the routed delta of what it holds.
+A layer holds what it is given: every expert's factors and gates (row e of the gates is expert e's), or only some
+experts' factors and their gates at the rows its `Slots` give (`update_layer`, `hold_experts`), which experts and
+where the others' gates are being decided by whoever gives the slots. It computes the routed delta of what it holds.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -18,9 +17,9 @@ from torch import nn
 from . import routing
 from .bank import ExpertBank, Packed, expert_slots, pack_experts
 from .base_layer import base_bias, base_weight, execution_device, is_linear
-from .factors import LoraFactors
+from .factors import LoraFactors, prepared_for_kernels
 from .kernels import delta_gated_single, output_terms
-from .snapshot import LayerSnapshot, gate_parameter
+from .snapshot import LayerSnapshot, Slots, gate_parameter
 from .state import CallRouting, RoutingState
 from .versions import LibraryVersion, Versions
 
@@ -30,13 +29,6 @@ MERGE_ERROR = (
 )
 
 _LOCAL_ONLY = CallRouting()  # a call outside any routing context: local scores only
-
-
-class Slots(NamedTuple):
-    """Which experts a layer holds, for an adapter that holds only some at a time: their rows of the gates."""
-
-    of_expert: torch.Tensor  # (E,) long: each expert's row of the gates, -1 where the layer holds none of it
-    count: int  # rows of the gates
 
 
 def _storage(container: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,22 +48,10 @@ class GliderLayer(BaseTunerLayer):
 
     adapter_layer_names = ("glider_gates",)
     other_param_names = (
-        "glider_A",
-        "glider_B",
-        "glider_rank_expert",
-        "glider_rank_scaling",
-        "glider_slot",
-        "glider_gate_slot",
-        "glider_shift",
-        "glider_bias",
-        "glider_spans",
-        "glider_adapts",
-        "glider_routing",
-        "glider_versions",
-        "glider_awaiting_checkpoint",
-        "released_in",
-        "_installed",
-    )
+        "glider_A", "glider_B", "glider_rank_expert", "glider_rank_scaling", "glider_slot", "glider_gate_slot",
+        "glider_shift", "glider_bias", "glider_spans", "glider_adapts", "glider_routing", "glider_versions",
+        "glider_awaiting_checkpoint", "released_in", "_installed",
+    )  # fmt: skip
 
     def __init__(
         self, base_layer: nn.Module, module_name: str, save_expert_weights: bool, train_expert_factors: bool = False
@@ -126,17 +106,12 @@ class GliderLayer(BaseTunerLayer):
     # ------------------------------------------------------------------ installing experts
 
     def update_layer(
-        self,
-        adapter_name: str,
-        experts: Sequence[Optional[LoraFactors]],
-        routing_state: RoutingState,
-        versions: Versions,
-        device: Optional[torch.device] = None,
-        slots: Optional[Slots] = None,
-    ) -> LayerSnapshot:
+        self, adapter_name: str, experts: Sequence[Optional[LoraFactors]], routing_state: RoutingState,
+        versions: Versions, device: Optional[torch.device] = None, slots: Optional[Slots] = None,
+    ) -> LayerSnapshot:  # fmt: skip
         """Install one Glider adapter: `experts[e]` is expert e's factors here, or None where it does not adapt.
-        `slots`: hold only the experts with a row there (the others' factors are not read; they only adapt the
-        module), their gates at those rows; None: every expert, row e.
+        `slots`: hold only the experts with a row there, their gates at those rows (the others only adapt the
+        module: their factors are not read); None: every expert, row e.
 
         Factors take the base layer's dtype and execution device. Gates take the base layer's dtype too (PEFT's
         `autocast_adapter_dtype` then upcasts half precision to float32), or keep the dtype this adapter's gates
@@ -177,20 +152,9 @@ class GliderLayer(BaseTunerLayer):
         return device, dtype
 
     def prepared(self, experts: Sequence[Optional[LoraFactors]]) -> list[Optional[LoraFactors]]:
-        """Experts' factors as the kernels use them here (None stays None). A DoRA expert computes
-        `g * (W x + s B A x)` with `g = m / ||W + s B A||` per output row (the base weight W, norms over the input
-        axis, as PEFT computes them and detaches them); its delta over the base output is
-        `(g - 1) * W x + s (g * B) A x`: B is rescaled by g and `g - 1` kept as the expert's shift (mixed by the
-        routing weights, times the base output without its bias). Other factors are returned as they are. The base
-        weight is read once, and only when a DoRA expert is among them."""
-        weight = None
-        prepared = []
-        for factors in experts:
-            if factors is not None and factors.is_dora:
-                weight = base_weight(self.get_base_layer()) if weight is None else weight
-                factors = factors.dora_prepared(weight)
-            prepared.append(factors)
-        return prepared
+        """Experts' factors as the kernels use them here (`factors.prepared_for_kernels`: DoRA's against this base
+        layer's weight)."""
+        return prepared_for_kernels(experts, lambda: base_weight(self.get_base_layer()))
 
     def initial_gate(self, adapter_name: str, factors: LoraFactors) -> torch.Tensor:
         """A new expert's gate here: zeros (Phatgoose, until trained or set), or its prototype (Arrow)."""
@@ -219,8 +183,7 @@ class GliderLayer(BaseTunerLayer):
 
     def remove_expert(self, adapter_name: str, index: int) -> Optional[LayerSnapshot]:
         """Drop expert `index` here; None (and nothing changed) when it is the only expert adapting this module.
-        Where the layer holds only some experts (`Slots`), the gate rows stay as they are (the expert's row is freed
-        by whoever gave the slots)."""
+        Under `Slots` the gate rows stay as they are (whoever gave the slots frees the expert's)."""
         current = self.installed_snapshot(adapter_name)
         bank = current.bank
         if bank.adapting(index) and bank.num_adapting == 1:
@@ -234,12 +197,9 @@ class GliderLayer(BaseTunerLayer):
         return self._install(adapter_name, packed, gate_parameter(gates, current.gates.requires_grad))
 
     def hold_experts(
-        self,
-        adapter_name: str,
-        experts: Sequence[Optional[LoraFactors]],
-        gate_slot: torch.Tensor,
+        self, adapter_name: str, experts: Sequence[Optional[LoraFactors]], gate_slot: torch.Tensor,
         incoming: Mapping[int, torch.Tensor],
-    ) -> LayerSnapshot:
+    ) -> LayerSnapshot:  # fmt: skip
         """Hold exactly these experts' factors here (None: not held, or not adapting this module), in a layer that
         holds only some experts (`Slots`), with the gates at the rows `gate_slot` (E,) gives; `incoming` (row ->
         (in,)) the gates of the experts held from now on. The gate parameter keeps its identity (an optimizer may
@@ -253,9 +213,8 @@ class GliderLayer(BaseTunerLayer):
         return self._install(adapter_name, packed, current.gates, bank.adapts, gate_slot.to(current.values.device))
 
     def set_gate_rows(self, adapter_name: str, rows: Mapping[int, torch.Tensor]) -> LayerSnapshot:
-        """New gates at these rows (row -> (in,) vector; row e is expert e's unless the layer holds only some
-        experts, `Slots`); the factors stay as they are. Row by expert, the gates are a new tensor; by slot, new
-        data of the same parameter (an optimizer may hold it)."""
+        """New gates at these rows (row -> (in,); row e is expert e's, or a slot's under `Slots`), the factors as they
+        are: a new gate tensor, or under `Slots` new data of the same parameter (an optimizer may hold it)."""
         current = self.installed_snapshot(adapter_name)
         with torch.no_grad():
             if current.gate_slot is None:
@@ -294,13 +253,9 @@ class GliderLayer(BaseTunerLayer):
                 del container[adapter_name]
 
     def _install(
-        self,
-        adapter_name: str,
-        packed: Packed,
-        gates: nn.Parameter,
-        adapts: Optional[torch.Tensor] = None,
+        self, adapter_name: str, packed: Packed, gates: nn.Parameter, adapts: Optional[torch.Tensor] = None,
         gate_slot: Optional[torch.Tensor] = None,
-    ) -> LayerSnapshot:
+    ) -> LayerSnapshot:  # fmt: skip
         """Make these the adapter's tensors here and snapshot them. Nothing an older snapshot holds is written to.
         Where the layer holds only some experts (`Slots`): `adapts` (E,) bool, the experts adapting the module, and
         `gate_slot` (E,), each held expert's row of `gates` (None, None: it holds every expert)."""
@@ -379,17 +334,8 @@ class GliderLayer(BaseTunerLayer):
         snapshot = version.layers.get(self.module_name)
         if snapshot is None or snapshot is not self._installed.get(adapter_name):
             return snapshot
-        bank = snapshot.bank
         A, gates = self._live_A.get(adapter_name), self._live_gates.get(adapter_name)
-        if A is None or gates is None:  # released by an edit meanwhile
-            return snapshot
-        if (
-            A is not bank.A
-            or gates is not snapshot.gates
-            or gates.data_ptr() != snapshot.values_at  # `.to()` and casts give a parameter new data in place
-            or A.device != bank.device
-            or A.dtype != bank.dtype
-        ):
+        if A is not None and gates is not None and not snapshot.is_bound_to(A, gates):  # None: released meanwhile
             self._follow_moves(snapshot, adapter_name)
         return snapshot
 
@@ -397,17 +343,9 @@ class GliderLayer(BaseTunerLayer):
         """Rebind the installed snapshot to the layer's tensors when they were moved or cast (not edited: an edit
         makes a new snapshot). The tensors are read before checking that `snapshot` is still the installed one, and
         an edit marks it uninstalled before it replaces any tensor, so an edit's tensors are never bound here."""
-        bank = snapshot.bank
         A, BT = self._live_A.get(adapter_name), self._live_B.get(adapter_name)
         gates = self._live_gates.get(adapter_name)
-        if (
-            A is bank.A
-            and BT is bank.BT
-            and gates is snapshot.gates
-            and gates.data_ptr() == snapshot.values_at
-            and A.device == bank.device
-            and A.dtype == bank.dtype
-        ):
+        if BT is snapshot.bank.BT and snapshot.is_bound_to(A, gates):
             return
         if gates is not None and gates.is_inference():  # loaded with assign=True under inference mode
             gates = self._live_gates[adapter_name] = gate_parameter(gates, gates.requires_grad)
@@ -461,18 +399,10 @@ class GliderLinear(nn.Module, GliderLayer):
     """A linear layer plus the routed sum of its selected experts' LoRA deltas."""
 
     def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        module_name: str,
-        experts: Sequence[Optional[LoraFactors]],
-        routing_state: RoutingState,
-        versions: Versions,
-        save_expert_weights: bool = True,
-        device: Optional[torch.device] = None,
-        train_expert_factors: bool = False,
-        slots: Optional[Slots] = None,
-    ) -> None:
+        self, base_layer: nn.Module, adapter_name: str, module_name: str, experts: Sequence[Optional[LoraFactors]],
+        routing_state: RoutingState, versions: Versions, save_expert_weights: bool = True,
+        device: Optional[torch.device] = None, train_expert_factors: bool = False, slots: Optional[Slots] = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         GliderLayer.__init__(self, base_layer, module_name, save_expert_weights, train_expert_factors)
         self.register_load_state_dict_pre_hook(self._note_loaded_factors)
@@ -480,14 +410,9 @@ class GliderLinear(nn.Module, GliderLayer):
         self.update_layer(adapter_name, experts, routing_state, versions, device, slots)
 
     def routed_delta(
-        self,
-        x: torch.Tensor,
-        snapshot: LayerSnapshot,
-        state: RoutingState,
-        call: Optional[CallRouting] = None,
-        out: Optional[torch.Tensor] = None,
-        base: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, snapshot: LayerSnapshot, state: RoutingState, call: Optional[CallRouting] = None,
+        out: Optional[torch.Tensor] = None, base: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Add the contribution of `snapshot`'s experts for input x (..., in) into `out` (N, out), or return it
         (..., out). `call`: what this call routes with (read once by `forward`); None: local only. `base` (N, out):
         the base layer's output without its bias, which DoRA experts' shifts multiply (`base_output`)."""
@@ -514,18 +439,11 @@ class GliderLinear(nn.Module, GliderLayer):
             router_rows = snapshot.router_rows(state)
             candidates = call.candidates_at(bank, router_rows, state.candidates)
         selection, delta = routing.route(
-            u,
-            bank,
-            router_rows,
-            standardized=state.local_router.standardized,
-            k=snapshot.k,
-            global_bias=call.global_bias(batch_rows, u.device),
-            kernel=state.kernel,
-            out=out,
-            candidates=candidates,
+            u, bank, router_rows, standardized=state.local_router.standardized, k=snapshot.k,
+            global_bias=call.global_bias(batch_rows, u.device), kernel=state.kernel, out=out, candidates=candidates,
             bindings=None if call is _LOCAL_ONLY else call.kernel_bindings,  # the shared default keeps none
             want_selection=call.trace is not None or bank.has_output_terms,
-        )
+        )  # fmt: skip
         if bank.has_output_terms:
             terms = output_terms(selection, bank, base)
             delta = delta.add_(terms.to(delta.dtype)) if out is not None or not delta.requires_grad else delta + terms

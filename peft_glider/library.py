@@ -17,6 +17,7 @@ layer to install new tensors beside the ones the current version holds, then pub
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Collection, Mapping, Optional, Protocol
@@ -268,9 +269,29 @@ class ExpertLibrary:
             if descriptions.auto_alpha_threshold is not None:
                 config.auto_alpha_threshold = descriptions.auto_alpha_threshold
 
+    def begin(self, embeddings: Optional[torch.Tensor], fresh: bool) -> None:
+        """Publish the first version once PEFT has injected the adapter's layers (their experts as installed, the
+        instruction embeddings (E, e) or None). Placeholders then await their checkpoint; otherwise the gates the
+        experts ship are installed, with a warning naming ungated ones when `fresh` (built from sources now)."""
+        layers = self.host.layers()
+        snapshots = {name: layer.installed_snapshot(self.adapter_name) for name, layer in layers.items()}
+        self.versions.publish(expert_names=tuple(self.config.expert_names), layers=snapshots, embeddings=embeddings)
+        if self.placeholders:
+            for layer in layers.values():
+                layer.await_checkpoint(self.adapter_name)
+        else:
+            self.install_shipped_gates(warn=fresh)
+
     def fill_placeholders(self, state: "RoutingState", model: nn.Module) -> None:
         """Load, from their sources at the pinned commits, the experts of layers still holding zero placeholders
-        (a saved adapter's config whose checkpoint was never loaded), as one version; nothing when none waits."""
+        (a saved adapter's config whose checkpoint was never loaded), as one version; nothing when none waits.
+        One loader at a time; after it (or a checkpoint that filled them all) the library holds no placeholders."""
+        with _PLACEHOLDER_LOCK:
+            if self.placeholders:
+                self._fill_placeholders(state, model)
+            self.placeholders = False
+
+    def _fill_placeholders(self, state: "RoutingState", model: nn.Module) -> None:
         adapter = self.adapter_name
         waiting = {name: layer for name, layer in self.host.layers().items() if adapter in layer.glider_awaiting_checkpoint}
         if not waiting:  # its checkpoint filled every placeholder
@@ -289,7 +310,7 @@ class ExpertLibrary:
                 snapshots[name] = layer.update_layer(adapter, sources.module_factors(name), state, self.versions)
                 del layer.glider_awaiting_checkpoint[adapter]
             self.versions.publish(layers=snapshots)
-            self.experts[:], self.placeholders = sources.experts, False  # the same list: the residency holds it
+            self.experts[:] = sources.experts  # the same list: the residency holds it
         # the gates of the filled modules are what a fresh build gives (no checkpoint brought trained ones)
         self.install_shipped_gates(warn=False, modules=waiting)
 
@@ -377,6 +398,8 @@ class ExpertLibrary:
         snapshot = layer.installed_snapshot(self.adapter_name)
         rows = self.residency.place_gates(snapshot, layer.module_name, gates)
         return layer.set_gate_rows(self.adapter_name, rows)
+
+_PLACEHOLDER_LOCK = threading.Lock()  # one loader of placeholders at a time (module level: libraries stay copyable)
 
 #: Under a budget, how many experts' shipped gates are read and set at once (`install_shipped_gates`).
 SHIPPED_GATES_AT_ONCE = 32

@@ -4,37 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import threading
 from typing import TYPE_CHECKING, Collection, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import _get_submodules
 from torch import nn
 
-from .config import ExpertEntry, GliderConfig
-from .contexts import CallContexts
 from .base_layer import execution_device
+from .config import ExpertEntry, GliderConfig, check_adapter_name
+from .contexts import CallContexts
+from .host import AdapterHost
 from .layer import MERGE_ERROR, GliderLayer, GliderLinear
 from .library import ExpertLibrary
-from .local_routers import local_router
 from .snapshot import gate_parameter
 from .state import CallRouting, RoutingState, RoutingTrace, call_routing
 
 if TYPE_CHECKING:
     from .global_router import ExpertDescriptions, GlobalRouter, RouteInfo
-
-
-_PLACEHOLDER_LOCK = threading.Lock()  # one loader of placeholders at a time (module level: models stay copyable)
-
-
-def _check_adapter_name(adapter_name: str) -> None:
-    # PEFT's state-dict filter drops keys containing ".{other_adapter}.", and "." or "/" break key parsing.
-    if not adapter_name or adapter_name.isdigit() or any(ch in adapter_name for ch in "./\\"):
-        raise ValueError(
-            f"Invalid Glider adapter name {adapter_name!r}: use a non-numeric name without '.', '/' or '\\'."
-        )
 
 
 class GliderModel(BaseTuner):
@@ -62,8 +49,6 @@ class GliderModel(BaseTuner):
         # Plain per-adapter state (kept by nn.Module re-initialisation in BaseTuner.__init__).
         self._routing_states: dict[str, RoutingState] = {}
         self._libraries: dict[str, ExpertLibrary] = {}
-        self._awaiting_checkpoint: set[str] = set()  # adapters whose layers were laid out as placeholders
-        self._global_routers: dict[str, "GlobalRouter"] = {}
         self._call_contexts: dict[str, CallContexts] = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
@@ -82,7 +67,7 @@ class GliderModel(BaseTuner):
         from a saved adapter's config, gives the same experts (see `_enable_peft_forward_hooks`). A config object
         already used by another adapter of this model is copied, so adapters never share one.
         """
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         config: GliderConfig = self.peft_config[adapter_name]
         if any(other is config for name, other in self.peft_config.items() if name != adapter_name):
             config = self.peft_config[adapter_name] = copy.deepcopy(config)
@@ -92,29 +77,14 @@ class GliderModel(BaseTuner):
             entry.update(expert.pins)
         config.target_modules = library.modules
         self._libraries[adapter_name] = library
-        library.attach(adapter_name, config, _AdapterHost(self, adapter_name))
-        self._routing_states[adapter_name] = RoutingState(
-            top_k=config.top_k,
-            candidates=config.candidates,
-            local_router=local_router(config.local_router),
-            arrow_temperature=config.arrow_temperature,
-        )
+        library.attach(adapter_name, config, AdapterHost(self, adapter_name))
+        self._routing_states[adapter_name] = RoutingState.of(config)
         super().inject_adapter(model, adapter_name, **kwargs)
         if config.instruction_embedding_dim is not None:
             self.glider_instruction_embeddings[adapter_name] = torch.zeros(
                 len(config.experts), config.instruction_embedding_dim
             )
-        library.versions.publish(
-            expert_names=tuple(config.expert_names),
-            layers={name: layer.installed_snapshot(adapter_name) for name, layer in self.glider_layers(adapter_name).items()},
-            embeddings=self.get_instruction_embeddings(adapter_name),
-        )
-        if library.placeholders:
-            for layer in self.glider_layers(adapter_name).values():
-                layer.await_checkpoint(adapter_name)
-            self._awaiting_checkpoint.add(adapter_name)
-        else:
-            library.install_shipped_gates(warn=fresh)
+        library.begin(self.get_instruction_embeddings(adapter_name), fresh)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
@@ -129,19 +99,13 @@ class GliderModel(BaseTuner):
             for adapter_name in self.active_adapters:
                 if adapter_name not in self._routing_states:
                     continue
-                if adapter_name in self._awaiting_checkpoint:  # only until the first call: no walk over the model after
-                    self._load_placeholders_from_sources(adapter_name)
-                state = self._routing_states[adapter_name]
+                state, library = self._routing_states[adapter_name], self._libraries[adapter_name]
+                if library.placeholders:  # only until the first call: no walk over the model after
+                    library.fill_placeholders(state, self.model)
                 call = state.current_call()
                 if call is None or call.version is None:  # the call keeps the version it began with, to its end
                     stack.enter_context(call_routing(state, version=self._calls(adapter_name).bare_call_version()))
             yield
-
-    def _load_placeholders_from_sources(self, adapter_name: str) -> None:
-        with _PLACEHOLDER_LOCK:
-            library = self._libraries[adapter_name]
-            library.fill_placeholders(self._routing_states[adapter_name], self.model)
-            self._awaiting_checkpoint.discard(adapter_name)
 
     def _prepare_adapter_config(self, peft_config: GliderConfig, model_config: dict) -> GliderConfig:
         return peft_config  # target modules come from the experts (see inject_adapter)
@@ -160,16 +124,8 @@ class GliderModel(BaseTuner):
             target.update_layer(adapter_name, experts, state, library.versions, slots=slots)
         else:
             new_module = GliderLinear(
-                target,
-                adapter_name,
-                module_name=current_key,
-                experts=experts,
-                routing_state=state,
-                versions=library.versions,
-                save_expert_weights=config.save_expert_weights,
-                device=execution_device(target),
-                train_expert_factors=config.train_expert_factors,
-                slots=slots,
+                target, adapter_name, current_key, experts, state, library.versions, config.save_expert_weights,
+                device=execution_device(target), train_expert_factors=config.train_expert_factors, slots=slots,
             )
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
@@ -205,8 +161,6 @@ class GliderModel(BaseTuner):
         super().delete_adapter(adapter_name)
         self._routing_states.pop(adapter_name, None)
         self._libraries.pop(adapter_name, None)
-        self._awaiting_checkpoint.discard(adapter_name)
-        self._global_routers.pop(adapter_name, None)
         self._call_contexts.pop(adapter_name, None)
         if adapter_name in self.glider_instruction_embeddings:
             del self.glider_instruction_embeddings[adapter_name]
@@ -214,10 +168,7 @@ class GliderModel(BaseTuner):
     # ------------------------------------------------------------------ incremental library
 
     def add_expert(
-        self,
-        expert: ExpertEntry,
-        instruction_embedding: Optional[torch.Tensor] = None,
-        adapter_name: Optional[str] = None,
+        self, expert: ExpertEntry, instruction_embedding: Optional[torch.Tensor] = None, adapter_name: Optional[str] = None
     ) -> str:
         """Append one expert (Hub id, folder or entry dict) to the library without touching the others.
 
@@ -294,12 +245,7 @@ class GliderModel(BaseTuner):
         """Under a resident-experts budget (`max_resident_experts`), read these experts' factors and gates into the
         layers now (the least recently used others evicted), as entering `route(...)` does for a call's candidates;
         e.g. before training their gates. Nothing without a budget (every expert is resident)."""
-        library = self._libraries[self.resolve_adapter(adapter_name)]
-        unknown = sorted(set(experts) - set(library.versions.current.expert_names))
-        if unknown:
-            names = list(library.versions.current.expert_names)
-            raise KeyError(f"make_resident: unknown expert(s) {unknown}; experts are {names}.")
-        library.residency.make_resident(experts)
+        self._libraries[self.resolve_adapter(adapter_name)].residency.make_resident(experts)
 
     def set_instruction_embeddings(self, embeddings: torch.Tensor, adapter_name: Optional[str] = None) -> None:
         """Set the per-expert instruction embeddings `g_e`, a tensor (E, e) in `expert_names` order."""
@@ -324,23 +270,15 @@ class GliderModel(BaseTuner):
         adapter_name = self.resolve_adapter(adapter_name)
         self._libraries[adapter_name].set_descriptions(descriptions)
         if router is not None:
-            self._global_routers[adapter_name] = router
-
-    def _recorded_router(self, adapter_name: str) -> "GlobalRouter":
-        """The router the adapter records (a shared adapter, loaded elsewhere), rebuilt on first use and kept."""
-        from .global_router import GlobalRouter
-
-        config: GliderConfig = self.peft_config[adapter_name]
-        router = GlobalRouter.recorded(config.instruction_writer, config.embedder)
-        return self._global_routers.setdefault(adapter_name, router)
+            self.set_global_router(router, adapter_name)
 
     def global_router(self, adapter_name: Optional[str] = None) -> Optional["GlobalRouter"]:
         """The router `route(...)` uses for the adapter when given none (None until one is set or rebuilt)."""
-        return self._global_routers.get(self.resolve_adapter(adapter_name))
+        return self._calls(adapter_name).router
 
     def set_global_router(self, router: "GlobalRouter", adapter_name: Optional[str] = None) -> None:
         """Make `router` the one `route(...)` uses for the adapter."""
-        self._global_routers[self.resolve_adapter(adapter_name)] = router
+        self._calls(adapter_name).router = router
 
     def _calls(self, adapter_name: Optional[str]) -> CallContexts:
         """The routing contexts of the adapter (the active one by default), made once per adapter."""
@@ -352,7 +290,6 @@ class GliderModel(BaseTuner):
                 self._routing_states[adapter],
                 self._libraries[adapter],
                 embeddings=lambda: self.get_instruction_embeddings(adapter),
-                router=lambda: self._global_routers.get(adapter) or self._recorded_router(adapter),
             )
         return contexts
 
@@ -411,46 +348,3 @@ class GliderModel(BaseTuner):
     def routing_state(self, adapter_name: Optional[str] = None) -> RoutingState:
         """The shared routing state (top_k, alpha, kernel) of an adapter."""
         return self._routing_states[self.resolve_adapter(adapter_name)]
-
-
-class _AdapterHost:
-    """What an adapter's `ExpertLibrary` needs of the model (`library.LibraryHost`), for one adapter."""
-
-    def __init__(self, glider: GliderModel, adapter_name: str) -> None:
-        self.glider, self.adapter_name = glider, adapter_name
-
-    def layers(self) -> dict[str, GliderLayer]:
-        return self.glider.glider_layers(self.adapter_name)
-
-    def wrap(self, module_name: str) -> GliderLayer:
-        parent, target, target_name = _get_submodules(self.glider.model, module_name)
-        self.glider._create_and_replace(
-            self.glider.peft_config[self.adapter_name], self.adapter_name, target, target_name, parent, module_name
-        )
-        return _get_submodules(self.glider.model, module_name)[1]
-
-    def retire(self, module_names: list[str], version_number: int) -> None:
-        """Unwrap a released layer that holds no other adapter, else drop the adapter's last references there; a
-        module the adapter adapts again (an expert added since), or released again later, is left alone."""
-        adapter = self.adapter_name
-        library = self.glider._libraries.get(adapter)
-        with library.versions.editing if library is not None else contextlib.nullcontext():
-            for module_name in module_names:
-                try:
-                    parent, layer, target_name = _get_submodules(self.glider.model, module_name)
-                except AttributeError:
-                    continue
-                if not isinstance(layer, GliderLayer) or layer.released_in.get(adapter) != version_number:
-                    continue
-                if adapter in layer.glider_gates:  # adapted again since
-                    continue
-                for references in (layer.glider_versions, layer.glider_routing, layer.released_in):
-                    references.pop(adapter, None)
-                if not layer.glider_gates:
-                    setattr(parent, target_name, layer.get_base_layer())
-
-    def base_modules(self) -> dict[str, nn.Module]:
-        return dict(self.glider.model.named_modules())
-
-    def store_embeddings(self, embeddings: Optional[torch.Tensor]) -> None:
-        self.glider.glider_instruction_embeddings[self.adapter_name] = embeddings

@@ -3,7 +3,7 @@ under a resident-experts budget (`GliderConfig.max_resident_experts`); every lin
 cold store is here.
 
 With a budget of N, each layer holds the factors of at most N experts and their gates, one row per slot (the
-layer receives the slots: `layer.Slots`, `GliderLayer.hold_experts`); the other experts' gates live in the
+layer receives the slots: `snapshot.Slots`, `GliderLayer.hold_experts`); the other experts' gates live in the
 `GateStore` on disk. A call's experts are made resident when it begins (`Residency.make_resident`: its candidates,
 known from its global scores), the least recently used others evicted, the missing ones read from their sources
 and checked against their pinned hashes, and the result published as a new library version, like an edit.
@@ -38,7 +38,7 @@ from torch import nn
 
 from .experts import LoadedExpert, tensor_sha256
 from .factors import LoraFactors
-from .layer import Slots
+from .snapshot import Slots
 from .versions import LibraryVersion, Versions
 
 if TYPE_CHECKING:
@@ -121,14 +121,18 @@ class Residency:
         """The current version, with the experts named in `needed` (None: all of them) hot first: the least recently
         used others are evicted (their gates written back), the missing ones read from their sources (checked against
         their pinned hashes) with their gates from the cold store, and the result published as a new version. Calls
-        holding an older version keep its factors until they end. Without a budget, the current version."""
+        holding an older version keep its factors until they end. Without a budget, the current version. Unknown
+        names raise a KeyError listing the experts."""
         budget = self.budget
-        if budget is None:
-            return self.versions.current
         with self.versions.editing:
             version = self.versions.current
             names = version.expert_names
             needed = None if needed is None else set(needed)
+            unknown = sorted((needed or set()) - set(names))
+            if unknown:
+                raise KeyError(f"make_resident: unknown expert(s) {unknown}; experts are {list(names)}.")
+            if budget is None:
+                return version
             wanted = list(names) if needed is None else [name for name in names if name in needed]
             if len(wanted) > budget:
                 raise BudgetExceededError(

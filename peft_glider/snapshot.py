@@ -3,7 +3,7 @@ gates (cached until the gates change); `gate_parameter`, how a layer's gates are
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -24,6 +24,14 @@ def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+class Slots(NamedTuple):
+    """Which experts a layer holds, for an adapter whose layers hold only some at a time (a resident-experts
+    budget): their rows of the gates (`LayerSnapshot.gate_slot`)."""
+
+    of_expert: torch.Tensor  # (E,) long: each expert's row of the gates, -1 where the layer holds none of it
+    count: int  # rows of the gates
 
 
 class LayerSnapshot:
@@ -57,6 +65,18 @@ class LayerSnapshot:
         """Point at the same values after the layer's tensors were moved or cast."""
         self.bank, self.gates, self.values, self.gate_slot, self._rows = bank, gates, gates.detach(), gate_slot, None
         self.values_at = self.values.data_ptr()
+
+    def is_bound_to(self, A: Optional[torch.Tensor], gates: Optional[torch.Tensor]) -> bool:
+        """Whether a layer's A factors and gates are still the tensors this snapshot routes with, where and as they
+        were (`.to()` and casts give a parameter new data in place)."""
+        bank = self.bank
+        return (
+            A is bank.A
+            and gates is self.gates
+            and gates.data_ptr() == self.values_at
+            and A.device == bank.device
+            and A.dtype == bank.dtype
+        )
 
     @property
     def in_features(self) -> int:

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Optional
 
 import torch
 
-from .local_routers import LOCAL_ROUTERS
+from .local_routers import LOCAL_ROUTERS, local_router
 from .routing import Candidates, check_resident, gather_candidates
 
 if TYPE_CHECKING:
     from .bank import ExpertBank
+    from .config import GliderConfig
     from .versions import LibraryVersion
     from .local_routers import LocalRouter
 
@@ -95,6 +96,11 @@ class RoutingState:
     local_router: "LocalRouter" = field(default_factory=lambda: LOCAL_ROUTERS["phatgoose"])  # its strategy
     arrow_temperature: float = 1.0  # T of Arrow's |u . v| / T
     kernel: str = "auto"  # "auto" or a forced kernel name (`GliderModel.set_kernel`)
+
+    @classmethod
+    def of(cls, config: "GliderConfig") -> "RoutingState":
+        """The settings an adapter's config gives."""
+        return cls(config.top_k, config.candidates, local_router(config.local_router), config.arrow_temperature)
 
     def current_call(self) -> Optional["CallRouting"]:
         """What the current call (this thread or task) routes this adapter with; None for plain local routing."""
