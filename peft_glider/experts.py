@@ -40,7 +40,7 @@ class LoadedExpert:
     # not kept (a library of thousands of experts would otherwise hold all their gates twice)
     gates_reader: Optional[Callable[[], dict[str, torch.Tensor]]] = None
     # module name -> a reader of the base-layer weight PEFT saved beside the LoRA (an embedding-tied lm_head): it
-    # must equal the base model's (`library.check_base_weights`)
+    # must equal the base model's (`expert_checks.check_base_weights`)
     base_weights: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
 
     @property
@@ -205,7 +205,7 @@ _EMBEDDING = (".lora_embedding_A", ".lora_embedding_B")
 def _module_keys(name: str, keys: list[str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
     """From a PEFT LoRA checkpoint's keys: module name -> {"A": key, "B": key, and "magnitude" / "bias" where
     present}, and module name -> key of a base-layer weight saved beside the LoRA (checked by
-    `library.check_base_weights`)."""
+    `expert_checks.check_base_weights`)."""
     modules: dict[str, dict[str, str]] = {}
     base_weights = {}
     for key in keys:

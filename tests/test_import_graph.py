@@ -130,3 +130,18 @@ def test_an_import_under_type_checking_is_no_circle(tmp_path):
         routing.read_text() + "\n\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .layer import GliderLinear\n"
     )
     assert import_circles(copy) == []
+
+
+def test_the_layer_never_reaches_the_library_or_the_residency():
+    """A layer receives what it holds (its slots); it imports neither the library nor the residency, not even for
+    type hints, and nothing it imports does."""
+    graph = import_graph(PACKAGE)
+    reached, todo = set(), [f"{ROOT}.layer"]
+    while todo:
+        for successor in graph[todo.pop()] - reached:
+            reached.add(successor)
+            todo.append(successor)
+    assert not reached & {f"{ROOT}.library", f"{ROOT}.residency", f"{ROOT}.model"}, sorted(reached)
+    tree = ast.parse((PACKAGE / "layer.py").read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"library", "residency", "model"}, imported

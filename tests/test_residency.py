@@ -11,6 +11,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from peft_glider import GliderConfig
+from peft_glider.residency import BudgetExceededError
 
 from conftest import input_ids, make_expert, random_gates, tiny_llama
 from test_library_versions import HoldBetweenLayers
@@ -51,6 +52,38 @@ def logits(model, ids, row_scores) -> torch.Tensor:
 def resident_factor_rows(model) -> dict[str, int]:
     """Rank rows of factors each layer holds now."""
     return {name: layer.glider_A["default"].shape[0] for name, layer in model.base_model.glider_layers().items()}
+
+
+def test_the_residency_alone_keeps_every_gate_in_one_place_and_a_running_call_s_version(experts):
+    """The residency's own interface: make experts hot (least recently used evicted), an expert's gate wherever it
+    lives, new gates placed where their experts are; a version taken before an eviction keeps its factors and gates."""
+    glider = build(experts, max_resident_experts=2).base_model
+    residency = glider._libraries["default"].residency
+    module = "model.layers.0.self_attn.q_proj"
+    expected = glider.get_gates()  # build set random gates for every expert: all cold so far
+    assert not residency.hot and residency.slots().of_expert.tolist() == [-1] * NUM_EXPERTS
+    first = residency.make_resident(["e0", "e1"])
+    assert dict(residency.hot) == {"e0": 0, "e1": 1}
+    held = first.layers[module].bank.A.clone()
+    second = residency.make_resident(["e4"])  # e0 is the least recently used: evicted, e4 takes its slot
+    assert dict(residency.hot) == {"e1": 1, "e4": 0}
+    assert residency.slots().of_expert.tolist() == [-1, 1, -1, -1, 0, -1]
+    assert torch.equal(first.layers[module].bank.A, held)  # a call holding the first version keeps e0's factors
+    assert torch.equal(first.layers[module].gate_of(0), expected["e0"][module])  # and its gate row
+    assert second.layers[module].gate_of(0) is None  # e0 is cold now: its gate was written back
+    for index, name in enumerate(second.expert_names):
+        assert torch.equal(residency.gate_of(second.layers[module], module, index), expected[name][module])
+    full = residency.full_gates(second.layers[module], module)
+    assert torch.equal(full, torch.stack([expected[name][module] for name in second.expert_names]))
+    width = full.shape[1]
+    new = {1: torch.full((width,), 1.0), 2: torch.full((width,), 2.0)}  # e1 is hot (slot 1), e2 cold
+    rows = residency.place_gates(second.layers[module], module, new)
+    assert list(rows) == [1] and torch.equal(rows[1], new[1])
+    assert torch.equal(residency.cold.read(module, "e2", width), new[2])
+    with pytest.raises(BudgetExceededError, match="3 experts"):
+        residency.make_resident(["e0", "e2", "e3"])
+    with pytest.raises(KeyError, match="unknown expert"):
+        residency.make_resident(["e9"])
 
 
 @pytest.mark.parametrize("rows", [1, 2])

@@ -212,7 +212,7 @@ def train_expert_gates(
     from peft import get_peft_model
 
     from ..config import GliderConfig, entry_path
-    from ..library import UngatedExpertsWarning
+    from ..expert_checks import UngatedExpertsWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UngatedExpertsWarning)  # training them is what this does
