@@ -218,8 +218,8 @@ class ExpertLibrary:
     def install_shipped_gates(self, warn: bool = True, modules: Optional[Collection[str]] = None) -> None:
         """Set the gates the experts carry (glider_gates.safetensors) at `modules` (default: all); warn, naming them,
         about experts without. Nothing for a local router whose vectors are computed, not learned. Under a budget
-        the gates are read and set `SHIPPED_GATES_AT_ONCE` experts at a time: most go to the `GateStore`, and the
-        whole library's gates are never in memory together."""
+        the gates are read and set `SHIPPED_GATES_AT_ONCE` experts at a time: most go to the residency's cold store,
+        and the whole library's gates are never in memory together."""
         if not local_router(self.config.local_router).learned:
             return
         shipping = [expert for expert in self.experts if expert.gates_reader is not None]

@@ -42,10 +42,10 @@ class LayerSnapshot:
     moved or cast (`.to()`, a dtype cast, a checkpoint loaded with `assign=True`): the same values elsewhere.
 
     `gates` is the layer's trainable parameter; `values` the rows this version routes with (the parameter's data
-    when the snapshot was made: under a resident-experts budget a residency change gives the parameter new data
-    and keeps its identity, for the optimizers that hold it). Without a budget row e is expert e's gate; under one
-    `gate_slot` (E,) says which row holds each resident expert's (-1: not resident, its gate in the library's
-    `GateStore`). The router rows computed from the values are cached here, keyed by the values tensor itself
+    when the snapshot was made: where the layer holds only some experts (`Slots`), a change of what it holds gives
+    the parameter new data and keeps its identity, for the optimizers that hold it). Row e is expert e's gate, or
+    under `Slots` `gate_slot` (E,) says which row holds each held expert's (-1: not held here, its gate kept
+    elsewhere: `residency`). The router rows computed from the values are cached here, keyed by the values tensor itself
     (held, so the key cannot be reused by another tensor), its version counter, the optimizer steps taken, dtype
     and device.
     """
