@@ -97,8 +97,9 @@ class GliderConfig(PeftConfig):
             expert.
         max_resident_experts: Hold the LoRA factors of at most this many experts in the layers (a budget for large
             libraries); the others stay in their files, read when a call's candidates need them (when `route` or
-            `global_scores` is entered), the least recently used evicted. Gates and instruction embeddings stay
-            resident for every expert. The adapter is then router-only (`save_expert_weights` defaults to False:
+            `global_scores` is entered), the least recently used evicted. The gates follow the factors (the others'
+            wait in a temporary file, `peft_glider.residency`); instruction embeddings stay in memory for every
+            expert. The adapter is then router-only (`save_expert_weights` defaults to False:
             the factors are read from the experts' sources); for libraries larger than the budget it needs
             `candidates`: a call may need at most the budget (its rows' candidates at every module). None (default):
             every expert resident.
