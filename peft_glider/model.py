@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from typing import TYPE_CHECKING, Collection, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -289,7 +290,7 @@ class GliderModel(BaseTuner):
                 self.peft_config[adapter],
                 self._routing_states[adapter],
                 self._libraries[adapter],
-                embeddings=lambda: self.get_instruction_embeddings(adapter),
+                embeddings=functools.partial(self.get_instruction_embeddings, adapter),  # copies and pickles
             )
         return contexts
 

@@ -469,3 +469,27 @@ def test_shipped_gates_under_a_budget_go_to_the_store_a_few_experts_at_a_time(ex
             torch.testing.assert_close(gate, shipped[folder][module])
     ids, row_scores = input_ids(batch=1), scores(1, seed=6)
     torch.testing.assert_close(logits(budgeted, ids, row_scores), logits(everything, ids, row_scores))
+
+
+def test_a_budgeted_model_copies_and_pickles_with_its_own_residency(experts):
+    """After calls made experts hot, `copy.deepcopy` and pickle give a model that routes the same, saves every
+    expert's gates, and keeps its own hot set and cold store: editing the copy's gates leaves the original's."""
+    import copy
+    import pickle
+
+    model = build(experts, max_resident_experts=2)
+    ids, row_scores = input_ids(batch=1), scores(1, seed=3)
+    expected = logits(model, ids, row_scores)
+    gates = model.base_model.get_gates()
+    residency = model.base_model._libraries["default"].residency
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(logits(clone, ids, row_scores), expected)
+        own = clone.base_model._libraries["default"].residency
+        assert own is not residency and dict(own.hot) == dict(residency.hot)
+        saved = {key: value for key, value in clone.state_dict().items() if "glider_gates" in key}
+        assert saved and all(value.shape[0] == NUM_EXPERTS for value in saved.values())  # every expert's, not the hot rows
+        cold = next(name for name in clone.base_model.expert_names if name not in own.hot)
+        module = "model.layers.0.self_attn.q_proj"
+        clone.base_model.set_gates({cold: {module: torch.ones_like(gates[cold][module])}})
+        assert torch.equal(clone.base_model.get_gates()[cold][module], torch.ones_like(gates[cold][module]))
+        assert torch.equal(model.base_model.get_gates()[cold][module], gates[cold][module])
