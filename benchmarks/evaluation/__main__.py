@@ -1,4 +1,4 @@
-"""CLI: `python -m benchmarks.evaluation [--quick] [--library large] [--held-in ...] [--held-out ...] [--bigbench-dir DIR]
+"""CLI: `python -m benchmarks.evaluation [--quick] [--held-in ...] [--held-out ...] [--held-out-dir DIR]
 [--tasks-dir DIR] [--out DIR]`.
 
 Runs the whole pipeline (set-up, experts, gates, instructions, evaluation) with everything cached under
@@ -25,21 +25,30 @@ from .sources import TaskSourceError
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.evaluation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 held-in, 2 held-out tasks, fewer steps (~10 min)")
+    parser.add_argument("--held-out-dir", type=Path, metavar="DIR",
+                        help="evaluate DIR/<task>.jsonl files as held-out tasks against the library an earlier run "
+                             "with the same settings built (nothing is trained), every baseline included")
     parser.add_argument("--library", choices=("standard", "large"), default="standard",
                         help="large: add 32 library-only BIG-bench experts (12 with --quick), never evaluated, and "
                              "candidates rows at M = 8 and 16")
     parser.add_argument("--compare", type=Path, metavar="RESULTS_JSON",
                         help="a results.json of the standard library: the report adds what changed, row by row")
-    parser.add_argument("--held-in", nargs="+", help="BIG-bench task names and/or 'bbc' that get an expert")
-    parser.add_argument("--held-out", nargs="*", help="BIG-bench task names and/or 'bbc' without an expert")
-    parser.add_argument("--num-eval", type=int, help="evaluation examples per task")
+    parser.add_argument("--held-in", nargs="+", help="task names that get an expert (registry tasks, your --tasks-dir "
+                                                      "tasks, BIG-bench names, 'bbc')")
+    parser.add_argument("--held-out", nargs="*", help="task names without an expert")
+    parser.add_argument("--num-eval", type=int, help="evaluation examples per held-in task")
+    parser.add_argument("--num-eval-held-out", type=int, help="evaluation examples per held-out task")
     parser.add_argument("--num-train", type=int, help="training examples per held-in task")
     parser.add_argument("--steps", type=int, help="LoRA training steps per expert")
     parser.add_argument("--gate-steps", type=int, help="gate training steps per expert")
     parser.add_argument("--top-layers", type=int, help="experts adapt the top N layers (0: all)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--candidates", nargs="+", type=int, default=[],
-                        help="extra rows: GLIDER alpha=auto with candidates=M, for each M given")
+                        help="rows of GLIDER alpha=auto with candidates=M, for each M given (default: 8)")
+    parser.add_argument("--llm-writer", action="store_true",
+                        help="add the row whose instructions SmolLM2 writes (GLIDER α=auto · llm)")
+    parser.add_argument("--arrow-local", action="store_true",
+                        help="add the row over Arrow prototypes instead of trained gates (GLIDER α=auto · Arrow local)")
     parser.add_argument("--endpoint-url", help="an OpenAI-compatible endpoint as an extra instruction source")
     parser.add_argument("--endpoint-model", help="the model the endpoint serves")
     parser.add_argument("--bigbench-dir", help="a local BIG-bench checkout or a folder of <task>/task.json folders")
@@ -53,15 +62,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> RunSettings:
     settings = RunSettings.quick() if args.quick else RunSettings()
     overrides = {name: getattr(args, name) for name in
-                 ("held_in", "held_out", "num_eval", "num_train", "seed", "endpoint_url", "endpoint_model",
-                  "bigbench_dir", "tasks_dir")
+                 ("held_in", "held_out", "num_eval", "num_eval_held_out", "num_train", "seed", "endpoint_url",
+                  "endpoint_model", "bigbench_dir", "tasks_dir")
                  if getattr(args, name) is not None}
+    overrides.update({name: True for name in ("arrow_local",) if getattr(args, name)})
+    if args.llm_writer:
+        overrides["llm_source"] = True
     expert_overrides = {name: getattr(args, name) for name in ("steps", "gate_steps") if getattr(args, name) is not None}
     if args.top_layers is not None:
         expert_overrides["top_layers"] = args.top_layers or None
     experts: ExpertSettings = replace(settings.experts, **expert_overrides)
-    settings = replace(settings, **overrides, experts=experts, candidates=tuple(args.candidates))
-    return settings.with_large_library(quick=args.quick) if args.library == "large" else settings
+    settings = replace(settings, **overrides, experts=experts)
+    if args.candidates:
+        settings = replace(settings, candidates=tuple(args.candidates))
+    settings = settings.with_large_library(quick=args.quick) if args.library == "large" else settings
+    return settings.with_held_out_dir(args.held_out_dir) if args.held_out_dir else settings
 
 
 def standard_library_accuracy(path: Path) -> dict[str, dict[str, float]]:
@@ -78,7 +93,11 @@ def standard_library_accuracy(path: Path) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    settings = settings_from(args)
+    try:
+        settings = settings_from(args)
+    except TaskSourceError as error:
+        print(f"python -m benchmarks.evaluation: {error}", file=sys.stderr)
+        return 2
     cache = args.cache_dir or default_cache_dir()
     start = time.perf_counter()
     try:

@@ -12,6 +12,7 @@ from peft_glider.local_router import untrained_experts
 
 TOP_K = 2
 ORACLE = "Oracle expert"
+RETRIEVAL = "Retrieval top-1"  # the global router's top expert for the whole query (LoraRetriever, LoRAuter)
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,10 @@ def glider_rows(sources: list[str]) -> list[GliderRow]:
                    if source != DEFAULT_SOURCE]
 
 
-def oracle_model(load_base: Callable[[], Any], folder: str) -> Any:
-    """The task's own expert, as a plain PEFT LoRA model."""
-    return PeftModel.from_pretrained(load_base(), folder).eval()
+def single_expert_model(load_base: Callable[[], Any], folders: dict[str, str]) -> Any:
+    """Every expert as a plain PEFT LoRA adapter named like its key in `folders`; `set_adapter(name)` picks the one
+    that runs (the oracle: the task's own; retrieval: the global router's top-1)."""
+    return _with_adapters(load_base, folders).eval()
 
 
 def _with_adapters(load_base: Callable[[], Any], folders: dict[str, str]) -> Any:

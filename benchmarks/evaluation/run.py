@@ -25,16 +25,27 @@ from peft_glider.global_router import GlobalRouter, LocalModelWriter, OpenAIWrit
 from . import assets, methods
 from .library import ExpertSettings, build_library, library_only_folder
 from .scoring import rank_classify, tokenize_options
-from .sources import TaskSource, task_sources
+from .registry_tasks import place_tasks
+from .sources import TaskSource, TaskSourceError, lay_out_added, task_provenance, task_sources
 from .tasks import TaskSplit, library_split, load_task, majority_answer, split_task
 
+# The default library and held-out tasks, all from the registry (`registry_tasks.py`): 24 experts in families
+# (science QA, NLI, commonsense, MMLU subjects by field), held-out tasks related to a family or to none.
 DEFAULT_HELD_IN = [
-    "intent_recognition", "sports_understanding", "navigate", "hyperbaton",
-    "winowhy", "logical_fallacy_detection", "date_understanding", "bbc",
+    "arc_challenge", "sciq", "openbookqa", "rte", "mrpc", "boolq", "piqa", "siqa", "csqa", "hellaswag",
+    "mmlu_high_school_biology", "mmlu_nutrition", "mmlu_clinical_knowledge", "mmlu_high_school_chemistry",
+    "mmlu_high_school_physics", "mmlu_high_school_us_history", "mmlu_high_school_world_history", "mmlu_prehistory",
+    "mmlu_high_school_macroeconomics", "mmlu_high_school_psychology", "mmlu_high_school_geography",
+    "mmlu_high_school_government_and_politics", "mmlu_philosophy", "mmlu_marketing",
 ]
-DEFAULT_HELD_OUT = ["implicatures", "metaphor_boolean", "snarks", "disambiguation_qa", "entailed_polarity"]
-QUICK_HELD_IN = ["intent_recognition", "sports_understanding", "navigate"]
-QUICK_HELD_OUT = ["implicatures", "metaphor_boolean"]
+DEFAULT_HELD_OUT = [
+    "arc_easy", "cb", "copa", "mmlu_college_biology", "mmlu_high_school_european_history",
+    "mmlu_high_school_microeconomics",  # related: a held-in family exists
+    "sst2", "winogrande", "arithmetic", "mmlu_computer_security",  # unrelated: no held-in task of their family
+]
+QUICK_HELD_IN = ["arc_challenge", "sciq", "rte"]
+QUICK_HELD_OUT = ["arc_easy", "sst2"]
+ADDED_PREFIX = "added-"  # tasks of --held-out-dir are named "added-<file stem>" (never a registry task's name)
 LARGE_LIBRARY = [  # library-only experts of `--library large` (issue #23): trained, never evaluated
     "anachronisms", "analogical_similarity", "discourse_marker_prediction", "emoji_movie", "empirical_judgments",
     "epistemic_reasoning", "fantasy_reasoning", "formal_fallacies_syllogisms_negation", "geometric_shapes",
@@ -48,6 +59,7 @@ LARGE_LIBRARY = [  # library-only experts of `--library large` (issue #23): trai
 LARGE_CANDIDATES = (8, 16)  # the candidates rows of a large-library run
 QUICK_LARGE_LIBRARY = 12  # a quick large run takes the first 12 library-only tasks
 MAJORITY = "Majority answer"
+SCORING = "acc_norm"  # length-normalized log-likelihood (scoring.py); part of every result key
 
 
 @dataclass
@@ -56,31 +68,53 @@ class RunSettings:
 
     held_in: list[str] = field(default_factory=lambda: list(DEFAULT_HELD_IN))
     held_out: list[str] = field(default_factory=lambda: list(DEFAULT_HELD_OUT))
-    num_eval: int = 100  # evaluation examples per task (fewer where a task has fewer)
-    num_train: int = 400  # training examples per held-in task (LoRA and gates)
+    num_eval: int = 30  # evaluation examples per held-in task (fewer where a task has fewer)
+    num_eval_held_out: Optional[int] = 60  # ... per held-out task (None: num_eval)
+    num_train: int = 240  # training examples per held-in task (LoRA and gates)
     seed: int = 0
-    experts: ExpertSettings = field(default_factory=ExpertSettings)
+    # 30 LoRA steps at lr 2e-3 and 15 gate steps, inputs cut to 160 tokens: about 70 s per expert on 2 cores, so
+    # that 24 experts and every method's evaluation fit the full run's 3-hour budget with room to spare.
+    experts: ExpertSettings = field(default_factory=lambda: ExpertSettings(
+        steps=30, gate_steps=15, learning_rate=2e-3, max_length=160))
     endpoint_url: Optional[str] = None  # an OpenAI-compatible endpoint as a third global-router source
     endpoint_model: Optional[str] = None
-    candidates: tuple[int, ...] = ()  # extra rows: GLIDER alpha="auto" routing among each row's M best experts
+    candidates: tuple[int, ...] = (8,)  # extra rows: GLIDER alpha="auto" routing among each row's M best experts
     library: list[str] = field(default_factory=list)  # library-only tasks: an expert each, never evaluated
     # How library-only experts are trained: a third of the held-in steps (at twice the learning rate) on inputs cut
     # to their last 128 tokens, to fit 32 of them in the large run's budget (about a minute each on 2 cores).
     library_experts: ExpertSettings = field(default_factory=lambda: ExpertSettings(
         steps=20, gate_steps=10, learning_rate=2e-3, max_length=128))
-    llm_source: bool = True  # also route with SmolLM2's instructions (the "GLIDER α=auto · llm" row)
+    llm_source: bool = False  # also route with SmolLM2's instructions (the "GLIDER α=auto · llm" row)
+    arrow_local: bool = False  # also the "GLIDER α=auto · Arrow local" row (Arrow prototypes, no gates)
     bigbench_dir: Optional[str] = None  # a local BIG-bench checkout or task folders, tried first (sources.py)
     tasks_dir: Optional[str] = None  # the user's own tasks, <task>.jsonl, tried next
+    # --held-out-dir: evaluate only these held-out tasks (`added-<stem>`), against the library a run with the same
+    # settings built; nothing is trained (a missing expert is an error)
+    held_out_dir: Optional[str] = None
 
     def task_sources(self) -> list[TaskSource]:
         """Where this run's tasks are read from, in the order tried (the user's folders first)."""
         return task_sources(self.bigbench_dir, self.tasks_dir)
 
+    def with_held_out_dir(self, folder: str) -> "RunSettings":
+        """These settings evaluating only the `<task>.jsonl` files of `folder`, as held-out tasks named
+        `added-<stem>`, against this run's library (trained by an earlier run; nothing is trained)."""
+        stems = sorted(path.stem for path in Path(folder).glob("*.jsonl"))
+        if not stems:
+            raise TaskSourceError(f"--held-out-dir {folder}: no <task>.jsonl file there.")
+        return replace(self, held_out=[ADDED_PREFIX + stem for stem in stems], held_out_dir=str(folder))
+
+    def num_evaluated(self, task: str) -> int:
+        """How many examples of `task` are evaluated (at most)."""
+        held_out = task in self.held_out and self.num_eval_held_out is not None
+        return self.num_eval_held_out if held_out else self.num_eval
+
     @classmethod
     def quick(cls, **overrides: Any) -> "RunSettings":
         """3 held-in and 2 held-out tasks, fewer steps and examples: about 10 minutes on 2 CPU cores."""
-        experts = ExpertSettings(steps=30, gate_steps=15, top_layers=6)
-        settings = dict(held_in=list(QUICK_HELD_IN), held_out=list(QUICK_HELD_OUT), num_eval=20, num_train=200,
+        experts = ExpertSettings(steps=30, gate_steps=15, top_layers=6, learning_rate=2e-3, max_length=160)
+        settings = dict(held_in=list(QUICK_HELD_IN), held_out=list(QUICK_HELD_OUT), num_eval=20, num_eval_held_out=None,
+                        num_train=200, candidates=(),
                         library_experts=ExpertSettings(steps=10, gate_steps=5, top_layers=6, learning_rate=2e-3,
                                                        max_length=128))
         return cls(**{**settings, "experts": experts, **overrides})
@@ -93,7 +127,8 @@ class RunSettings:
 
     @property
     def evaluated(self) -> list[str]:
-        return self.held_in + self.held_out
+        """The tasks scored: the held-out ones only for --held-out-dir."""
+        return self.held_out if self.held_out_dir else self.held_in + self.held_out
 
     def check(self) -> None:
         if len(self.held_in) < 2:
@@ -108,6 +143,9 @@ class RunSettings:
         duplicates = sorted({t for t in everything if everything.count(t) > 1})
         if duplicates:
             raise ValueError(f"Task(s) {duplicates} are listed twice.")
+        named_like_added = sorted(t for t in self.held_in + self.library if t.startswith(ADDED_PREFIX))
+        if named_like_added:
+            raise ValueError(f"Task(s) {named_like_added}: names starting with {ADDED_PREFIX!r} are --held-out-dir's.")
         if bool(self.endpoint_url) != bool(self.endpoint_model):
             raise ValueError("An endpoint needs both --endpoint-url and --endpoint-model.")
 
@@ -148,17 +186,21 @@ class Pipeline:
         self.settings, self.cache = settings, cache
         self.tasks = settings.evaluated
         start = time.perf_counter()
-        assets.setup(cache, self.tasks + settings.library, settings.task_sources())
+        added = lay_out_added(cache, Path(settings.held_out_dir), ADDED_PREFIX) if settings.held_out_dir else []
+        everything = [task for task in settings.held_in + settings.held_out + settings.library if task not in added]
+        assets.setup(cache, everything, settings.task_sources())
         self.setup_seconds = time.perf_counter() - start
         self.tokenizer = AutoTokenizer.from_pretrained(assets.base_model_dir(cache))
-        self.splits: dict[str, TaskSplit] = {
-            task: split_task(load_task(cache, task), task, settings.num_eval, settings.num_train, settings.seed)
-            for task in self.tasks
+        self.splits: dict[str, TaskSplit] = {  # held-in splits even when not evaluated: they name the library
+            task: split_task(load_task(cache, task), task, settings.num_evaluated(task), settings.num_train,
+                             settings.seed)
+            for task in settings.held_in + settings.held_out
         }
         self.splits.update({task: library_split(load_task(cache, task), task, settings.num_train, settings.seed)
                             for task in settings.library})
-        self.eval_keys = {  # names each task's evaluated inputs in the result keys
-            task: hashlib.sha256("\n".join(e.input for e in self.splits[task].eval).encode()).hexdigest()[:8]
+        self.eval_keys = {  # names each task's evaluated examples and the scoring in the result keys
+            task: hashlib.sha256("\n".join([SCORING] + [f"{e.input}|{e.options}|{sorted(e.correct)}"
+                                                       for e in self.splits[task].eval]).encode()).hexdigest()[:8]
             for task in self.tasks
         }
         trained_on = {task: [e.input for e in self.splits[task].train] for task in settings.held_in}
@@ -180,7 +222,12 @@ class Pipeline:
 
     def library(self) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
         """Every expert and its gates (held-in tasks', then library-only tasks'), trained where missing:
-        `({task: folder}, {task: timings})`."""
+        `({task: folder}, {task: timings})`. With --held-out-dir nothing is trained: a missing expert is an error."""
+        missing = [task for task, folder in self.expert_folders.items() if not (folder / "timings.json").exists()]
+        if self.settings.held_out_dir and missing:
+            raise TaskSourceError(
+                f"--held-out-dir evaluates against a finished run's library, and {self.cache} has no expert for "
+                f"{missing} with these settings: run the evaluation first with the same --cache-dir and settings.")
         folders, timings = {}, {}
         for tasks, settings in ((self.settings.held_in, self.settings.experts),
                                 (self.settings.library, self.settings.library_experts)):
@@ -235,7 +282,7 @@ class Pipeline:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict:
-        held_in, held_out = self.settings.held_in, self.settings.held_out
+        held_in = [task for task in self.settings.held_in if task in self.tasks]
         start = time.perf_counter()
         folders, expert_timings = self.library()
         library_seconds = time.perf_counter() - start
@@ -248,9 +295,10 @@ class Pipeline:
         base = self.load_base()
         for task in self.tasks:
             self.record("Base (zero-shot)", task, self.score("base", base, task, uses_library=False))
+        del base
+        experts = methods.single_expert_model(self.load_base, folders)
         for task in held_in:
-            oracle = methods.oracle_model(self.load_base, folders[task])
-            self.record(methods.ORACLE, task, self.score("oracle", oracle, task, uses_library=False))
+            self.record(methods.ORACLE, task, self.score_expert(experts, task, task))
         merged = methods.merged_model(self.load_base, folders)
         for task in self.tasks:
             self.record("Uniform merge", task, self.score("merge", merged, task))
@@ -260,31 +308,43 @@ class Pipeline:
             self.record(f"PEFT Arrow (k={methods.TOP_K})", task, self.score("arrow", arrow, task))
         del arrow
         routing, alphas, shares = self.run_glider(folders)
+        for task in self.tasks:  # retrieval: the whole query to the global router's top-1 expert
+            self.record(methods.RETRIEVAL, task,
+                        self.score_expert(experts, routing[methods.DEFAULT_SOURCE]["tasks"][task]["top_expert"], task))
+        del experts
         agreement = self.run_glider_candidates(folders, alphas)
-        accuracy = self.accuracy
         eval_seconds = time.perf_counter() - start
 
+        placement = place_tasks(self.settings.held_in, self.settings.held_out)
         return {
             "settings": {**asdict(self.settings), "top_k": methods.TOP_K},
             "held_in": held_in,
-            "held_out": held_out,
+            "held_out": self.settings.held_out,
+            "placement": {task: placement[task] for task in self.tasks},
             "library": self.settings.library,
+            "experts": list(folders),
             "majority": {task: {"answer": answer.answer, "share": answer.share, "accuracy": answer.accuracy}
                          for task, answer in majority.items()},
-            "accuracy": accuracy,
+            "accuracy": self.accuracy,
             "hits": self.hits,
             "resolved_alpha": alphas,
             "global_routing": routing,
             "first_choice_share": shares,
             "candidates_agreement": agreement,
             "num_eval": {task: len(self.splits[task].eval) for task in self.tasks},
-            "num_train": {task: len(self.splits[task].train) for task in held_in + self.settings.library},
+            "num_train": {task: len(self.splits[task].train) for task in self.settings.held_in + self.settings.library},
+            "provenance": {task: task_provenance(self.cache, task) for task in self.tasks},
             "timings": {
                 "setup_seconds": self.setup_seconds, "library_seconds": library_seconds,
                 "evaluation_seconds": eval_seconds, "experts": expert_timings,
             },
             "versions": versions(),
         }
+
+    def score_expert(self, experts: Any, expert: str, task: str) -> dict:
+        """The task scored with one expert of the library alone (the oracle when it is the task's own)."""
+        experts.set_adapter(expert)
+        return self.score(f"expert:{expert}", experts, task, uses_library=False)
 
     def record(self, method: str, task: str, entry: dict) -> None:
         """Keep a scored entry's accuracy (and its per-example hits, for the intervals) under its table row."""
@@ -337,7 +397,8 @@ class Pipeline:
                     alphas[row.name][task] = alpha
                     shares.setdefault(key, {})[task] = entry["first_choice_share"]
         del model
-        self.run_glider_arrow(folders, routers[methods.DEFAULT_SOURCE], expert_samples, alphas)
+        if self.settings.arrow_local:
+            self.run_glider_arrow(folders, routers[methods.DEFAULT_SOURCE], expert_samples, alphas)
         return routing, alphas, shares
 
     def run_glider_arrow(self, folders: dict[str, str], router: GlobalRouter, expert_samples: dict,
@@ -416,6 +477,28 @@ def versions() -> dict[str, str]:
     packages = ["torch", "transformers", "peft", "accelerate", "sentence-transformers", "peft-glider"]
     found = {name: metadata.version(name) for name in packages}
     return {"python": platform.python_version(), "cpus": str(os.cpu_count()), **found}
+
+
+PARTS = {"held-in": "Held-in", "related": "Held-out, related", "unrelated": "Held-out, unrelated",
+         "added": "Held-out, added (--held-out-dir)"}
+
+
+def parts(results: dict) -> dict[str, list[str]]:
+    """The evaluated tasks by part (`PARTS`, in that order; only parts with tasks): held-in, and held-out split by
+    whether a held-in task of the same family exists. Results without a placement: held-in and held-out."""
+    placement = results.get("placement")
+    if placement is None:
+        grouped = {"held-in": results["held_in"], "held-out": results["held_out"]}
+    else:
+        grouped = {part: [t for t in results["held_in"] + results["held_out"]
+                          if t in placement and placement[t]["part"] == part] for part in PARTS}
+    return {part: tasks for part, tasks in grouped.items() if tasks}
+
+
+def part_average(results: dict, method: str, tasks: list[str]) -> Optional[float]:
+    """A method's mean accuracy over `tasks` (those it was scored on), None if none."""
+    values = [results["accuracy"][method][t] for t in tasks if t in results["accuracy"][method]]
+    return statistics.mean(values) if values else None
 
 
 def averages(results: dict, method: str) -> tuple[Optional[float], Optional[float]]:

@@ -1,4 +1,6 @@
-"""Rank classification: the option with the highest log-likelihood after the prompt wins (the paper's metric).
+"""Rank classification by length-normalized log-likelihood: the option whose tokens have the highest
+log-probability after the prompt per character of the option wins (lm-evaluation-harness's `acc_norm`, the usual
+multiple-choice scoring; unnormalized sums favour short options).
 
 The prompt is run once per example; its KV cache is repeated for the options, which are scored together in one
 more call. Prompts and options are tokenized exactly as the experts were trained on them.
@@ -58,11 +60,12 @@ def option_log_likelihoods(model: Any, prompt: list[int], options: Sequence[list
 
 
 def rank_classify(model: Any, tokenizer: Any, examples: Sequence[Example], desc: str = "") -> list[bool]:
-    """Whether the model ranks a correct option first, per example."""
+    """Whether the model ranks a correct option first by log-likelihood per character, per example."""
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     hits = []
     for example in tqdm(examples, desc=desc, leave=False, mininterval=5):
         prompt, options = tokenize_options(example, tokenizer)
-        scores = option_log_likelihoods(model, prompt, options, pad_token_id)
+        characters = torch.tensor([len(" " + option) for option in example.options], dtype=torch.float32)
+        scores = option_log_likelihoods(model, prompt, options, pad_token_id) / characters
         hits.append(int(scores.argmax()) in example.correct)
     return hits

