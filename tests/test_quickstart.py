@@ -7,6 +7,7 @@ full from an empty cache within the budget (6 minutes on 2 CPU cores), then agai
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +33,14 @@ def check_output(stdout: str) -> None:
     for task in ("numbers", "capitals", "reverse"):
         assert f"{task:>10}: '" in stdout  # the instruction SmolLM2 wrote for each expert
     assert stdout.count("Glider model: ") == 3 and stdout.count("base model: ") == 3
+    # each offline writer measured on prompts in the training format and on paraphrases, the better one routes
+    table = re.search(r"training format +paraphrase\n((?: +\S.*\n){2})", stdout)
+    assert table, stdout
+    counts = {line.strip().split("  ")[0]: [int(n) for n in re.findall(r"(\d+) / 6", line)]
+              for line in table.group(1).splitlines()}
+    assert set(counts) == {"SmolLM2 instructions", "samples"} and all(len(c) == 2 for c in counts.values())
+    best = max(counts, key=lambda name: (sum(counts[name]), name == "samples"))
+    assert f"routing with: {best}" in stdout
 
 
 def test_quickstart_reduced(tmp_path):

@@ -305,6 +305,7 @@ def fetch_tasks(cache: Path, tasks: Iterable[str], sources: list[TaskSource]) ->
     if wanted:
         raise TaskSourceError(
             f"No source has the task(s) {wanted}. Tried:\n" + "\n".join(tried) + "\n"
+            f"The registry's tasks need no copy: {', '.join(sorted(REGISTRY_TASKS)[:6])}, ... (registry_tasks.py). "
             "Give a local BIG-bench checkout or task folders (--bigbench-dir), your own tasks as JSON Lines "
             "(--tasks-dir DIR with DIR/<task>.jsonl rows {\"input\", \"choices\", \"target\"}), or allow the Hub "
             "(HF_HUB_OFFLINE=0) for the datasets copy. See docs/evaluation.md, 'Where the tasks come from'."
