@@ -123,18 +123,19 @@ def answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     return " ".join(text.split("\n")[0].split())
 
 
-def measure_writer(router: GlobalRouter, model, samples: dict, probes: dict) -> dict[str, tuple[int, int]]:
+def measure_writer(router: GlobalRouter, samples: dict, probes: dict) -> tuple[dict[str, tuple[int, int]], int]:
     """Describe the experts with `router`'s writer, then count the probe prompts whose best global score is their
-    own task's expert: {probe kind: (right, asked)}."""
-    router.describe_experts(model, samples)
-    glider, right = model.base_model, {}
-    embeddings, embedder = glider.get_instruction_embeddings(), glider.peft_config["default"].embedder
+    own task's expert: ({probe kind: (right, asked)}, how many of its instructions were degenerate and replaced by
+    their samples)."""
+    descriptions = router.describe(samples, list(TASKS))
+    right, degenerate = {}, len(descriptions.degenerate)
     for kind, prompts in probes.items():
         asked = [(task, prompt) for task in TASKS for prompt in prompts[task]]
-        scores = router.score([[prompt] for _, prompt in asked], embeddings, embedder).scores  # (queries, E)
-        picked = [TASKS[int(row.argmax())] for row in scores]  # the experts are in TASKS' order
+        info = router.score([[prompt] for _, prompt in asked], descriptions.embeddings, descriptions.embedder)
+        picked = [TASKS[int(row.argmax())] for row in info.scores]  # (queries, E) scores, experts in TASKS' order
         right[kind] = (sum(pick == task for pick, (task, _) in zip(picked, asked)), len(asked))
-    return right
+        degenerate += len(info.degenerate)
+    return right, degenerate
 
 
 def main() -> None:
@@ -169,11 +170,13 @@ def main() -> None:
     }
     probes = {"training format": {t: [p for p, _ in task_pairs(t, words, 2, seed=7)] for t in TASKS},
               "paraphrase": PARAPHRASES}
-    right = {name: measure_writer(router, model, samples, probes) for name, router in routers.items()}
-    print("   which expert the global router picks (right / asked):")
-    print("      writer                " + "".join(f"{kind:>18}" for kind in probes))
-    for name, per_kind in right.items():
-        print(f"      {name:<22}" + "".join(f"{f'{hits} / {asked}':>18}" for hits, asked in per_kind.values()))
+    measured = {name: measure_writer(router, samples, probes) for name, router in routers.items()}
+    right = {name: per_kind for name, (per_kind, _) in measured.items()}
+    print("   which expert the global router picks (right / asked), and the writer's degenerate instructions:")
+    print("      writer                " + "".join(f"{kind:>18}" for kind in probes) + "        degenerate")
+    for name, (per_kind, degenerate) in measured.items():
+        cells = "".join(f"{f'{hits} / {asked}':>18}" for hits, asked in per_kind.values())
+        print(f"      {name:<22}{cells}{f'{degenerate} / {len(TASKS) + sum(a for _, a in per_kind.values())}':>18}")
     best = max(routers, key=lambda name: (sum(hits for hits, _ in right[name].values()), name == "samples"))
     router = routers[best]  # ties go to the samples writer: no LLM call per query
     instructions = router.describe_experts(model, samples)

@@ -34,11 +34,12 @@ def check_output(stdout: str) -> None:
         assert f"{task:>10}: '" in stdout  # the instruction SmolLM2 wrote for each expert
     assert stdout.count("Glider model: ") == 3 and stdout.count("base model: ") == 3
     # each offline writer measured on prompts in the training format and on paraphrases, the better one routes
-    table = re.search(r"training format +paraphrase\n((?: +\S.*\n){2})", stdout)
+    table = re.search(r"training format +paraphrase +degenerate\n((?: +\S.*\n){2})", stdout)
     assert table, stdout
     counts = {line.strip().split("  ")[0]: [int(n) for n in re.findall(r"(\d+) / 6", line)]
               for line in table.group(1).splitlines()}
     assert set(counts) == {"SmolLM2 instructions", "samples"} and all(len(c) == 2 for c in counts.values())
+    assert re.search(r"samples +\d+ / 6 +\d+ / 6 +0 / 15", stdout)  # the samples writer is never degenerate
     best = max(counts, key=lambda name: (sum(counts[name]), name == "samples"))
     assert f"routing with: {best}" in stdout
 

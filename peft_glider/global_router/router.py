@@ -62,6 +62,7 @@ class ExpertDescriptions:
     embedder: str  # id of the embedder that made them
     auto_alpha_threshold: Optional[float] = None  # the alpha="auto" threshold, when calibrated
     writer: Optional[str] = None  # id of the writer that wrote the instructions
+    degenerate: list[str] = field(default_factory=list)  # "<expert>: <why>" for instructions replaced by samples
 
 
 def default_writer() -> InstructionWriter:
@@ -303,7 +304,8 @@ class GlobalRouter:
         threshold = None
         if calibrate:
             threshold = self.calibrate_auto_alpha(expert_samples, names, embeddings, calibrate_for)
-        return ExpertDescriptions(names, texts, embeddings, self.embedder.name, threshold, self.writer.name)
+        return ExpertDescriptions(names, texts, embeddings, self.embedder.name, threshold, self.writer.name,
+                                  info.degenerate)
 
     def describe_experts(
         self,
