@@ -736,9 +736,9 @@ def test_the_quickstart_smollm2_library_is_served_as_transformers_routes_it(tmp_
 @pytest.mark.slow
 def test_the_quickstarts_own_adapter_served_by_the_docs_command_answers_as_transformers(tmp_path):
     """docs/serving.md's first command, as written (its port changed to a free one), serves the quickstart's own
-    adapter (its experts described by SmolLM2, which the frontend loads to route each request by its text): 24
-    prompts of the three tasks, sent together through the `openai` client, give the transformers Glider model's
-    32 tokens each (`examples/quickstart.py` must have run: skipped otherwise)."""
+    adapter (its experts described by the writer the quickstart picked, which the frontend rebuilds to route each
+    request by its text): 24 prompts of the three tasks, sent together through the `openai` client, give the
+    transformers Glider model's 32 tokens each (`examples/quickstart.py` must have run: skipped otherwise)."""
     import re
     import subprocess
     import sys
