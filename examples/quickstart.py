@@ -171,13 +171,12 @@ def main() -> None:
     probes = {"training format": {t: [p for p, _ in task_pairs(t, words, 2, seed=7)] for t in TASKS},
               "paraphrase": PARAPHRASES}
     measured = {name: measure_writer(router, samples, probes) for name, router in routers.items()}
-    right = {name: per_kind for name, (per_kind, _) in measured.items()}
     print("   which expert the global router picks (right / asked), and the writer's degenerate instructions:")
     print("      writer                " + "".join(f"{kind:>18}" for kind in probes) + "        degenerate")
     for name, (per_kind, degenerate) in measured.items():
         cells = "".join(f"{f'{hits} / {asked}':>18}" for hits, asked in per_kind.values())
         print(f"      {name:<22}{cells}{f'{degenerate} / {len(TASKS) + sum(a for _, a in per_kind.values())}':>18}")
-    best = max(routers, key=lambda name: (sum(hits for hits, _ in right[name].values()), name == "samples"))
+    best = max(routers, key=lambda name: (sum(hits for hits, _ in measured[name][0].values()), name == "samples"))
     router = routers[best]  # ties go to the samples writer: no LLM call per query
     instructions = router.describe_experts(model, samples)
     print(f"   routing with: {best}")

@@ -86,11 +86,8 @@ def candidates_section(results: dict) -> list[str]:
         lines.append(f"| {row} | " + " | ".join(_pct(per_task.get(task)) for task in tasks) + " |")
     lines += ["", "| Comparison | Held-in (points) [95% CI] | Held-out (points) [95% CI] |", "|---|---|---|"]
     for row in agreement:
-        cells = []
-        for half in (results["held_in"], results["held_out"]):
-            difference = paired_difference(hits.get(row, {}), hits.get(GLIDER_AUTO.name, {}), half)
-            cells.append("–" if difference is None else
-                         f"{100 * difference[0]:+.1f} [{100 * difference[1]:+.1f}, {100 * difference[2]:+.1f}]")
+        cells = [_points(paired_difference(hits.get(row, {}), hits.get(GLIDER_AUTO.name, {}), half))
+                 for half in (results["held_in"], results["held_out"])]
         lines.append(f"| {row} − {GLIDER_AUTO.name} | {cells[0]} | {cells[1]} |")
     return lines
 

@@ -503,9 +503,4 @@ def part_average(results: dict, method: str, tasks: list[str]) -> Optional[float
 
 def averages(results: dict, method: str) -> tuple[Optional[float], Optional[float]]:
     """(held-in average, held-out average) of a method, None where it has no task of that half."""
-    scores = results["accuracy"][method]
-    halves = []
-    for tasks in (results["held_in"], results["held_out"]):
-        values = [scores[t] for t in tasks if t in scores]
-        halves.append(statistics.mean(values) if values else None)
-    return halves[0], halves[1]
+    return part_average(results, method, results["held_in"]), part_average(results, method, results["held_out"])

