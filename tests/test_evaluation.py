@@ -362,7 +362,16 @@ def test_pipeline_end_to_end_on_a_users_task_folder_then_a_rerun_recomputes_noth
     monkeypatch.setattr(library, "train_expert_gates", must_not_run)
     monkeypatch.setattr(run, "rank_classify", must_not_run)
     assert cli.main(["--cache-dir", str(cache), "--out", str(tmp_path / "again")]) == 0
-    assert json.loads((tmp_path / "again" / "results.json").read_text())["accuracy"] == results["accuracy"]
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["accuracy"] == results["accuracy"]
+    # the compute behind the results, cached or not: the rerun scored nothing and still reports what the scoring took
+    scoring = results["timings"]["scoring"]
+    assert {"base", "expert", "merge", "arrow", "phatgoose", "glider", "glider-arrow"} <= set(scoring)
+    assert again["timings"]["scoring"] == scoring and all(seconds > 0 for seconds in scoring.values())
+    assert again["timings"]["evaluation_seconds"] < sum(scoring.values())
+    compute = next(line for line in (tmp_path / "again" / "results.md").read_text().splitlines()
+                   if line.startswith("- Compute behind these results"))
+    assert all(f"{kind} {seconds / 60:.1f}" in compute for kind, seconds in scoring.items())
 
 
 def test_held_out_dir_evaluates_new_tasks_against_a_finished_library_without_training(

@@ -131,6 +131,16 @@ def _training_seconds(timings: dict) -> float:
     return sum(sum(parts.values()) for parts in timings.get("experts", {}).values())
 
 
+def compute_line(timings: dict) -> str:
+    """What the results cost, cached or not (a resumed run's own times miss what earlier runs did): training the
+    experts, then scoring per kind of pass, in minutes."""
+    scoring = timings.get("scoring", {})
+    total = _training_seconds(timings) + sum(scoring.values())
+    by_pass = ", ".join(f"{kind} {seconds / 60:.1f}" for kind, seconds in scoring.items())
+    return (f"- Compute behind these results, cached or not: {total / 60:.0f} min (training the experts and their "
+            f"gates {_training_seconds(timings) / 60:.1f}; scoring, per pass: {by_pass}).")
+
+
 def targets(results: dict) -> list[tuple[str, Optional[bool], str]]:
     """The targets on the offline default (GLIDER α=auto): (target, met or None when not measurable, measured)."""
     accuracy, hits, grouped = results["accuracy"], results.get("hits", {}), parts(results)
@@ -265,6 +275,7 @@ def markdown(results: dict) -> str:
               f"- Time in this run: set-up {timings['setup_seconds']:.0f} s, library {timings['library_seconds']:.0f} s "
               f"(training the experts took {_training_seconds(timings):.0f} s, cached or not), evaluation "
               f"{timings['evaluation_seconds']:.0f} s.",
+              compute_line(timings),
               "- Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + "."]
     return "\n".join(lines) + "\n"
 

@@ -214,6 +214,7 @@ class Pipeline:
         self.library_key = f"library-{hashlib.sha256(json.dumps(library_only).encode()).hexdigest()[:8]}/" \
             if library_only else ""
         self.store = ResultStore(cache / "results" / f"{signature}.json")
+        self.scoring_seconds: dict[str, float] = {}  # {entry key: seconds its scoring took, in this run or earlier}
 
     def load_base(self) -> Any:
         from transformers import AutoModelForCausalLM
@@ -249,6 +250,7 @@ class Pipeline:
         each expert (all modules)."""
         entry_key = f"{self.library_key if uses_library else ''}{key}|{task}|{self.eval_keys[task]}"
         if entry_key in self.store:
+            self.scoring_seconds[entry_key] = self.store[entry_key]["seconds"]
             return self.store[entry_key]
         start = time.perf_counter()
         trace_context = glider.routing_trace() if glider is not None else contextlib.nullcontext()
@@ -260,6 +262,7 @@ class Pipeline:
             counts = trace.counts(first_choice_only=True).float()
             entry["first_choice_share"] = dict(zip(trace.expert_names, (counts / counts.sum()).tolist()))
         self.store.put(entry_key, entry)
+        self.scoring_seconds[entry_key] = entry["seconds"]
         return entry
 
     def default_router(self) -> GlobalRouter:
@@ -337,6 +340,7 @@ class Pipeline:
             "timings": {
                 "setup_seconds": self.setup_seconds, "library_seconds": library_seconds,
                 "evaluation_seconds": eval_seconds, "experts": expert_timings,
+                "scoring": scoring_by_pass(self.scoring_seconds),
             },
             "versions": versions(),
         }
@@ -469,6 +473,16 @@ class Pipeline:
                     total += chosen[0].shape[1]
             self.store.put(entry_key, {"agreement": equal / total})
         return self.store[entry_key]["agreement"]
+
+
+def scoring_by_pass(seconds: dict[str, float]) -> dict[str, float]:
+    """Scoring seconds summed per kind of pass (the entry key's method up to its first ':': base, expert, merge,
+    arrow, phatgoose, glider, glider-m8, ...). Each scored entry counts once, however many rows share it."""
+    by_pass: dict[str, float] = {}
+    for key, value in seconds.items():
+        kind = key.split("|")[0].split("/")[-1].split(":")[0]  # drop the library-only prefix "library-<hash>/"
+        by_pass[kind] = by_pass.get(kind, 0.0) + value
+    return by_pass
 
 
 def versions() -> dict[str, str]:
