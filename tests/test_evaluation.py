@@ -319,13 +319,21 @@ def test_pipeline_end_to_end_on_a_users_task_folder_then_a_rerun_recomputes_noth
     cache, out = tmp_path / "cache", tmp_path / "out"
     tiny_cache(cache, jsonl_dir=tmp_path / "tasks")
     monkeypatch.setattr(cli, "RunSettings", tiny_settings)
+    for task, family in {"alpha": "one", "beta": "two", "gamma": "one", "delta": "one"}.items():  # delta: related
+        monkeypatch.setitem(REGISTRY_TASKS, task, replace(REGISTRY_TASKS["arc_easy"], family=family))
     assert cli.main(["--cache-dir", str(cache), "--out", str(out), "--tasks-dir", str(tmp_path / "tasks")]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["accuracy"]) == {
         run.MAJORITY, "Base (zero-shot)", methods.ORACLE, "Uniform merge", "PEFT Arrow (k=2)", methods.PHATGOOSE.name,
         methods.GLIDER_HELD_IN.name, methods.GLIDER_HELD_OUT.name, methods.GLIDER_AUTO.name, "GLIDER α=auto · llm",
-        methods.GLIDER_ARROW.name, methods.RETRIEVAL,
+        methods.GLIDER_ARROW.name, methods.RETRIEVAL, methods.FAMILY_BEST,
     }
+    # the related task's best family expert, picked in hindsight: the better of its family's experts alone on it
+    assert results["placement"]["delta"]["kin"] == ["alpha", "gamma"]
+    store = json.loads(next((cache / "results").glob("*.json")).read_text())
+    family = [entry["accuracy"] for key, entry in store.items() if key.split("|")[:2] in (["expert:alpha", "delta"],
+                                                                                          ["expert:gamma", "delta"])]
+    assert len(family) == 2 and results["accuracy"][methods.FAMILY_BEST] == {"delta": max(family)}
     for method, scores in results["accuracy"].items():  # per-example hits behind every accuracy, for the intervals
         assert {t: sum(h) / len(h) for t, h in results["hits"][method].items()} == scores, method
     report = (out / "results.md").read_text()
@@ -333,7 +341,7 @@ def test_pipeline_end_to_end_on_a_users_task_folder_then_a_rerun_recomputes_noth
     assert "**Average** [95% CI]" in report
     assert set(results["accuracy"][methods.ORACLE]) == {"alpha", "beta", "gamma"}
     for method, scores in results["accuracy"].items():
-        if method != methods.ORACLE:
+        if method not in (methods.ORACLE, methods.FAMILY_BEST):
             assert set(scores) == {"alpha", "beta", "gamma", "delta"}, method
         assert all(value in {i / 5 for i in range(6)} for value in scores.values()), method
     for row in (methods.GLIDER_AUTO.name, "GLIDER α=auto · llm", methods.GLIDER_ARROW.name):

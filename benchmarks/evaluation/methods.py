@@ -13,6 +13,9 @@ from peft_glider.local_router import untrained_experts
 TOP_K = 2
 ORACLE = "Oracle expert"
 RETRIEVAL = "Retrieval top-1"  # the global router's top expert for the whole query (LoraRetriever, LoRAuter)
+# related held-out tasks: the expert of their family that scores best on their evaluated examples, picked in
+# hindsight (with the evaluation's answers): what routing the whole task to one family expert could reach at most
+FAMILY_BEST = "Best family expert (hindsight)"
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ def convert_rows(task: str, rows: list[Row]) -> list[dict]:
 
 def place_tasks(held_in: list[str], held_out: list[str]) -> dict[str, dict[str, str]]:
     """Where each evaluated task sits and why: `{task: {"part", "family", "reason"}}`, part one of "held-in",
-    "related" (held out, a held-in task of its family exists), "unrelated" (held out, none) and "added" (held out,
+    "related" (held out, a held-in task of its family exists: they are listed under "kin"), "unrelated" (held out, none) and "added" (held out,
     a task this catalogue does not know, e.g. from --held-out-dir: not placed)."""
     family = {task: REGISTRY_TASKS[task].family for task in held_in + held_out if task in REGISTRY_TASKS}
     placed = {task: {"part": "held-in", "family": family.get(task, "?"), "reason": "its own expert is in the library"}
@@ -152,7 +152,8 @@ def place_tasks(held_in: list[str], held_out: list[str]) -> dict[str, dict[str, 
             continue
         kin = [other for other in held_in if family.get(other) == family[task]]
         placed[task] = (
-            {"part": "related", "family": family[task], "reason": f"experts of its family: {', '.join(kin)}"}
+            {"part": "related", "family": family[task], "reason": f"experts of its family: {', '.join(kin)}",
+             "kin": kin}
             if kin else
             {"part": "unrelated", "family": family[task], "reason": f"no expert of its family ({family[task]})"})
     return placed

@@ -314,11 +314,14 @@ class Pipeline:
         for task in self.tasks:  # retrieval: the whole query to the global router's top-1 expert
             self.record(methods.RETRIEVAL, task,
                         self.score_expert(experts, routing[methods.DEFAULT_SOURCE]["tasks"][task]["top_expert"], task))
+        placement = place_tasks(self.settings.held_in, self.settings.held_out)
+        for task in self.tasks:
+            if placement[task]["part"] == "related":
+                self.record(methods.FAMILY_BEST, task, self.best_family_expert(experts, placement[task]["kin"], task))
         del experts
         agreement = self.run_glider_candidates(folders, alphas)
         eval_seconds = time.perf_counter() - start
 
-        placement = place_tasks(self.settings.held_in, self.settings.held_out)
         return {
             "settings": {**asdict(self.settings), "top_k": methods.TOP_K},
             "held_in": held_in,
@@ -349,6 +352,12 @@ class Pipeline:
         """The task scored with one expert of the library alone (the oracle when it is the task's own)."""
         experts.set_adapter(expert)
         return self.score(f"expert:{expert}", experts, task, uses_library=False)
+
+    def best_family_expert(self, experts: Any, kin: list[str], task: str) -> dict:
+        """A related held-out task scored with each expert of its family alone: the best entry (ties: the first in
+        `kin`), picked with the evaluation's answers, so an upper bound for routing the task to one family expert."""
+        entries = [self.score_expert(experts, expert, task) for expert in kin]
+        return max(entries, key=lambda entry: entry["accuracy"])
 
     def record(self, method: str, task: str, entry: dict) -> None:
         """Keep a scored entry's accuracy (and its per-example hits, for the intervals) under its table row."""
