@@ -56,6 +56,16 @@ def toy_examples(count: int, duplicate_every: int = 0) -> list[Example]:
             for i in range(count)]
 
 
+def test_two_runs_sharing_a_cache_keep_each_others_scores(tmp_path: Path):
+    path = tmp_path / "results" / "library.json"
+    full, added = run.ResultStore(path), run.ResultStore(path)  # both opened before either wrote, as two processes
+    full.put("merge|arc_easy|k", {"accuracy": 0.5})
+    added.put("merge|added-capitals|k", {"accuracy": 0.75})
+    full.put("arrow|arc_easy|k", {"accuracy": 0.25})
+    assert set(run.ResultStore(path).entries) == {"merge|arc_easy|k", "merge|added-capitals|k", "arrow|arc_easy|k"}
+    assert "merge|added-capitals|k" in full and not list(path.parent.glob("*.partial"))
+
+
 def test_split_is_seeded_and_never_shows_an_evaluation_question_elsewhere():
     examples = toy_examples(60, duplicate_every=25)  # inputs repeat: a repeat of an evaluated one must go
     split = split_task(examples, "toy", num_eval=10, num_train=100, seed=0)

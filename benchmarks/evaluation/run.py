@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+from filelock import FileLock
 
 from peft_glider.global_router import GlobalRouter, LocalModelWriter, OpenAIWriter, RouteInfo, SamplesWriter
 
@@ -151,11 +152,18 @@ class RunSettings:
 
 
 class ResultStore:
-    """(method pass, task) -> accuracy and routing, in one JSON file, written atomically after every entry."""
+    """(method pass, task) -> accuracy and routing, in one JSON file, written atomically after every entry.
+
+    Two runs may share a cache (a `--held-out-dir` run beside a full one): each entry is merged into what the file
+    holds now, under a file lock, so neither run's entries overwrite the other's.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.entries: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+        self.entries: dict[str, dict] = self._read()
+
+    def _read(self) -> dict[str, dict]:
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
@@ -164,9 +172,10 @@ class ResultStore:
         return self.entries[key]
 
     def put(self, key: str, entry: dict) -> None:
-        self.entries[key] = entry
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(self.path, json.dumps(self.entries, indent=1))
+        with FileLock(str(self.path) + ".lock"):
+            self.entries = {**self.entries, **self._read(), key: entry}
+            write_text_atomically(self.path, json.dumps(self.entries, indent=1))
 
 
 def write_text_atomically(path: Path, text: str) -> None:
