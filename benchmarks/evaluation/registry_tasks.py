@@ -139,10 +139,10 @@ def convert_rows(task: str, rows: list[Row]) -> list[dict]:
     return examples
 
 
-def place_tasks(held_in: list[str], held_out: list[str]) -> dict[str, dict[str, str]]:
+def place_tasks(held_in: list[str], held_out: list[str]) -> dict[str, dict]:
     """Where each evaluated task sits and why: `{task: {"part", "family", "reason"}}`, part one of "held-in",
-    "related" (held out, a held-in task of its family exists: they are listed under "kin"), "unrelated" (held out, none) and "added" (held out,
-    a task this catalogue does not know, e.g. from --held-out-dir: not placed)."""
+    "related" (held out, a held-in task of its family exists; those tasks are listed under "kin"), "unrelated" (held
+    out, none) and "added" (held out, a task this catalogue does not know, e.g. from --held-out-dir: not placed)."""
     family = {task: REGISTRY_TASKS[task].family for task in held_in + held_out if task in REGISTRY_TASKS}
     placed = {task: {"part": "held-in", "family": family.get(task, "?"), "reason": "its own expert is in the library"}
               for task in held_in}
