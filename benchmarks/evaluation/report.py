@@ -134,11 +134,10 @@ def _training_seconds(timings: dict) -> float:
 def compute_line(timings: dict) -> str:
     """What the results cost, cached or not (a resumed run's own times miss what earlier runs did): training the
     experts, then scoring per kind of pass, in minutes."""
-    scoring = timings.get("scoring", {})
-    total = _training_seconds(timings) + sum(scoring.values())
+    training, scoring = _training_seconds(timings), timings.get("scoring", {})
     by_pass = ", ".join(f"{kind} {seconds / 60:.1f}" for kind, seconds in scoring.items())
-    return (f"- Compute behind these results, cached or not: {total / 60:.0f} min (training the experts and their "
-            f"gates {_training_seconds(timings) / 60:.1f}; scoring, per pass: {by_pass}).")
+    return (f"- Compute behind these results, cached or not: {(training + sum(scoring.values())) / 60:.0f} min "
+            f"(training the experts and their gates {training / 60:.1f}; scoring, per pass: {by_pass}).")
 
 
 def targets(results: dict) -> list[tuple[str, Optional[bool], str]]:
@@ -272,9 +271,8 @@ def markdown(results: dict) -> str:
               f"(`{DEFAULT_SOURCE}`: the raw samples embedded, no LLM).",
               f"- Examples per task: {settings['num_eval']} evaluated{_fewer(results)}; up to {settings['num_train']} "
               "for training; 3 (expert) + 3 (query) for instructions, never evaluated.",
-              f"- Time in this run: set-up {timings['setup_seconds']:.0f} s, library {timings['library_seconds']:.0f} s "
-              f"(training the experts took {_training_seconds(timings):.0f} s, cached or not), evaluation "
-              f"{timings['evaluation_seconds']:.0f} s.",
+              f"- Time in this run: set-up {timings['setup_seconds']:.0f} s, library {timings['library_seconds']:.0f} s, "
+              f"evaluation {timings['evaluation_seconds']:.0f} s.",
               compute_line(timings),
               "- Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + "."]
     return "\n".join(lines) + "\n"
