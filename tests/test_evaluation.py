@@ -390,6 +390,28 @@ def test_pipeline_end_to_end_on_a_users_task_folder_then_a_rerun_recomputes_noth
                    if line.startswith("- Compute behind these results"))
     assert all(f"{kind} {seconds / 60:.1f}" in compute for kind, seconds in scoring.items())
 
+    # other global scores (here: the embedder's vectors turned, under a new cache id): every GLIDER pass routed by
+    # them is scored again, and nothing else is
+    from peft_glider.global_router import embedders
+
+    turn = torch.linalg.qr(torch.randn(384, 384, generator=torch.Generator().manual_seed(0)))[0]
+    original_embed = embedders.SentenceTransformerEmbedder.embed
+    monkeypatch.setattr(embedders, "LONG_TEXTS", "turned")
+    monkeypatch.setattr(embedders.SentenceTransformerEmbedder, "embed",
+                        lambda self, texts: torch.tanh(original_embed(self, texts) @ turn * 10))
+    scored = []
+
+    def record_scoring(model, tokenizer, examples, desc):
+        scored.append(desc)
+        return [False] * len(examples)
+
+    monkeypatch.setattr(run, "rank_classify", record_scoring)
+    assert cli.main(["--cache-dir", str(cache), "--out", str(tmp_path / "rerouted")]) == 0
+    passes = {desc.split("|")[0].split("@")[0] for desc in scored}
+    assert passes == {"glider:samples", "glider:local:SmolLM2-135M-Instruct.Q4_1", "glider-arrow:samples"}, passes
+    rescored = {(desc.split("|")[0].split("@")[0], desc.split("|")[1]) for desc in scored}
+    assert {task for kind, task in rescored if kind == "glider:samples"} == {"alpha", "beta", "gamma", "delta"}
+
 
 def test_held_out_dir_evaluates_new_tasks_against_a_finished_library_without_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

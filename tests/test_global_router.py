@@ -47,6 +47,36 @@ def test_offline_default_embedder(embedder):
     assert cos[0] > cos[1] + 0.3
 
 
+# A long reading passage shared by two tasks' first samples: longer than all-MiniLM-L6-v2's 256-token window.
+PASSAGE = ("The committee met in the old town hall on a rainy Tuesday to discuss the budget for the coming year, "
+           "the repair of the bridge over the river, the opening hours of the library and the new bus timetable. ") * 6
+
+
+def test_a_text_longer_than_the_window_is_embedded_whole(embedder):
+    tail = "Translate to French: good morning. Translate to French: thank you. Translate to French: the cat. " * 4
+    long_text = f"{PASSAGE}\n\n{tail}"
+    assert len(embedder.windows(long_text)) > 1 and len(embedder.windows(tail)) == 1
+    vectors = embedder.embed([long_text, PASSAGE[:600], tail])
+    cos = torch.nn.functional.cosine_similarity(vectors[0], vectors[1:], dim=-1)
+    # the text's windows count by their tokens: the passage most, the tail beyond the first window too (a text cut
+    # at the window is the passage alone: cosine with the tail about 0)
+    assert cos[0] > 0.6 and cos[1] > 0.35
+    direct = embedder.model.encode([tail], convert_to_tensor=True)[0].float().cpu()
+    assert torch.allclose(vectors[2], direct, atol=1e-5)  # a text that fits: as sentence-transformers embeds it
+
+
+def test_samples_beyond_the_window_route_the_query(tmp_path, library, embedder):
+    """Two experts whose first sample is the same long passage: only their later samples tell them apart."""
+    samples = {name: [(PASSAGE, "yes")] + pairs[:2] for name, pairs in TASKS.items()}
+    router = GlobalRouter(SamplesWriter(), embedder, cache_dir=tmp_path / "cache")
+    router.describe_experts(library, samples)
+    for query, expert in [("What is 17 plus 25?", 0), ("Translate to French: the dog", 1),
+                          ("Review: A boring, clumsy film.", 2)]:
+        with library.base_model.route([query], router=router) as info:
+            pass
+        assert info.scores.argmax().item() == expert, (query, info.scores)
+
+
 def test_embedder_by_path(tmp_path):
     from sentence_transformers import SentenceTransformer, models
     from transformers import BertConfig, BertModel, BertTokenizerFast

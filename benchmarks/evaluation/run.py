@@ -414,7 +414,7 @@ class Pipeline:
                     alpha = auto_alpha if row.alpha == "auto" else float(row.alpha)
                     key = f"glider:{source}:alpha={alpha:g}"
                     with glider.global_scores(info.scores, alpha=alpha):
-                        entry = self.score(f"glider:{router.writer.name}:alpha={alpha:g}", model, task, glider)
+                        entry = self.score(f"glider:{routed_by(router, info)}:alpha={alpha:g}", model, task, glider)
                     self.record(row.name, task, entry)
                     alphas[row.name][task] = alpha
                     shares.setdefault(key, {})[task] = entry["first_choice_share"]
@@ -440,7 +440,7 @@ class Pipeline:
         for task in self.tasks:
             info, alpha = self.route_task(router, glider, task)
             with glider.global_scores(info.scores, alpha=alpha):
-                entry = self.score(f"{key}:{router.writer.name}:alpha={alpha:g}", model, task, glider)
+                entry = self.score(f"{key}:{routed_by(router, info)}:alpha={alpha:g}", model, task, glider)
             self.record(row, task, entry)
             alphas[row][task] = alpha
             if each_task is not None:
@@ -464,17 +464,19 @@ class Pipeline:
             agreement[row] = {}
 
             def agree(task: str, info: RouteInfo, alpha: float) -> None:  # called within this iteration
-                agreement[row][task] = self.selection_agreement(full, model, info.scores, alpha, task, f"m{m}")
+                agreement[row][task] = self.selection_agreement(full, model, info, alpha, task, f"m{m}")
 
             self.score_auto_row(row, f"glider-m{m}", model, router, alphas, agree)
         return agreement
 
-    def selection_agreement(self, full: Any, restricted: Any, scores: torch.Tensor, alpha: float, task: str,
+    def selection_agreement(self, full: Any, restricted: Any, info: RouteInfo, alpha: float, task: str,
                             key: str, examples: int = 10) -> float:
         """The share of (module, token) selections that `restricted` makes exactly as `full` (the same set of
         top-k experts), over the prompts of the task's first `examples` evaluation examples, routed with the
         same global scores and alpha. Cached like scores."""
-        entry_key = f"{self.library_key}agreement-{key}:alpha={alpha:g}|{task}|{self.eval_keys[task]}"
+        scores = info.scores
+        pass_key = f"agreement-{key}@{scores_key(scores)}:alpha={alpha:g}"
+        entry_key = f"{self.library_key}{pass_key}|{task}|{self.eval_keys[task]}"
         if entry_key not in self.store:
             equal = total = 0
             for example in self.splits[task].eval[:examples]:
@@ -491,6 +493,19 @@ class Pipeline:
                     total += chosen[0].shape[1]
             self.store.put(entry_key, {"agreement": equal / total})
         return self.store[entry_key]["agreement"]
+
+
+def scores_key(scores: torch.Tensor) -> str:
+    """A short hash of a task's global scores (rounded to 1e-6): part of a GLIDER entry's key, so that a change of
+    what routes the task (instructions, embedder, its handling of long texts, the experts' descriptions) scores it
+    again rather than reusing an entry routed otherwise."""
+    rounded = [round(value, 6) for value in scores.flatten().tolist()]
+    return hashlib.sha256(json.dumps(rounded).encode()).hexdigest()[:8]
+
+
+def routed_by(router: GlobalRouter, info: RouteInfo) -> str:
+    """What routed a GLIDER entry: the writer's name and its global scores' `scores_key`."""
+    return f"{router.writer.name}@{scores_key(info.scores)}"
 
 
 def scoring_by_pass(seconds: dict[str, float]) -> dict[str, float]:

@@ -8,10 +8,13 @@ from abc import ABC, abstractmethod
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .cache import source_identity
 
 DEFAULT_EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
+#: How a text longer than the model's window is embedded (part of the embedding cache keys): the mean of its windows.
+LONG_TEXTS = "long-texts=window-mean"
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +67,43 @@ class SentenceTransformerEmbedder(Embedder):
             self.name = self._cache_id = model_name_or_path
         dimension = getattr(self.model, "get_embedding_dimension", None)  # sentence-transformers >= 5.2
         self.dim = int(dimension() if dimension else self.model.get_sentence_embedding_dimension())
+        tokenizer = self.model.tokenizer
+        # tokens of text one window holds: the model's input length less the special tokens it adds
+        self.window = int(self.model.max_seq_length) - tokenizer.num_special_tokens_to_add(pair=False)
 
     @property
     def cache_id(self) -> str:
-        """The Hub id, or a local folder's real path and file fingerprint (`cache.source_identity`)."""
-        return self._cache_id
+        """The Hub id, or a local folder's real path and file fingerprint (`cache.source_identity`), and how a
+        text longer than the model's window is embedded."""
+        return f"{self._cache_id}|{LONG_TEXTS}"
+
+    def windows(self, text: str) -> list[tuple[str, int]]:
+        """`text` as (piece, tokens) pairs that each fit the model's window: the text itself when it fits, else
+        consecutive windows of its tokens, decoded back to text."""
+        tokenizer = self.model.tokenizer
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # no "too long" warning
+        if len(ids) <= self.window:
+            return [(text, max(len(ids), 1))]
+        starts = range(0, len(ids), self.window)
+        return [(tokenizer.decode(ids[start:start + self.window]), len(ids[start:start + self.window]))
+                for start in starts]
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        vectors = self.model.encode(
-            list(texts), batch_size=self.batch_size, convert_to_tensor=True, show_progress_bar=False
-        )
-        return vectors.detach().float().cpu()
+        """(len(texts), dim) embeddings. A text longer than the model's window (all-MiniLM-L6-v2: 256 tokens) is
+        the token-weighted mean of its windows' unit embeddings, not its first window alone: sentence-transformers
+        cuts such a text at the window, and a few samples of a long-input task (reading passages) would otherwise
+        be embedded by their first sample only."""
+        pieces = [self.windows(text) for text in texts]
+        flat = [piece for windows in pieces for piece, _ in windows]
+        vectors = self.model.encode(flat, batch_size=self.batch_size, convert_to_tensor=True, show_progress_bar=False)
+        vectors = vectors.detach().float().cpu()  # (windows, dim)
+        embeddings, start = [], 0
+        for windows in pieces:
+            block = vectors[start:start + len(windows)]
+            start += len(windows)
+            if len(windows) == 1:
+                embeddings.append(block[0])
+                continue
+            weights = torch.tensor([tokens for _, tokens in windows], dtype=torch.float32)
+            embeddings.append((F.normalize(block, dim=-1) * weights[:, None]).sum(0) / weights.sum())
+        return torch.stack(embeddings) if embeddings else vectors.reshape(0, self.dim)
