@@ -67,9 +67,10 @@ class SentenceTransformerEmbedder(Embedder):
             self.name = self._cache_id = model_name_or_path
         dimension = getattr(self.model, "get_embedding_dimension", None)  # sentence-transformers >= 5.2
         self.dim = int(dimension() if dimension else self.model.get_sentence_embedding_dimension())
-        tokenizer = self.model.tokenizer
-        # tokens of text one window holds: the model's input length less the special tokens it adds
-        self.window = int(self.model.max_seq_length) - tokenizer.num_special_tokens_to_add(pair=False)
+        # tokens of text one window holds: the model's input length less the special tokens it adds (None: a model
+        # without a tokenizer or an input length, whose texts are embedded as they come)
+        tokenizer, length = getattr(self.model, "tokenizer", None), self.model.max_seq_length
+        self.window = length - tokenizer.num_special_tokens_to_add(pair=False) if tokenizer and length else None
 
     @property
     def cache_id(self) -> str:
@@ -80,13 +81,14 @@ class SentenceTransformerEmbedder(Embedder):
     def windows(self, text: str) -> list[tuple[str, int]]:
         """`text` as (piece, tokens) pairs that each fit the model's window: the text itself when it fits, else
         consecutive windows of its tokens, decoded back to text."""
+        if self.window is None:
+            return [(text, 1)]
         tokenizer = self.model.tokenizer
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # no "too long" warning
         if len(ids) <= self.window:
-            return [(text, max(len(ids), 1))]
-        starts = range(0, len(ids), self.window)
-        return [(tokenizer.decode(ids[start:start + self.window]), len(ids[start:start + self.window]))
-                for start in starts]
+            return [(text, len(ids))]
+        chunks = [ids[start:start + self.window] for start in range(0, len(ids), self.window)]
+        return [(tokenizer.decode(chunk), len(chunk)) for chunk in chunks]
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """(len(texts), dim) embeddings. A text longer than the model's window (all-MiniLM-L6-v2: 256 tokens) is
