@@ -596,8 +596,16 @@ def test_a_large_library_run_adds_library_only_experts_reuses_what_needs_no_libr
 
 def test_cli_large_library_settings_and_a_bad_compare_file(tmp_path: Path):
     large = cli.settings_from(cli.parse_args(["--library", "large"]))
-    assert large.library == run.LARGE_LIBRARY and len(large.library) == 32 and large.candidates == (8, 16)
+    assert large.library == run.LARGE_LIBRARY and len(large.library) == 31 and large.candidates == (8, 16)
     assert large.held_in == run.DEFAULT_HELD_IN and large.library_experts.steps < large.experts.steps
+    assert all(task in REGISTRY_TASKS for task in large.library)  # fetchable from the registry alone
+    large.check()  # no library-only task is evaluated
+    # the default held-out tasks keep their parts with the 31 more experts, whose families count (below)
+    parts = {task: place["part"] for task, place in place_tasks(large.held_in, large.held_out, large.library).items()}
+    assert parts == {task: place["part"] for task, place in place_tasks(large.held_in, large.held_out).items()}
+    with_kin = place_tasks(["arc_challenge", "sciq"], ["mmlu_college_biology"], ["mmlu_anatomy", "mmlu_astronomy"])
+    assert with_kin["mmlu_college_biology"]["part"] == "related"
+    assert with_kin["mmlu_college_biology"]["kin"] == ["mmlu_anatomy"]
     quick = cli.settings_from(cli.parse_args(["--quick", "--library", "large", "--candidates", "3"]))
     assert quick.library == run.LARGE_LIBRARY[:run.QUICK_LARGE_LIBRARY] and quick.candidates == (3,)
     standard = cli.settings_from(cli.parse_args([]))

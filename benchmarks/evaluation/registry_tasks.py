@@ -123,6 +123,19 @@ REGISTRY_TASKS: dict[str, RegistryTask] = {
         ("high_school_geography", "social science"), ("high_school_government_and_politics", "social science"),
         ("philosophy", "philosophy"), ("prehistory", "history"), ("marketing", "business"),
         ("computer_security", "computer science"),
+        # library-only experts of `--library large` (never evaluated); no computer science or mathematics subject,
+        # so that the default unrelated held-out tasks (computer security, arithmetic) stay without a family expert
+        ("anatomy", "biology"), ("astronomy", "physics"), ("business_ethics", "business"),
+        ("college_physics", "physics"), ("econometrics", "economics"), ("formal_logic", "logic"),
+        ("global_facts", "general knowledge"), ("human_sexuality", "social science"), ("international_law", "law"),
+        ("medical_genetics", "biology"), ("moral_disputes", "philosophy"), ("world_religions", "religion"),
+        ("college_medicine", "biology"), ("conceptual_physics", "physics"), ("electrical_engineering", "engineering"),
+        ("human_aging", "biology"), ("jurisprudence", "law"), ("logical_fallacies", "logic"),
+        ("management", "business"), ("miscellaneous", "general knowledge"), ("moral_scenarios", "philosophy"),
+        ("professional_accounting", "business"), ("professional_law", "law"), ("professional_medicine", "biology"),
+        ("professional_psychology", "social science"), ("public_relations", "business"),
+        ("security_studies", "social science"), ("sociology", "social science"),
+        ("us_foreign_policy", "social science"), ("virology", "biology"),
     )},
 }
 
@@ -139,18 +152,20 @@ def convert_rows(task: str, rows: list[Row]) -> list[dict]:
     return examples
 
 
-def place_tasks(held_in: list[str], held_out: list[str]) -> dict[str, dict]:
+def place_tasks(held_in: list[str], held_out: list[str], library_only: list[str] = ()) -> dict[str, dict]:
     """Where each evaluated task sits and why: `{task: {"part", "family", "reason"}}`, part one of "held-in",
-    "related" (held out, a held-in task of its family exists; those tasks are listed under "kin"), "unrelated" (held
-    out, none) and "added" (held out, a task this catalogue does not know, e.g. from --held-out-dir: not placed)."""
-    family = {task: REGISTRY_TASKS[task].family for task in held_in + held_out if task in REGISTRY_TASKS}
+    "related" (held out, an expert of its family is in the library, held-in or library-only; those tasks are listed
+    under "kin"), "unrelated" (held out, none) and "added" (held out, a task this catalogue does not know, e.g. from
+    --held-out-dir: not placed)."""
+    library = list(held_in) + list(library_only)
+    family = {task: REGISTRY_TASKS[task].family for task in library + held_out if task in REGISTRY_TASKS}
     placed = {task: {"part": "held-in", "family": family.get(task, "?"), "reason": "its own expert is in the library"}
               for task in held_in}
     for task in held_out:
         if task not in family:
             placed[task] = {"part": "added", "family": "?", "reason": "not in the registry catalogue: not placed"}
             continue
-        kin = [other for other in held_in if family.get(other) == family[task]]
+        kin = [other for other in library if family.get(other) == family[task]]
         placed[task] = (
             {"part": "related", "family": family[task], "reason": f"experts of its family: {', '.join(kin)}",
              "kin": kin}

@@ -47,16 +47,14 @@ DEFAULT_HELD_OUT = [
 QUICK_HELD_IN = ["arc_challenge", "sciq", "rte"]
 QUICK_HELD_OUT = ["arc_easy", "sst2"]
 ADDED_PREFIX = "added-"  # tasks of --held-out-dir are named "added-<file stem>" (never a registry task's name)
-LARGE_LIBRARY = [  # library-only experts of `--library large` (issue #23): trained, never evaluated
-    "anachronisms", "analogical_similarity", "discourse_marker_prediction", "emoji_movie", "empirical_judgments",
-    "epistemic_reasoning", "fantasy_reasoning", "formal_fallacies_syllogisms_negation", "geometric_shapes",
-    "hindu_knowledge", "hinglish_toxicity", "international_phonetic_alphabet_nli", "language_identification",
-    "misconceptions", "moral_permissibility", "movie_dialog_same_or_different", "movie_recommendation",
-    "parsinlu_qa", "penguins_in_a_table", "phrase_relatedness", "physical_intuition", "physics",
-    "reasoning_about_colored_objects", "ruin_names", "salient_translation_error_detection",
-    "simple_ethical_questions", "social_iqa", "social_support", "strategyqa", "temporal_sequences",
-    "understanding_fables", "vitaminc_fact_verification",
-]
+LARGE_LIBRARY = [f"mmlu_{subject}" for subject in (  # library-only experts of `--library large`: never evaluated
+    "anatomy", "astronomy", "business_ethics", "college_physics", "econometrics", "formal_logic", "global_facts",
+    "human_sexuality", "international_law", "medical_genetics", "moral_disputes", "world_religions",  # --quick: these 12
+    "college_chemistry", "college_medicine", "conceptual_physics", "electrical_engineering", "human_aging",
+    "jurisprudence", "logical_fallacies", "management", "miscellaneous", "moral_scenarios", "professional_accounting",
+    "professional_law", "professional_medicine", "professional_psychology", "public_relations", "security_studies",
+    "sociology", "us_foreign_policy", "virology",
+)]
 LARGE_CANDIDATES = (8, 16)  # the candidates rows of a large-library run
 QUICK_LARGE_LIBRARY = 12  # a quick large run takes the first 12 library-only tasks
 MAJORITY = "Majority answer"
@@ -121,7 +119,7 @@ class RunSettings:
         return cls(**{**settings, "experts": experts, **overrides})
 
     def with_large_library(self, quick: bool = False) -> "RunSettings":
-        """These settings plus the 32 library-only experts (12 when `quick`) and candidates rows at M = 8, 16; the
+        """These settings plus the 31 library-only experts (12 when `quick`) and candidates rows at M = 8, 16; the
         rows of the offline default only (SmolLM2 writing 40 instructions would not fit the budget)."""
         library = LARGE_LIBRARY[:QUICK_LARGE_LIBRARY] if quick else LARGE_LIBRARY
         return replace(self, library=list(library), candidates=LARGE_CANDIDATES, llm_source=False)
@@ -323,7 +321,7 @@ class Pipeline:
         for task in self.tasks:  # retrieval: the whole query to the global router's top-1 expert
             self.record(methods.RETRIEVAL, task,
                         self.score_expert(experts, routing[methods.DEFAULT_SOURCE]["tasks"][task]["top_expert"], task))
-        placement = place_tasks(self.settings.held_in, self.settings.held_out)
+        placement = place_tasks(self.settings.held_in, self.settings.held_out, self.settings.library)
         for task in self.tasks:
             if placement[task]["part"] == "related":
                 self.record(methods.FAMILY_BEST, task, self.best_family_expert(experts, placement[task]["kin"], task))
