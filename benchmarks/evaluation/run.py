@@ -49,7 +49,7 @@ QUICK_HELD_OUT = ["arc_easy", "sst2"]
 ADDED_PREFIX = "added-"  # tasks of --held-out-dir are named "added-<file stem>" (never a registry task's name)
 LARGE_LIBRARY = [f"mmlu_{subject}" for subject in (  # library-only experts of `--library large`: never evaluated
     "anatomy", "astronomy", "business_ethics", "college_physics", "econometrics", "formal_logic", "global_facts",
-    "human_sexuality", "international_law", "medical_genetics", "moral_disputes", "world_religions",  # --quick: these 12
+    "human_sexuality", "international_law", "medical_genetics", "moral_disputes", "world_religions",  # --quick: 12
     "college_chemistry", "college_medicine", "conceptual_physics", "electrical_engineering", "human_aging",
     "jurisprudence", "logical_fallacies", "management", "miscellaneous", "moral_scenarios", "professional_accounting",
     "professional_law", "professional_medicine", "professional_psychology", "public_relations", "security_studies",
@@ -120,7 +120,7 @@ class RunSettings:
 
     def with_large_library(self, quick: bool = False) -> "RunSettings":
         """These settings plus the 31 library-only experts (12 when `quick`) and candidates rows at M = 8, 16; the
-        rows of the offline default only (SmolLM2 writing 40 instructions would not fit the budget)."""
+        rows of the offline default only (SmolLM2 writing 55 instructions would not fit the budget)."""
         library = LARGE_LIBRARY[:QUICK_LARGE_LIBRARY] if quick else LARGE_LIBRARY
         return replace(self, library=list(library), candidates=LARGE_CANDIDATES, llm_source=False)
 
