@@ -580,6 +580,8 @@ def test_a_large_library_run_adds_library_only_experts_reuses_what_needs_no_libr
                      f"| {auto} · M=5 within 1 point of full routing (held-in) | yes |",
                      "- Library-only experts (2, trained on every example up to 12 and never evaluated): epsilon, zeta"):
         assert expected in report_text, expected
+    names = [name for name, _, _ in report.targets(results)]
+    assert len(names) == len(set(names)), names  # each target once (the oracle's was listed twice)
     against = report_text.split("## Against the standard library")[1].splitlines()
     change = next(line for line in against if line.startswith(f"| {methods.PHATGOOSE.name} | "))
     delta = results["accuracy"][methods.PHATGOOSE.name]["alpha"] - standard["accuracy"][methods.PHATGOOSE.name]["alpha"]

@@ -172,18 +172,15 @@ def targets(results: dict) -> list[tuple[str, Optional[bool], str]]:
 
 
 def _library_targets(results: dict) -> list[tuple[str, Optional[bool], str]]:
-    """The large-library targets, on GLIDER alpha=auto (the offline default): held-in against the oracle and its
-    standard-library figure, held-out against every baseline, candidates rows against full routing."""
+    """The large-library targets, on GLIDER alpha=auto (the offline default): held-in against its standard-library
+    figure, held-out against every baseline, candidates rows against full routing."""
     accuracy, checks = results["accuracy"], []
     if GLIDER_AUTO.name not in accuracy:
         return checks
     auto = averages(results, GLIDER_AUTO.name)
     standard = results.get("standard_library", {}).get(GLIDER_AUTO.name)
-    if results.get("library") and standard and ORACLE in accuracy:
-        oracle = averages(results, ORACLE)[0]
+    if results.get("library") and standard:  # (the oracle target is among every run's: `targets`)
         before = sum(standard[t] for t in results["held_in"]) / len(results["held_in"])
-        checks.append(("Held-in: GLIDER α=auto >= 95% of the oracle", auto[0] >= 0.95 * oracle,
-                       f"{_pct(auto[0])} vs 0.95 x {_pct(oracle)} = {_pct(0.95 * oracle)}"))
         checks.append(("Held-in: GLIDER α=auto at most 2 points below the standard library", auto[0] >= before - 0.02,
                        f"{_pct(auto[0])} vs {_pct(before)}"))
     if results.get("library") and results["held_out"]:
