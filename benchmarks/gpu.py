@@ -26,7 +26,7 @@ before triton is imported), so a typo or an API difference of the GPU machine's 
 The GPU machine reaches no package registry. If its peft is not the version this project pins, carry the pinned
 wheel in the call (the wheel folder `.whl` listed in `.git/info/exclude` and in the run's `carry`):
 
-    pip download --no-deps --only-binary=:all: --python-version 3.12 "peft==0.21.2" -d .whl   # here
+    pip download --no-deps --only-binary=:all: --python-version 3.12 "peft==0.22.0" -d .whl   # here
 
 and the script installs it into a scratch folder there and runs again on it (`ensure_pinned_peft`).
 """
@@ -55,7 +55,6 @@ if "--dry-run" in sys.argv and os.environ.get("TRITON_INTERPRET") is None:
 
 import torch  # noqa: E402
 
-PINNED_PEFT = ">=0.21.2,<0.22"  # as in pyproject.toml
 VERSIONED = ("torch", "triton", "transformers", "accelerate", "safetensors", "sentence-transformers",
              "huggingface_hub", "peft", "numpy")
 
@@ -92,17 +91,27 @@ def versions() -> dict:
     return found
 
 
+def pinned_peft() -> str:
+    """pyproject.toml's bound on peft (`>=0.21.2,<0.23`): the script runs from the working tree, beside it."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return next(str(r.specifier) for r in map(Requirement, project["dependencies"]) if r.name == "peft")
+
+
 def ensure_pinned_peft() -> None:
-    """If the installed peft is not the pinned one and a pinned wheel was carried in `.whl/`, install it into a
-    scratch folder and run this script again on it; else say what to carry and go on."""
+    """If the installed peft is not within the project's bound and a pinned wheel was carried in `.whl/`, install it
+    into a scratch folder and run this script again on it; else say what to carry and go on."""
     from packaging.specifiers import SpecifierSet
 
-    installed = versions()["peft"]
-    if installed is not None and installed in SpecifierSet(PINNED_PEFT):
+    installed, pinned = versions()["peft"], pinned_peft()
+    if installed is not None and installed in SpecifierSet(pinned):
         return
     wheels = sorted((ROOT / ".whl").glob("peft-*.whl"))
     if not wheels or os.environ.get("PEFT_GLIDER_PINNED_PEFT"):
-        print(f"peft {installed} is not the pinned peft{PINNED_PEFT}, and no pinned wheel was carried in .whl/ "
+        print(f"peft {installed} is not the pinned peft{pinned}, and no pinned wheel was carried in .whl/ "
               "(see this script's docstring); going on with it.", flush=True)
         return
     site = Path(tempfile.mkdtemp(prefix="pinned-peft-"))
@@ -110,7 +119,7 @@ def ensure_pinned_peft() -> None:
                     str(wheels[-1])], check=True)
     env = {**os.environ, "PEFT_GLIDER_PINNED_PEFT": "1",
            "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    print(f"peft {installed} is not the pinned peft{PINNED_PEFT}: running again on {wheels[-1].name}", flush=True)
+    print(f"peft {installed} is not the pinned peft{pinned}: running again on {wheels[-1].name}", flush=True)
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 TARGETS = {  # (hidden, variant, workload) -> the most a ratio to base may be
     (4096, "glider_e8", "prefill"): 1.10, (4096, "glider_e32", "prefill"): 1.15, (4096, "glider_e128", "prefill"): 1.3,

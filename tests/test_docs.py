@@ -111,10 +111,39 @@ def test_the_newest_releases_report_names_every_difference():
     ]
 
 
-def _load_ci_script():
+def test_the_newest_releases_report_sees_releases_the_projects_own_bounds_hold_back():
+    """An install without constraints stops at pyproject.toml's bounds (`peft<0.22` installs 0.21.2 when 0.22.0 is
+    out): `held_back` names such a release, so the report installs it and runs the suite on it."""
+    held_back = _load_ci_script("held_back")
+    project = {
+        "name": "peft-glider",
+        "dependencies": ["peft>=0.21.2,<0.22", "torch>=2.4"],
+        "optional-dependencies": {
+            "docs": ["mkdocs>=1.6,<2"],
+            "windows": ["pywin32<300; platform_system == 'Windows'"],
+            "dev": ["peft-glider[docs,windows]", "pytest>=8", "nothing-here==1.0; python_version < '3'"],
+            "vllm": ["vllm>=0.33,<0.35"],  # not installed by the README's test command
+        },
+    }
+    requirements = held_back.declared(project)
+    assert sorted(r.name for r in requirements) == ["mkdocs", "peft", "pytest", "torch"]
+    newest = {"peft": "0.22.0", "torch": "9.0", "mkdocs": "1.7.0", "pytest": "10.0"}
+    asked = []
+    found = held_back.held_back(requirements, lambda name: asked.append(name) or newest[name])
+    assert found == {"peft": {"newest": "0.22.0", "requirement": "peft<0.22,>=0.21.2"}}
+    assert sorted(asked) == ["mkdocs", "peft"]  # no ceiling, nothing to ask: the install takes the newest
+    assert held_back.held_back(requirements, {"peft": "0.21.3", "mkdocs": "1.7.0"}.get) == {}
+    # the project's own pyproject.toml reads, and its ceilings are the ones asked about
+    import tomllib
+
+    ours = held_back.declared(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"])
+    assert "peft" in {r.name for r in ours} and "vllm" not in {r.name for r in ours}
+
+
+def _load_ci_script(name: str = "newest_releases"):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("newest_releases", ROOT / ".ci" / "newest_releases.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / ".ci" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
