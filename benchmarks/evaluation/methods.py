@@ -72,8 +72,8 @@ def arrow_model(load_base: Callable[[], Any], folders: dict[str, str]) -> Any:
     """PEFT's Arrow over the same experts and the same top-k.
 
     Built as `peft.create_arrow_model` builds it, plus the experts' `layers_to_transform` on the router adapter:
-    peft's `create_arrow_model` (0.21.2, 0.22.0) puts the router on every layer, and a layer no expert adapts then fails
-    (`torch.stack` of no prototypes) when experts adapt only some layers, as ours do.
+    peft's `create_arrow_model` (0.21.2, 0.22.0) puts the router on every layer, and a layer no expert adapts then
+    fails (`torch.stack` of no prototypes) when experts adapt only some layers, as ours do.
     """
     names = [f"task_{i}" for i in range(len(folders))]  # create_arrow_model's adapter names
     model = _with_adapters(load_base, dict(zip(names, folders.values())))
